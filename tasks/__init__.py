@@ -1,0 +1,1 @@
+"""One module per pipeline stage: `run(params, *, paths)` holds the logic, `main()` serves DVC."""
