@@ -1,0 +1,1 @@
+"""Prefect flows: the same DVC stages, scheduled and observed."""

@@ -1,0 +1,78 @@
+"""The `retrain` flow: refresh the champion, run each DVC stage as a task, report the decision."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+
+from ratchet import workspace
+
+
+@task(name="refresh-champion")
+def refresh_champion(ws: Path) -> dict:
+    return workspace.refresh_champion(ws)
+
+
+@task(name="stage")
+def run_stage(ws: Path, stage: str) -> float:
+    """`dvc repro --single-item <stage>`: DVC skips it when its inputs did not change."""
+    return workspace.repro(ws, stage)
+
+
+@task(name="record")
+def record(ws: Path) -> None:
+    workspace.finish_run(ws)
+
+
+def decision_markdown(gate: dict, timings: dict[str, float]) -> str:
+    uri = gate.get("tracking_uri", "")
+    name, version = gate.get("model_name"), gate.get("version")
+    if uri.startswith("http"):
+        link = f"[{name} v{version}]({uri.rstrip('/')}/#/models/{name}/versions/{version})"
+    else:
+        link = f"`models:/{name}/{version}` (open with `mlflow ui --backend-store-uri {uri}`)"
+    lines = [
+        f"# Gate decision: **{gate.get('decision')}**",
+        "",
+        f"Model version: {link}",
+        f"Champion before: {gate.get('champion_before')}; after: {gate.get('champion_after')}",
+        f"Drift: {gate.get('drift_summary')}",
+        "",
+        "| check | passed | reason |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {c['name']} | {'yes' if c['passed'] else 'no'} | {c['reason']} |"
+              for c in gate.get("checks", [])]
+    lines += ["", "| stage | seconds |", "|---|---|"]
+    lines += [f"| {s} | {t:.1f} |" for s, t in timings.items()]
+    return "\n".join(lines)
+
+
+@flow(name="retrain", log_prints=True)
+def retrain(workspace_dir: str = ".") -> dict:
+    """Retrain on the workspace's batches and gate the candidate; returns the gate record."""
+    logger = get_run_logger()
+    ws = workspace.require(Path(workspace_dir))
+    refresh_champion(ws)
+    timings: dict[str, float] = {}
+    for stage in workspace.stage_names(ws):
+        timings[stage] = run_stage.with_options(name=stage, task_run_name=stage)(ws, stage)
+        logger.info("stage %s: %.1fs", stage, timings[stage])
+    gate = json.loads((ws / "reports" / "gate.json").read_text())
+    gate["timings"] = timings
+    record(ws)
+    create_markdown_artifact(key="gate-decision", markdown=decision_markdown(gate, timings),
+                             description=f"gate decision: {gate.get('decision')}")
+    return gate
+
+
+def run_once(ws: Path) -> dict:
+    """Run the flow in this process (Prefect's ephemeral server unless PREFECT_API_URL is set)."""
+    start = time.perf_counter()
+    result = retrain(str(ws))
+    result["wall_s"] = time.perf_counter() - start
+    return result

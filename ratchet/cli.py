@@ -1,0 +1,296 @@
+"""The `ratchet` command line: init, ingest, run, status, demo."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from contextlib import contextmanager
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ratchet.errors import RatchetError
+
+app = typer.Typer(
+    help="ratchet: continual fine-tuning of text classifiers that only ever moves forward.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True, soft_wrap=True)  # paths in errors stay whole
+
+WorkspaceOpt = Annotated[
+    Path, typer.Option("--workspace", "-w", help="Workspace directory.", show_default=True)
+]
+
+
+class Engine(StrEnum):
+    prefect = "prefect"
+    dvc = "dvc"
+
+
+@contextmanager
+def user_errors():
+    """Print the project's own errors without a traceback and exit non-zero."""
+    from ratchet.runtime import setup
+
+    setup()
+    try:
+        yield
+    except RatchetError as err:
+        err_console.print(f"[bold red]error:[/] {err}", markup=True, highlight=False)
+        raise typer.Exit(1) from None
+
+
+@app.command()
+def init(
+    path: Annotated[Path, typer.Argument(help="Directory to make the workspace in.")] = Path("."),
+    model: Annotated[
+        str | None, typer.Option(help="model.source: minilm-l6, tiny or a path.")
+    ] = None,
+) -> None:
+    """Make a workspace: git + DVC (local remote) + params + MLflow SQLite store."""
+    from ratchet import workspace
+
+    with user_errors():
+        overrides = {"model": {"source": model}} if model else None
+        ws = workspace.init(path, overrides)
+        console.print(f"workspace ready at [bold]{ws}[/]; next: `ratchet ingest FILE -w {path}`")
+
+
+@app.command()
+def ingest(
+    file: Annotated[
+        Path, typer.Argument(help="A .csv, .jsonl or .parquet file of text,label[,domain].")
+    ],
+    workspace_dir: WorkspaceOpt = Path("."),
+) -> None:
+    """Validate a file and add it as a new immutable batch; a bad file is refused whole."""
+    from ratchet import workspace
+
+    with user_errors():
+        res = workspace.ingest(workspace_dir, file)
+        verb = "added as" if res.created else "already ingested as"
+        console.print(f"{file.name}: {res.rows} rows {verb} batch [bold]{res.batch_id}[/]")
+        for w in res.warnings:
+            console.print(f"  [yellow]warning:[/] {w}")
+
+
+def _run(ws: Path, engine: Engine) -> dict[str, Any]:
+    if engine is Engine.prefect:
+        from flows.retrain import run_once
+
+        return run_once(ws)
+    from ratchet import workspace
+
+    return workspace.run_pipeline(ws)
+
+
+@app.command()
+def run(
+    workspace_dir: WorkspaceOpt = Path("."),
+    engine: Annotated[
+        Engine, typer.Option(help="prefect: the `retrain` flow; dvc: dvc only.")
+    ] = Engine.prefect,
+) -> None:
+    """Retrain once: refresh the champion, run the stages, gate the candidate."""
+    with user_errors():
+        gate = _run(workspace_dir.resolve(), engine)
+        _print_gate(gate)
+
+
+def _print_gate(gate: dict[str, Any]) -> None:
+    console.print(
+        f"decision: [bold]{gate['decision']}[/] (version {gate.get('version')}, "
+        f"champion {gate.get('champion_before')} -> {gate.get('champion_after')})"
+    )
+    for c in gate.get("checks", []):
+        mark = "[green]ok[/]" if c["passed"] else "[red]FAIL[/]"
+        console.print(f"  {mark} {c['reason']}", highlight=False)
+
+
+@app.command()
+def status(workspace_dir: WorkspaceOpt = Path(".")) -> None:
+    """Show the champion and the gate decisions of every registered version."""
+    from ratchet import workspace
+    from ratchet.config import load_params
+    from ratchet.registry import connect
+
+    with user_errors():
+        ws = workspace.require(workspace_dir)
+        params = load_params(ws / "params.yaml")
+        client = connect(params.registry, ws)
+        name = params.registry.model_name
+        versions = (
+            client.search_model_versions(f"name = '{name}'") if _has_model(client, name) else []
+        )
+        aliases: dict[str, list[str]] = {}
+        if versions:
+            for alias, v in client.get_registered_model(name).aliases.items():
+                aliases.setdefault(str(v), []).append(alias)
+        table = Table(title=f"{name}: {len(versions)} version(s)")
+        for col in ("version", "aliases", "decision", "vs", "created", "reasons"):
+            table.add_column(col, overflow="fold")
+        for mv in sorted(versions, key=lambda v: int(v.version)):
+            tags = mv.tags or {}
+            table.add_row(
+                str(mv.version),
+                ", ".join(aliases.get(str(mv.version), [])),
+                tags.get("decision", "?"),
+                tags.get("compared_with", "-"),
+                time.strftime("%Y-%m-%d %H:%M", time.localtime(mv.creation_timestamp / 1000)),
+                tags.get("reasons", "")[:160],
+            )
+        console.print(table)
+
+
+def _has_model(client, name: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+        return True
+    except MlflowException:
+        return False
+
+
+MARKER = ".ratchet-demo"
+
+
+@app.command()
+def demo(
+    workspace_dir: Annotated[
+        Path,
+        typer.Option(
+            "--workspace",
+            "-w",
+            help="Where to build the demo workspace (recreated if it is a previous demo).",
+        ),
+    ] = Path("demo-workspace"),
+    model: Annotated[str, typer.Option(help="model.source for the demo.")] = "minilm-l6",
+    scale: Annotated[float, typer.Option(help="Multiplies the synthetic batch sizes.")] = 1.0,
+    engine: Annotated[
+        Engine, typer.Option(help="Run each retrain through Prefect or DVC only.")
+    ] = Engine.prefect,
+    seed: Annotated[int, typer.Option(help="Seed of the synthetic data.")] = 0,
+) -> None:
+    """Run the whole story on synthetic data: cold start, drift, label noise, a malformed batch."""
+    with user_errors():
+        rows = run_demo(workspace_dir, model=model, scale=scale, engine=engine, seed=seed)
+        print_story(rows)
+        console.print(
+            f"\nworkspace: {workspace_dir.resolve()}  —  try `ratchet status -w "
+            f"{workspace_dir}` or `cd {workspace_dir} && mlflow ui "
+            "--backend-store-uri sqlite:///mlflow.db`"
+        )
+
+
+def run_demo(
+    ws: Path,
+    *,
+    model: str,
+    scale: float,
+    engine: Engine,
+    seed: int,
+    overrides: dict[str, dict[str, Any]] | None = None,
+) -> list[dict[str, Any]]:
+    """Build a fresh demo workspace and play the four batches; one result row per batch."""
+    from ratchet import workspace
+    from ratchet.demo_data import all_labels, demo_batches, write_batch
+    from ratchet.errors import BatchRefused, WorkspaceError
+
+    ws = ws.resolve()
+    if ws.exists() and any(ws.iterdir()):
+        if not (ws / MARKER).exists():
+            raise WorkspaceError(
+                f"{ws} exists and is not a previous demo; choose another --workspace"
+            )
+        shutil.rmtree(ws)
+    settings = {
+        "model": {"source": model},
+        "data": {"labels": all_labels(), "require_domain": True},
+    }
+    for section, values in (overrides or {}).items():
+        settings.setdefault(section, {}).update(values)
+    workspace.init(ws, settings)
+    (ws / MARKER).write_text("made by `ratchet demo`; the next demo may delete this folder\n")
+    rows = []
+    for i, batch in enumerate(demo_batches(seed=seed, scale=scale), start=1):
+        path = write_batch(batch, ws / workspace.INCOMING)
+        console.rule(f"batch {i}: {batch.filename} — {batch.story}")
+        row: dict[str, Any] = {
+            "batch": batch.filename,
+            "story": batch.story,
+            "rows": len(batch.frame),
+        }
+        try:
+            workspace.ingest(ws, path)
+        except BatchRefused as err:
+            row.update(decision="refused at ingest", reasons=err.problems)
+            rows.append(row)
+            console.print(f"[red]refused:[/] {err}", highlight=False)
+            continue
+        gate = _run(ws, engine)
+        row.update(
+            gate=gate,
+            decision=gate["decision"],
+            version=gate.get("version"),
+            reasons=[c["reason"] for c in gate["checks"] if not c["passed"]]
+            or [c["reason"] for c in gate["checks"]][-2:],
+        )
+        rows.append(row)
+        _print_gate(gate)
+    (ws / "reports").mkdir(exist_ok=True)
+    (ws / "reports" / "demo.json").write_text(json.dumps(rows, indent=2, default=str))
+    workspace.commit(ws, "demo: the story's results")
+    return rows
+
+
+def _pair(m: dict[str, float], name: str) -> str:
+    cand = m.get(f"candidate/{name}/macro_f1")
+    champ = m.get(f"champion/{name}/macro_f1")
+    if cand is None or cand != cand:
+        return "-"
+    if champ is None:
+        return f"{cand:.3f} vs -"
+    return f"{cand:.3f} vs {champ:.3f}"
+
+
+def print_story(rows: list[dict[str, Any]]) -> None:
+    table = Table(title="ratchet demo: candidate vs champion (macro-F1)", show_lines=True)
+    for col in (
+        "batch",
+        "rows",
+        "drift",
+        "recent",
+        "reference",
+        "decision",
+        "reasons",
+        "stage seconds",
+    ):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        gate = r.get("gate", {})
+        m = gate.get("metrics", {})
+        timings = gate.get("timings", {})
+        table.add_row(
+            r["batch"],
+            str(r["rows"]),
+            str(gate.get("drift_summary", "-")),
+            _pair(m, "recent"),
+            _pair(m, "reference"),
+            f"{r['decision']}" + (f" (v{r['version']})" if r.get("version") else ""),
+            "\n".join(r.get("reasons", [])),
+            ", ".join(f"{k} {v:.0f}" for k, v in timings.items()) or "-",
+        )
+    console.print(table)
+
+
+if __name__ == "__main__":
+    app()
