@@ -1,0 +1,31 @@
+"""Test-wide environment: telemetry off, offline hub, and every tool's state in temp folders."""
+
+import os
+import tempfile
+from pathlib import Path
+
+_STATE = Path(tempfile.mkdtemp(prefix="ratchet-tests-"))
+# Set before any test module imports prefect, mlflow or dvc: they read these at import time.
+os.environ.update(
+    {
+        "PREFECT_HOME": str(_STATE / "prefect"),
+        "PREFECT_LOGGING_LEVEL": "WARNING",
+        "DVC_SITE_CACHE_DIR": str(_STATE / "dvc-site-cache"),
+        "GIT_CONFIG_NOSYSTEM": "1",
+        # Tests run on two xdist workers: one thread per process keeps the 2 cores from being
+        # oversubscribed (stage subprocesses inherit this).
+        "OMP_NUM_THREADS": "1",
+    }
+)
+from ratchet.runtime import setup  # noqa: E402
+
+setup()
+
+# Settings under which the tiny random-init BERT learns the synthetic intents in seconds.
+TINY = {
+    "pretrain": {"max_steps": 10},
+    "finetune": {"epochs": 6.0, "learning_rate": 0.005, "batch_size": 32},
+    "evaluate": {"bootstrap_resamples": 1000},
+    "gate": {"max_regression": 0.05},
+}
+REPO = Path(__file__).resolve().parent.parent

@@ -1,0 +1,112 @@
+"""The batch contract (great-expectations) on real and synthetic data: what is refused and why."""
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from ratchet.config import DataConfig, ValidateConfig
+from ratchet.data import canonical, read_table
+from ratchet.demo_data import all_labels, demo_batches
+from ratchet.errors import BatchRefused
+from ratchet.validation import validate_frame
+
+CLINC = Path(__file__).resolve().parents[3] / "shared" / "data" / "clinc150"
+
+
+def _check(df, **data):
+    return validate_frame(
+        canonical(df), ValidateConfig(), DataConfig(**data), all_labels(), "b.csv"
+    )
+
+
+def test_clean_demo_batches_pass():
+    for batch in demo_batches(scale=0.2)[:3]:
+        report = _check(batch.frame, require_domain=True)
+        assert report.passed, report.problems
+
+
+def test_malformed_demo_batch_is_refused_naming_each_problem():
+    report = _check(demo_batches(scale=0.2)[3].frame, require_domain=True)
+    assert not report.passed
+    names = {p.expectation for p in report.critical}
+    assert names == {"column `domain`", "text", "text not blank", "label in known set"}
+    labels = next(p for p in report.critical if p.expectation == "label in known set")
+    assert labels.count == 3
+    assert "`check_balanse` (did you mean `check_balance`?)" in labels.message
+    assert "`weather_forecast`" in labels.message
+
+
+@pytest.mark.parametrize(
+    ("frame", "expectation"),
+    [
+        (pd.DataFrame({"txt": ["a"] * 20, "label": ["pay_bill"] * 20}), "column `text`"),
+        (
+            pd.DataFrame({"text": [f"t{i}" for i in range(5)], "label": ["pay_bill"] * 5}),
+            "row count",
+        ),
+        (
+            pd.DataFrame(
+                {"text": ["x" * 3000] + [f"t{i}" for i in range(19)], "label": ["pay_bill"] * 20}
+            ),
+            "text length",
+        ),
+        (
+            pd.DataFrame(
+                {"text": [f"t{i}" for i in range(20)], "label": [None] + ["pay_bill"] * 19}
+            ),
+            "label",
+        ),
+    ],
+)
+def test_each_critical_expectation(frame, expectation):
+    report = _check(frame)
+    assert expectation in {p.expectation for p in report.critical}
+
+
+def test_duplicates_are_a_warning_not_a_refusal():
+    df = pd.DataFrame(
+        {"text": ["same text"] * 10 + [f"t{i}" for i in range(10)], "label": ["pay_bill"] * 20}
+    )
+    report = _check(df)
+    assert report.passed
+    assert [p.expectation for p in report.warnings] == ["duplicate texts"]
+
+
+def test_new_labels_allowed_when_configured():
+    df = pd.DataFrame({"text": [f"t{i}" for i in range(20)], "label": ["brand_new"] * 20})
+    assert not _check(df).passed
+    cfg = ValidateConfig(allow_new_labels=True)
+    assert validate_frame(canonical(df), cfg, DataConfig(), all_labels(), "b").passed
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [(b"", "file is empty"), (b"\xff\xfe\x00bad", "not valid UTF-8")],
+)
+def test_unreadable_files_are_refused(tmp_path, content, message):
+    path = tmp_path / "bad.csv"
+    path.write_bytes(content)
+    with pytest.raises(BatchRefused, match=message):
+        read_table(path)
+
+
+def test_directory_and_unknown_suffix_are_refused(tmp_path):
+    with pytest.raises(BatchRefused, match="is a directory"):
+        read_table(tmp_path)
+    (tmp_path / "x.xlsx").write_text("a")
+    with pytest.raises(BatchRefused, match="unsupported file type"):
+        read_table(tmp_path / "x.xlsx")
+
+
+@pytest.mark.skipif(not CLINC.is_dir(), reason="shared CLINC150 data not present")
+def test_clinc150_validation_split_passes_the_contract():
+    df = read_table(CLINC / "val.csv")
+    report = validate_frame(
+        canonical(df),
+        ValidateConfig(),
+        DataConfig(require_domain=True),
+        sorted(set(df["label"])),
+        "clinc150/val.csv",
+    )
+    assert report.passed and report.rows == 3100

@@ -1,0 +1,77 @@
+"""The demo story in a temporary workspace with the tiny model, and what it must leave behind."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from ratchet.cli import Engine, run_demo
+from ratchet.config import load_params
+from ratchet.registry import CHALLENGER, CHAMPION, connect
+from ratchet.workspace import tool_env
+from tests.conftest import TINY
+
+
+def play(tmp_path: Path, engine: Engine) -> tuple[Path, list[dict[str, Any]]]:
+    ws = tmp_path / "ws"
+    rows = run_demo(ws, model="tiny", scale=0.5, engine=engine, seed=0, overrides=TINY)
+    return ws, rows
+
+
+def _git(ws: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=ws, capture_output=True, text=True, check=True,
+                          env=tool_env()).stdout
+
+
+def assert_story(ws: Path, rows: list[dict[str, Any]]) -> None:
+    """Promoted after batches 1 and 2, rejected after 3, batch 4 refused with nothing landed."""
+    assert [r["decision"] for r in rows] == ["promoted", "promoted", "rejected",
+                                            "refused at ingest"], [r.get("reasons") for r in rows]
+    g1, g2, g3 = (r["gate"] for r in rows[:3])
+    assert g1["champion_before"] is None and g1["champion_after"] == g1["version"]
+    assert g2["champion_before"] == g1["version"] and g2["champion_after"] == g2["version"]
+    assert g2["drift_summary"].startswith("DRIFT")
+    assert g3["champion_after"] == g2["version"]
+    assert {c["name"] for c in g3["checks"] if not c["passed"]} & {"recent", "reference"}
+    # The recent gain after the new domain is real, by the bootstrap's lower bound.
+    assert g2["metrics"]["diff/recent/macro_f1_low"] > 0.01
+
+    params = load_params(ws / "params.yaml")
+    client = connect(params.registry, ws)
+    name = params.registry.model_name
+    versions = {str(mv.version): mv for mv in client.search_model_versions(f"name = '{name}'")}
+    assert sorted(versions) == sorted([g1["version"], g2["version"], g3["version"]])
+    model = client.get_registered_model(name)
+    assert str(model.aliases[CHAMPION]) == g2["version"]
+    assert str(model.aliases[CHALLENGER]) == g3["version"]
+    commits = set(_git(ws, "log", "--format=%H").split())
+    for gate in (g1, g2, g3):
+        tags = versions[gate["version"]].tags
+        assert tags["decision"] == gate["decision"] and tags["reasons"]
+        assert tags["git_commit"] in commits
+        assert re.fullmatch(r"[0-9a-f]{32}\.dir", tags["data_hash.data/batches"])
+        assert re.fullmatch(r"[0-9a-f]{32}\.dir", tags["data_hash.models/candidate"])
+        assert tags["fingerprint"] == gate["fingerprint"] and tags["params_hash"]
+        assert tags["validation"] == "passed"
+    # Each version trained on different data: the batch hashes differ.
+    assert len({versions[g["version"]].tags["data_hash.data/batches"] for g in (g1, g2, g3)}) == 3
+
+    # Batch 4 left no trace: no batch file, no commit, no model version.
+    assert len(list((ws / "data" / "batches").glob("*.parquet"))) == 3
+    assert "04-malformed" not in _git(ws, "log", "--format=%s")
+    assert not _git(ws, "status", "--porcelain").strip()
+    status = subprocess.run([sys.executable, "-m", "dvc", "status"], cwd=ws, capture_output=True,
+                            text=True, check=True, env=tool_env())
+    assert "up to date" in status.stdout
+
+    # The champion is a pyfunc that serves labels and probabilities.
+    import mlflow.pyfunc
+    import pandas as pd
+
+    served = mlflow.pyfunc.load_model(f"models:/{name}@{CHAMPION}")
+    out = served.predict(pd.DataFrame({"text": ["file a claim for my car", "wake me up at 6 am"]}))
+    assert list(out.columns) == ["label", "score", "probabilities"]
+    assert all(abs(sum(p) - 1) < 1e-4 for p in out["probabilities"])
