@@ -1,0 +1,40 @@
+"""Run the benchmarks named on the command line (default: all) and write benchmarks/results/*.json.
+
+Each benchmark is a module in this package with a `run() -> dict` function, registered in
+BENCHMARKS. The foundation ships none yet: the drift, gate, training and orchestration
+benchmarks arrive with their issues.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+BENCHMARKS: dict[str, str] = {}  # name -> module, e.g. "drift": "benchmarks.drift"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser.add_argument("names", nargs="*", help=f"benchmarks to run (known: {sorted(BENCHMARKS)})")
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.names) - set(BENCHMARKS))
+    if unknown:
+        parser.error(f"unknown benchmark(s): {', '.join(unknown)}")
+    names = args.names or sorted(BENCHMARKS)
+    if not names:
+        print("no benchmarks registered yet")
+        return 0
+    RESULTS.mkdir(exist_ok=True)
+    for name in names:
+        result = importlib.import_module(BENCHMARKS[name]).run()
+        (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+        print(f"{name}: wrote {RESULTS / f'{name}.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
