@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Sequence
 from contextlib import contextmanager
 from enum import StrEnum
 from pathlib import Path
@@ -196,11 +197,16 @@ def run_demo(
     *,
     model: str,
     scale: float,
-    engine: Engine,
+    engine: Engine | Sequence[Engine],
     seed: int,
     overrides: dict[str, dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
-    """Build a fresh demo workspace and play the four batches; one result row per batch."""
+    """Build a fresh demo workspace and play the four batches; one result row per batch.
+
+    Args:
+        engine: one engine for every batch, or one per batch (the last repeats), e.g. to show
+            that a workspace retrained by `dvc repro` and by the Prefect flow is one history.
+    """
     from ratchet import workspace
     from ratchet.demo_data import all_labels, demo_batches, write_batch
     from ratchet.errors import BatchRefused, WorkspaceError
@@ -220,6 +226,7 @@ def run_demo(
         settings.setdefault(section, {}).update(values)
     workspace.init(ws, settings)
     (ws / MARKER).write_text("made by `ratchet demo`; the next demo may delete this folder\n")
+    engines = [engine] if isinstance(engine, Engine) else list(engine)
     rows = []
     for i, batch in enumerate(demo_batches(seed=seed, scale=scale), start=1):
         path = write_batch(batch, ws / workspace.INCOMING)
@@ -236,8 +243,10 @@ def run_demo(
             rows.append(row)
             console.print(f"[red]refused:[/] {err}", highlight=False)
             continue
-        gate = _run(ws, engine)
+        run_engine = engines[min(i, len(engines)) - 1]
+        gate = _run(ws, run_engine)
         row.update(
+            engine=str(run_engine),
             gate=gate,
             decision=gate["decision"],
             version=gate.get("version"),

@@ -1,4 +1,10 @@
-"""The demo story in a temporary workspace with the tiny model, and what it must leave behind."""
+"""The demo story, end to end and real, in a temporary workspace with the tiny model.
+
+One workspace, retrained through both engines in turn: batch 1 (cold start) and batch 3 (label
+noise) through the Prefect flow `retrain` against a real ephemeral Prefect server, batch 2 (a
+new domain) through `dvc repro` alone. Both engines run the same DVC stages, so one history must
+come out: the same champion, versions, tags and a DVC pipeline that is up to date afterwards.
+"""
 
 from __future__ import annotations
 
@@ -8,22 +14,56 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from ratchet.cli import Engine, run_demo
 from ratchet.config import load_params
 from ratchet.registry import CHALLENGER, CHAMPION, connect
 from ratchet.workspace import tool_env
 from tests.conftest import TINY
 
+ENGINES = [Engine.prefect, Engine.dvc, Engine.prefect]
 
-def play(tmp_path: Path, engine: Engine) -> tuple[Path, list[dict[str, Any]]]:
-    ws = tmp_path / "ws"
-    rows = run_demo(ws, model="tiny", scale=0.5, engine=engine, seed=0, overrides=TINY)
-    return ws, rows
+
+@pytest.fixture(scope="module")
+def prefect_server():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        yield
 
 
 def _git(ws: Path, *args: str) -> str:
     return subprocess.run(["git", *args], cwd=ws, capture_output=True, text=True, check=True,
                           env=tool_env()).stdout
+
+
+@pytest.mark.e2e
+def test_story_through_prefect_and_dvc(tmp_path, prefect_server):
+    ws = tmp_path / "ws"
+    rows = run_demo(ws, model="tiny", scale=0.5, engine=ENGINES, seed=0, overrides=TINY)
+    assert [r.get("engine") for r in rows] == ["prefect", "dvc", "prefect", None]
+    assert_story(ws, rows)
+    assert_prefect_runs(rows)
+
+
+def assert_prefect_runs(rows: list[dict[str, Any]]) -> None:
+    """Each Prefect retrain completed and left a markdown decision linking its version."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        runs = [r for r in client.read_flow_runs() if r.name]
+        assert len(runs) == 2 and all(r.state.is_completed() for r in runs)
+        arts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["gate-decision"]))
+        )
+    name = rows[0]["gate"]["model_name"]
+    texts = sorted(a.data for a in arts)
+    assert len(texts) == 2
+    for row in (rows[0], rows[2]):
+        assert any(f"Gate decision: **{row['decision']}**" in t
+                   and f"models:/{name}/{row['version']}" in t for t in texts), texts
 
 
 def assert_story(ws: Path, rows: list[dict[str, Any]]) -> None:
