@@ -24,11 +24,16 @@ TELEMETRY_OFF = {
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     "GIT_PYTHON_REFRESH": "quiet",
 }
+# Defaults that keep a busy 2-core machine working: Prefect gives its ephemeral server 20 s to
+# start, which a loaded laptop (or a training run beside it) can exceed. Users may override.
+DEFAULTS = {
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+}
 
 
 def setup(level: int = logging.WARNING) -> None:
     """Turn telemetry off and keep third-party logs quiet; call from entry points only."""
-    for key, value in TELEMETRY_OFF.items():
+    for key, value in {**TELEMETRY_OFF, **DEFAULTS}.items():
         os.environ.setdefault(key, value)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("mlflow", "alembic", "great_expectations", "urllib3", "httpx"):
