@@ -47,3 +47,41 @@ def test_accuracy_bootstrap():
     y = ["a", "b"] * 100
     res = paired_bootstrap(y, y, ["a"] * 200, metric="accuracy", resamples=500)
     assert res.candidate == 1.0 and res.champion == 0.5 and res.low > 0.4
+
+
+def test_bootstrap_matches_the_index_resampling_it_replaces():
+    # The type-count bootstrap must give the distribution of plain index resampling.
+    rng = np.random.default_rng(5)
+    labels = [f"c{i}" for i in range(5)]
+    y = [str(x) for x in rng.choice(labels, 400)]
+    a, b = _noisy(y, 0.8, rng, labels), _noisy(y, 0.75, rng, labels)
+    fast = paired_bootstrap(y, a, b, resamples=4000, seed=1)
+    yy, aa, bb = _encode(y, a, b)
+    idx = np.random.default_rng(2).integers(0, 400, (4000, 400))
+    diffs = macro_f1_rows(yy[idx], aa[idx], 5) - macro_f1_rows(yy[idx], bb[idx], 5)
+    assert fast.diff == pytest.approx(f1_score(y, a, average="macro")
+                                      - f1_score(y, b, average="macro"), abs=1e-6)
+    assert fast.low == pytest.approx(np.quantile(diffs, 0.05), abs=0.006)
+    assert fast.high == pytest.approx(np.quantile(diffs, 0.95), abs=0.006)
+
+
+def test_mcnemar_counts_discordant_pairs():
+    from ratchet.stats import mcnemar
+
+    y = ["a"] * 100
+    cand = ["a"] * 90 + ["b"] * 10
+    champ = ["b"] * 30 + ["a"] * 70
+    res = mcnemar(y, cand, champ)
+    assert (res["wins"], res["losses"]) == (30, 10) and res["p_value"] < 0.01
+    assert mcnemar(y, champ, cand)["p_value"] > 0.99
+    assert mcnemar(y, y, y) == {"wins": 0, "losses": 0, "p_value": 1.0}
+
+
+def test_holm_adjusts_step_down_and_skips_nan():
+    from ratchet.stats import holm
+
+    adj = holm({"a": 0.01, "b": 0.04, "c": 0.03, "d": float("nan")})
+    assert adj["a"] == pytest.approx(0.03) and adj["c"] == pytest.approx(0.06)
+    assert adj["b"] == pytest.approx(0.06)  # monotone: never below an earlier step
+    assert np.isnan(adj["d"])
+    assert holm({}) == {}
