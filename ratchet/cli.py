@@ -71,16 +71,60 @@ def ingest(
         Path, typer.Argument(help="A .csv, .jsonl or .parquet file of text,label[,domain].")
     ],
     workspace_dir: WorkspaceOpt = Path("."),
+    text_col: Annotated[str, typer.Option(help="Source column holding the text.")] = "text",
+    label_col: Annotated[str, typer.Option(help="Source column holding the label.")] = "label",
+    domain_col: Annotated[
+        str | None,
+        typer.Option(help="Source column holding the domain (default: `domain` if present)."),
+    ] = None,
+    id_col: Annotated[
+        str | None, typer.Option(help="Source column holding a row id (default: `id` if present).")
+    ] = None,
+    timestamp_col: Annotated[
+        str | None,
+        typer.Option(help="Source column holding a timestamp (default: `timestamp` if present)."),
+    ] = None,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run", help="Validate and show what would happen; change nothing."
+        ),
+    ] = False,
 ) -> None:
-    """Validate a file and add it as a new immutable batch; a bad file is refused whole."""
+    """Validate a file and add it as a new immutable batch; a bad file is refused whole.
+
+    The batch id is `<sequence>-<content hash>`: the same content twice is one batch.
+
+    A refused file is copied with report.md and report.json to data/quarantine/.
+
+    Exit code: 0 when the batch is (or would be) added or was already there; 1 when refused.
+    """
     from ratchet import workspace
+    from ratchet.data import ColumnMap
 
     with user_errors():
-        res = workspace.ingest(workspace_dir, file)
-        verb = "added as" if res.created else "already ingested as"
-        console.print(f"{file.name}: {res.rows} rows {verb} batch [bold]{res.batch_id}[/]")
+        columns = ColumnMap(text=text_col, label=label_col, domain=domain_col, id=id_col,
+                            timestamp=timestamp_col)
+        try:
+            res = workspace.ingest(workspace_dir, file, columns, dry_run=dry_run)
+        except RatchetError:
+            if dry_run:
+                err_console.print("dry run: nothing was changed or quarantined", highlight=False)
+            raise
+        if res.created:
+            verb = "added as"
+        elif res.path.exists():
+            verb = "already ingested as"
+        else:
+            verb = "would be added as"
+        prefix = "dry run: " if res.dry_run else ""
+        console.print(f"{prefix}{file.name}: {res.rows} rows {verb} batch [bold]{res.batch_id}[/]"
+                      + ("; nothing changed" if "already" in verb else ""), highlight=False)
+        if res.redacted:
+            console.print(f"  {res.redacted} row(s) had personal data replaced by placeholders",
+                          highlight=False)
         for w in res.warnings:
-            console.print(f"  [yellow]warning:[/] {w}")
+            console.print(f"  [yellow]warning:[/] {w}", highlight=False)
 
 
 def _run(ws: Path, engine: Engine) -> dict[str, Any]:

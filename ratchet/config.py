@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,9 +39,27 @@ class ValidateConfig(_Section):
     min_rows: int = Field(10, ge=1, description="Fewer rows than this refuses a batch.")
     max_rows: int = Field(1_000_000, ge=1, description="More rows than this refuses a batch.")
     max_chars: int = Field(2000, ge=1, description="A longer text refuses the batch.")
+    max_tokens: int = Field(
+        512,
+        ge=8,
+        description="A text with more tokens (the model's tokenizer, special tokens included) "
+        "refuses the batch. Distinct from model.max_length, which only truncates in training: "
+        "this bounds what no model position table can hold.",
+    )
     allow_new_labels: bool = Field(False, description="Accept labels outside the known set.")
     max_duplicate_frac: float = Field(
-        0.1, ge=0, le=1, description="Warn when more than this share of texts repeat."
+        0.0, ge=0, le=1, description="Warn when more than this share of texts repeat (0: any)."
+    )
+    min_chars: int = Field(3, ge=0, description="Warn about texts shorter than this.")
+    max_imbalance: float = Field(
+        10.0, ge=1, description="Warn when the largest label has more than this many times "
+        "the rows of the smallest."
+    )
+    pii: Literal["redact", "reject", "allow"] = Field(
+        "redact",
+        description="Emails, phone numbers and card numbers found in texts: redact (typed "
+        "placeholders in the stored batch, a warning), reject (the batch is refused) or allow "
+        "(a warning).",
     )
 
 
@@ -48,6 +67,16 @@ class PrepareConfig(_Section):
     val_frac: float = Field(0.15, gt=0, lt=1, description="Share of texts in the val split.")
     test_frac: float = Field(0.2, gt=0, lt=1, description="Share of texts in the test split.")
     salt: str = Field("ratchet", description="Mixed into the split hash; changing it reshuffles.")
+    conflicts: Literal["latest", "majority", "drop"] = Field(
+        "latest",
+        description="The same (normalised) text with different labels: keep the latest label "
+        "(a newer batch corrects an older one), the most frequent label (ties: the latest), "
+        "or drop the text.",
+    )
+    replay_size: int = Field(
+        2000, ge=0, description="Rows in the replay buffer (0: none); stratified by label, then "
+        "by batch, drawn from the train split.",
+    )
 
     @model_validator(mode="after")
     def _fractions_leave_train(self) -> PrepareConfig:
@@ -56,18 +85,84 @@ class PrepareConfig(_Section):
         return self
 
 
+class TriggerConfig(_Section):
+    mode: Literal["always", "drift", "rows", "drift_or_rows"] = Field(
+        "always",
+        description="When the flow retrains after the drift stage: `always`; `drift` (only when "
+        "drift is significant); `rows` (only when the newest batch has at least min_new_rows "
+        "rows); `drift_or_rows` (either). Without a champion it always retrains.",
+    )
+    min_new_rows: int = Field(
+        1000, ge=0, description="Rows of the newest batch (the recent slice) that are enough "
+        "to retrain in `rows` / `drift_or_rows` mode.",
+    )
+
+
 class DriftConfig(_Section):
-    alpha: float = Field(0.01, gt=0, lt=1, description="Significance level of the drift tests.")
+    alpha: float = Field(
+        0.01, gt=0, lt=1, description="Family-wise significance level of the drift verdict "
+        "(Holm over the label, length, OOV and embedding-MMD tests).",
+    )
+    permutations: int = Field(
+        1000, ge=19, description="Permutations of the MMD test (and Monte Carlo draws of the "
+        "label test on sparse tables); the smallest p-value is 1/(permutations+1).",
+    )
+    max_rows: int = Field(
+        1000, ge=10, description="Rows per slice embedded for the MMD test and the domain "
+        "classifier (a seeded sample); test rows are always embedded for their weights.",
+    )
+    batch_size: int = Field(64, ge=1, description="Texts per forward pass when embedding.")
+    folds: int = Field(5, ge=2, le=20, description="Cross-validation folds of the domain "
+                       "classifier (out-of-fold probabilities give the weights).")
+    weight_min: float = Field(0.1, gt=0, description="Lower clip of the importance weights.")
+    weight_max: float = Field(10.0, gt=0, description="Upper clip of the importance weights.")
+    seed: int = Field(0, description="Seed of sampling, permutations and cross-validation.")
+    trigger: TriggerConfig = Field(default_factory=TriggerConfig)
+
+    @model_validator(mode="after")
+    def _clip_order(self) -> DriftConfig:
+        if self.weight_min > self.weight_max:
+            raise ValueError("weight_min must not exceed weight_max")
+        # Holm's first threshold is alpha / 4 (four voting tests); a permutation p-value is at
+        # least 1 / (permutations + 1), so fewer permutations could never signal drift.
+        if (self.permutations + 1) * self.alpha < 4:
+            raise ValueError(
+                f"permutations must be at least {math.ceil(4 / self.alpha) - 1} for alpha "
+                f"{self.alpha}: a smaller permutation test can never reach alpha / 4"
+            )
+        return self
 
 
 class AugmentConfig(_Section):
     enabled: bool = Field(True, description="Add augmented copies of training rows.")
-    ops: list[Literal["swap", "delete"]] = Field(
-        default_factory=lambda: ["swap", "delete"], description="Token-level operations to use."
+    ops: list[Literal["synonym", "insert", "swap", "delete", "contextual"]] = Field(
+        default_factory=lambda: ["synonym", "insert", "swap", "delete", "contextual"],
+        description="Operations drawn at random per copy: synonym (nearest neighbours in the "
+        "model's word-embedding table), insert (a neighbour of a word at a random place), swap, "
+        "delete, contextual (the pretrained MLM fills a masked word, when it is good enough).",
     )
     copies: int = Field(1, ge=0, le=10, description="Augmented copies per training row.")
-    prob: float = Field(0.1, ge=0, le=1, description="Per-token probability of an operation.")
+    prob: float = Field(0.1, ge=0, le=1, description="Share of a text's words an op changes.")
+    balance: bool = Field(
+        True, description="Give rows of smaller classes more copies (up to max_copies), "
+        "in proportion to how far each class is below the largest.",
+    )
+    max_copies: int = Field(4, ge=0, le=20, description="Cap on copies per row when balancing.")
+    neighbours: int = Field(5, ge=1, le=50, description="Candidates per word for synonym/insert.")
+    min_similarity: float = Field(
+        0.45, ge=-1, le=1, description="Cosine similarity a neighbour needs to count as a synonym."
+    )
+    contextual_max_perplexity: float = Field(
+        200.0, gt=0, description="Use the pretrained MLM only when its held-out perplexity is "
+        "at most this (an untrained MLM head proposes noise).",
+    )
     seed: int = Field(7, description="Seed of the augmentation.")
+
+    @model_validator(mode="after")
+    def _caps(self) -> AugmentConfig:
+        if self.balance and self.max_copies < self.copies:
+            raise ValueError("max_copies must be at least copies when balance is on")
+        return self
 
 
 class PretrainConfig(_Section):

@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 import hashlib
+import io
+import json
+import numbers
 import os
 import re
 import tempfile
 import unicodedata
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from ratchet.errors import BatchRefused
 from ratchet.runtime import publish
 
 TEXT, LABEL, DOMAIN, BATCH = "text", "label", "domain", "batch_id"
+ID, TIMESTAMP = "id", "timestamp"
+COLUMNS = (TEXT, LABEL, DOMAIN, ID, TIMESTAMP)  # what a stored batch may hold, in this order
 SUFFIXES = {".csv", ".jsonl", ".json", ".parquet"}
 SPLITS = ("train", "val", "test")
 _SPACE = re.compile(r"\s+")
@@ -40,37 +47,156 @@ def split_of(text: str, *, val_frac: float, test_frac: float, salt: str) -> str:
     return "train"
 
 
+def _decode(raw: bytes, name: str) -> str:
+    """Strict UTF-8 (a leading BOM is dropped); a bad byte is refused with its offset and line."""
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        hint = "save it as UTF-8"
+        if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+            hint = "it looks like UTF-16 (byte-order mark); save it as UTF-8"
+        elif b"\x00" not in raw[:4096]:
+            hint = "it may be Latin-1 or Windows-1252; save it as UTF-8"
+        raise BatchRefused(name, [
+            f"undecodable bytes: not valid UTF-8 at byte {err.start} (line {line}): "
+            f"{err.reason}; {hint}"
+        ]) from None
+
+
+def _read_jsonl(text: str, name: str) -> pd.DataFrame:
+    """One JSON object per line; a broken line is refused with its line number, not skipped."""
+    records = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise BatchRefused(name, [
+                f"line {lineno} is not valid JSON: {err.msg} (column {err.colno})"
+            ]) from None
+        if not isinstance(obj, dict):
+            raise BatchRefused(name, [
+                f"line {lineno} is a JSON {type(obj).__name__}, expected an object of columns"
+            ])
+        records.append(obj)
+    return pd.DataFrame.from_records(records)
+
+
 def read_table(path: Path) -> pd.DataFrame:
-    """Read a csv/jsonl/parquet file as strings; refuse unreadable files with a clear message."""
+    """Read a csv/jsonl/parquet file; refuse unreadable files with a message naming why.
+
+    Text formats are decoded here, strictly, so that a wrong encoding is reported with the byte
+    offset and line instead of surfacing as mojibake in the batch. CSV values stay strings; JSON
+    and parquet keep their types so that the contract can refuse numbers where text belongs.
+    """
     name = str(path)
+    if path.is_symlink():
+        try:
+            path.resolve(strict=True)
+        except (OSError, RuntimeError):
+            raise BatchRefused(name, [
+                "is a symlink that does not resolve (a loop or a missing target)"
+            ]) from None
     if path.is_dir():
         raise BatchRefused(name, ["is a directory, expected a .csv, .jsonl or .parquet file"])
     if not path.exists():
         raise BatchRefused(name, ["file not found"])
+    if not path.is_file():
+        raise BatchRefused(name, ["is not a regular file"])
     suffix = path.suffix.lower()
     if suffix not in SUFFIXES:
         raise BatchRefused(name, [f"unsupported file type `{suffix}` (use .csv, .jsonl, .parquet)"])
     if path.stat().st_size == 0:
         raise BatchRefused(name, ["file is empty"])
     try:
-        if suffix == ".csv":
-            df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
-        elif suffix in {".jsonl", ".json"}:
-            df = pd.read_json(path, lines=True, dtype=False)
-        else:
+        if suffix == ".parquet":
             df = pd.read_parquet(path)
-    except UnicodeDecodeError as err:
-        raise BatchRefused(name, [f"not valid UTF-8 (byte {err.start}): {err.reason}"]) from None
-    except (ValueError, OSError, pd.errors.ParserError) as err:
-        raise BatchRefused(name, [f"could not be parsed as {suffix[1:]}: {err}"]) from None
+        else:
+            text = _decode(path.read_bytes(), name)
+            if suffix == ".csv":
+                df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
+            elif suffix == ".json" and text.lstrip().startswith("["):
+                df = pd.DataFrame.from_records(json.loads(text))
+            else:
+                df = _read_jsonl(text, name)
+    except (ValueError, OSError, TypeError, pd.errors.ParserError) as err:
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise BatchRefused(name, [f"could not be parsed as {suffix[1:]}: {detail}"]) from None
     df.columns = [str(c).strip() for c in df.columns]
     return df
 
 
-def canonical(df: pd.DataFrame) -> pd.DataFrame:
-    """Keep the known columns with string dtype; empty strings become missing values."""
+@dataclass(frozen=True)
+class ColumnMap:
+    """Which source column feeds each canonical column.
+
+    `text` and `label` always name a column. The optional ones, left as None, use a column of the
+    canonical name when the file has one; named explicitly, the file must have it.
+    """
+
+    text: str = TEXT
+    label: str = LABEL
+    domain: str | None = None
+    id: str | None = None
+    timestamp: str | None = None
+
+    def sources(self) -> dict[str, str]:
+        """canonical name -> source column name."""
+        return {TEXT: self.text, LABEL: self.label, DOMAIN: self.domain or DOMAIN,
+                ID: self.id or ID, TIMESTAMP: self.timestamp or TIMESTAMP}
+
+    def required(self) -> list[str]:
+        """The optional canonical columns the user asked for by name."""
+        asked = {DOMAIN: self.domain, ID: self.id, TIMESTAMP: self.timestamp}
+        return [col for col, src in asked.items() if src is not None]
+
+    def apply(self, df: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+        """The frame with canonical column names, and the source columns nothing uses."""
+        out = pd.DataFrame(index=df.index)
+        used = set()
+        for canon, src in self.sources().items():
+            if src in df.columns:
+                out[canon] = df[src]
+                used.add(src)
+        return out, [c for c in df.columns if c not in used]
+
+
+def value_type(value: object) -> str | None:
+    """A short type name for a cell (None for a missing value), to refuse numbers as text."""
+    if value is None or value is pd.NA or (isinstance(value, float) and value != value):
+        return None
+    if isinstance(value, str):
+        return "str"
+    if isinstance(value, bool | np.bool_):
+        return "bool"
+    if isinstance(value, numbers.Integral):
+        return "int"
+    if isinstance(value, numbers.Real):
+        return "float"
+    if isinstance(value, bytes):
+        return "bytes"
+    return type(value).__name__
+
+
+def value_types(df: pd.DataFrame) -> pd.DataFrame:
+    """Per row, the type of each text-like column's value, before canonical() makes it a string."""
     out = pd.DataFrame(index=df.index)
     for col in (TEXT, LABEL, DOMAIN):
+        if col in df.columns:
+            out[col] = pd.Series([value_type(v) for v in df[col].tolist()], index=df.index,
+                                 dtype=object)
+    return out.reset_index(drop=True)
+
+
+def canonical(df: pd.DataFrame) -> pd.DataFrame:
+    """Keep the known columns with string dtype; empty strings become missing values.
+
+    A column of all-missing values stays: its absence would read as "column missing".
+    """
+    out = pd.DataFrame(index=df.index)
+    for col in COLUMNS:
         if col in df.columns:
             values = df[col].astype("string")
             out[col] = values.mask(values.str.len() == 0)
@@ -92,7 +218,7 @@ def write_parquet_atomic(df: pd.DataFrame, path: Path) -> None:
 
 def content_hash(df: pd.DataFrame) -> str:
     """A hash of a batch's rows, independent of the file format it came in."""
-    cols = [c for c in (TEXT, LABEL, DOMAIN) if c in df.columns]
+    cols = [c for c in COLUMNS if c in df.columns]
     h = hashlib.sha256()
     for row in df[cols].astype("string").fillna("\x00").itertuples(index=False):
         h.update("\x1f".join(row).encode())

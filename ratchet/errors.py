@@ -12,11 +12,15 @@ class ConfigError(RatchetError):
 class BatchRefused(RatchetError):
     """An incoming batch failed a critical expectation; nothing of it was kept."""
 
-    def __init__(self, source: str, problems: list[str]):
+    def __init__(self, source: str, problems: list[str], quarantine: str | None = None):
         self.source = source
         self.problems = problems
+        self.quarantine = quarantine
         lines = "\n".join(f"  - {p}" for p in problems)
-        super().__init__(f"batch `{source}` refused ({len(problems)} problem(s)):\n{lines}")
+        where = f"\nthe file and a report are in {quarantine}" if quarantine else ""
+        super().__init__(
+            f"batch `{source}` refused ({len(problems)} problem(s)):\n{lines}{where}"
+        )
 
 
 class WorkspaceError(RatchetError):

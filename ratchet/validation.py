@@ -1,18 +1,34 @@
-"""The batch data contract as a great-expectations suite, with critical and warning severities."""
+"""The batch data contract as a great-expectations suite, with critical and warning severities.
+
+GX is the engine for every check. Checks that need more than one row or outside state (token
+counts, duplicates against history, conflicting labels, class balance, PII) are computed here in
+pandas as `_`-prefixed columns, and a GX expectation on that column decides; so every check is
+reported, counted and rendered in Data Docs the same way.
+"""
 
 from __future__ import annotations
 
 import difflib
+import functools
 import logging
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from ratchet.config import DataConfig, ValidateConfig
-from ratchet.data import DOMAIN, LABEL, TEXT
+from ratchet.data import DOMAIN, ID, LABEL, TEXT, TIMESTAMP, normalise
+from ratchet.models import MINILM
 
 CRITICAL, WARNING = "critical", "warning"
+# C0 controls except tab, newline and carriage return; DEL; C1 controls (often cp1252 mojibake).
+CONTROL_CHARS = r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]"
+# Special tokens a tokenizer adds to one sequence, at most; with one token per UTF-8 byte at
+# most (true of WordPiece, byte-level BPE and SentencePiece), this bounds the count untokenized.
+_SPECIAL_TOKENS = 4
 
 
 @dataclass(frozen=True)
@@ -24,7 +40,7 @@ class Problem:
     examples: list[Any] = field(default_factory=list)
 
     def __str__(self) -> str:
-        ex = f"; e.g. {self.examples}" if self.examples else ""
+        ex = f"; e.g. {', '.join(map(str, self.examples))}" if self.examples else ""
         return f"{self.expectation}: {self.message}{ex}"
 
 
@@ -55,79 +71,370 @@ class ValidationReport:
             "warnings": [asdict(p) for p in self.warnings],
         }
 
+    def to_markdown(self) -> str:
+        """The report for a person: verdict, then each problem with its count and examples."""
+        verdict = "passed" if self.passed else "REFUSED"
+        lines = [f"# Validation of `{self.source}`: {verdict}", "", f"{self.rows} rows.", ""]
+        for title, problems in (("Critical", self.critical), ("Warnings", self.warnings)):
+            if not problems:
+                continue
+            lines += [f"## {title}", ""]
+            for p in problems:
+                lines.append(f"- **{p.expectation}** ({p.count} rows): {p.message}")
+                lines += [f"  - {ex}" for ex in p.examples]
+            lines.append("")
+        return "\n".join(lines)
+
 
 def _suggest(label: str, known: list[str]) -> str:
     close = difflib.get_close_matches(label, known, n=1, cutoff=0.6)
     return f" (did you mean `{close[0]}`?)" if close else ""
 
 
-def _build_suite(df: pd.DataFrame, vcfg: ValidateConfig, dcfg: DataConfig, known: list[str]):
+def _show(value: Any, width: int = 80) -> str:
+    """A cell as it may be printed: escaped (control characters visible) and cut to a width."""
+    text = repr(str(value))
+    if len(text) > width:
+        return f"{text[: width - 1]}… ({len(str(value))} chars)"
+    return text
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(source: str):
+    """The model's tokenizer, loaded once per process and only when a text could be too long."""
+    from transformers.utils import logging as hf_logging
+
+    from ratchet.models import load_tokenizer
+
+    hf_logging.set_verbosity_error()  # "sequence longer than the model's maximum" is the point
+    return load_tokenizer(source)
+
+
+def token_counts(texts: pd.Series, max_tokens: int, source: str,
+                 max_chars: int | None = None) -> pd.Series:
+    """Exact token counts for the texts that could exceed the budget; missing for the rest.
+
+    A text of n UTF-8 bytes has at most n + 4 tokens, so short texts never load the tokenizer.
+    Texts over `max_chars` are refused by their length already and are not tokenized either.
+    """
+    counts = pd.Series(pd.NA, index=texts.index, dtype="Int64")
+    long = [i for i, t in texts.items()
+            if isinstance(t, str) and len(t.encode("utf-8", "replace")) + _SPECIAL_TOKENS
+            > max_tokens and (max_chars is None or len(t) <= max_chars)]
+    if long:
+        tok = _tokenizer(source)
+        ids = tok([texts[i] for i in long], add_special_tokens=True)["input_ids"]
+        counts.loc[long] = [len(x) for x in ids]
+    return counts
+
+
+def text_labels(df: pd.DataFrame) -> dict[str, set[str]]:
+    """Normalised text -> the labels it carries in a frame: the memory of earlier batches."""
+    out: dict[str, set[str]] = {}
+    if TEXT not in df.columns:
+        return out
+    labels = df[LABEL] if LABEL in df.columns else pd.Series(pd.NA, index=df.index)
+    for text, label in zip(df[TEXT].tolist(), labels.tolist(), strict=True):
+        if isinstance(text, str):
+            entry = out.setdefault(normalise(text), set())
+            if isinstance(label, str):
+                entry.add(label)
+    return out
+
+
+def derive(
+    df: pd.DataFrame,
+    vcfg: ValidateConfig,
+    *,
+    history: Mapping[str, set[str]] | None = None,
+    types: pd.DataFrame | None = None,
+    model_source: str = MINILM,
+) -> pd.DataFrame:
+    """The canonical frame plus the pre-computed `_` columns the suite's expectations check."""
+    from ratchet.pii import scan
+
+    out = df.copy()
+    if types is not None:
+        for col in types.columns:
+            out[f"_type_{col}"] = types[col].astype("string").to_numpy()
+    if TEXT in out.columns:
+        text = out[TEXT]
+        out["_norm"] = [normalise(t) if isinstance(t, str) else None for t in text.tolist()]
+        out["_tokens"] = token_counts(text, vcfg.max_tokens, model_source, vcfg.max_chars)
+        scans = [scan(t) if isinstance(t, str) else None for t in text.tolist()]
+        out["_pii"] = [",".join(s.kinds) if s and s.kinds else None for s in scans]
+        out["_redacted"] = [s.redacted if s else None for s in scans]
+        if history:
+            out["_seen_before"] = [isinstance(n, str) and n in history for n in out["_norm"]]
+    if TEXT in out.columns and LABEL in out.columns:
+        out["_label_conflict"] = _conflicts(out, history or {})
+        counts = out[LABEL].value_counts()
+        if len(counts) >= 2:
+            out["_imbalance"] = (counts.max() / out[LABEL].map(counts)).astype("Float64")
+    if TIMESTAMP in out.columns:
+        raw = out[TIMESTAMP]
+        parsed = pd.to_datetime(raw, errors="coerce", utc=True, format="mixed")
+        out["_bad_timestamp"] = (raw.notna() & parsed.isna()).astype(bool)
+    return out
+
+
+def _conflicts(df: pd.DataFrame, history: Mapping[str, set[str]]) -> list[bool]:
+    """Rows whose normalised text carries another label in this batch or an earlier one."""
+    within: dict[str, set[str]] = {}
+    pairs = list(zip(df["_norm"].tolist(), df[LABEL].tolist(), strict=True))
+    for norm, label in pairs:
+        if isinstance(norm, str) and isinstance(label, str):
+            within.setdefault(norm, set()).add(label)
+    flags = []
+    for norm, label in pairs:
+        if not (isinstance(norm, str) and isinstance(label, str)):
+            flags.append(False)
+            continue
+        labels = within.get(norm, set()) | set(history.get(norm, ()))
+        flags.append(bool(labels - {label}))
+    return flags
+
+
+def _meta(severity: str, name: str, what: str = "", show: str = TEXT) -> dict[str, str]:
+    return {"severity": severity, "name": name, "what": what, "show": show}
+
+
+def build_suite(
+    frame: pd.DataFrame,
+    vcfg: ValidateConfig,
+    dcfg: DataConfig,
+    known: list[str],
+    *,
+    name: str = "batch_contract",
+    require: Sequence[str] = (),
+):
+    """The contract for one derived frame: which expectations apply depends on its columns."""
     import great_expectations as gx
     import great_expectations.expectations as gxe
 
-    def crit(name: str) -> dict[str, str]:
-        return {"severity": CRITICAL, "name": name}
-
-    def warn(name: str) -> dict[str, str]:
-        return {"severity": WARNING, "name": name}
-
-    suite = gx.ExpectationSuite(name="batch_contract")
-    required = [TEXT, LABEL] + ([DOMAIN] if dcfg.require_domain else [])
-    for col in required:
-        suite.add_expectation(gxe.ExpectColumnToExist(column=col, meta=crit(f"column `{col}`")))
-    suite.add_expectation(
-        gxe.ExpectTableRowCountToBeBetween(
-            min_value=vcfg.min_rows, max_value=vcfg.max_rows, meta=crit("row count")
-        )
-    )
-    if TEXT in df.columns:
-        suite.add_expectation(gxe.ExpectColumnValuesToNotBeNull(column=TEXT, meta=crit("text")))
-        suite.add_expectation(
-            gxe.ExpectColumnValuesToNotMatchRegex(
-                column=TEXT, regex=r"^\s*$", meta=crit("text not blank")
-            )
-        )
-        suite.add_expectation(
-            gxe.ExpectColumnValueLengthsToBeBetween(
-                column=TEXT, min_value=1, max_value=vcfg.max_chars, meta=crit("text length")
-            )
-        )
-        suite.add_expectation(
-            gxe.ExpectColumnValuesToBeUnique(column=TEXT, mostly=1 - vcfg.max_duplicate_frac,
-                                             meta=warn("duplicate texts"))
-        )
-    if LABEL in df.columns:
-        suite.add_expectation(gxe.ExpectColumnValuesToNotBeNull(column=LABEL, meta=crit("label")))
+    C, W = CRITICAL, WARNING
+    cols = set(frame.columns)
+    suite = gx.ExpectationSuite(name=name)
+    add = suite.add_expectation
+    required = [TEXT, LABEL] + ([DOMAIN] if dcfg.require_domain else []) + list(require)
+    for col in dict.fromkeys(required):
+        add(gxe.ExpectColumnToExist(column=col, meta=_meta(C, f"column `{col}`")))
+    add(gxe.ExpectTableRowCountToBeBetween(min_value=vcfg.min_rows, max_value=vcfg.max_rows,
+                                           meta=_meta(C, "row count")))
+    for col in (TEXT, LABEL, DOMAIN):
+        if f"_type_{col}" in cols:
+            add(gxe.ExpectColumnValuesToBeInSet(
+                column=f"_type_{col}", value_set=["str"],
+                meta=_meta(C, f"{col} type", f"have a {col} that is not a string", col)))
+    if TEXT in cols:
+        add(gxe.ExpectColumnValuesToNotBeNull(column=TEXT, meta=_meta(C, "text", "have no text")))
+        add(gxe.ExpectColumnValuesToNotMatchRegex(
+            column=TEXT, regex=r"^\s*$",
+            meta=_meta(C, "text not blank", "are empty or whitespace only")))
+        add(gxe.ExpectColumnValueLengthsToBeBetween(
+            column=TEXT, min_value=1, max_value=vcfg.max_chars,
+            meta=_meta(C, "text length", f"are longer than {vcfg.max_chars} characters "
+                       "(validate.max_chars)")))
+        add(gxe.ExpectColumnValuesToBeBetween(
+            column="_tokens", max_value=vcfg.max_tokens,
+            meta=_meta(C, "token budget", f"are longer than {vcfg.max_tokens} tokens of the "
+                       "model's tokenizer (validate.max_tokens)")))
+        add(gxe.ExpectColumnValuesToNotMatchRegex(
+            column=TEXT, regex=CONTROL_CHARS,
+            meta=_meta(C, "control characters", "contain control characters")))
+        add(gxe.ExpectColumnValuesToBeUnique(
+            column="_norm", mostly=1 - vcfg.max_duplicate_frac,
+            meta=_meta(W, "duplicate texts", "repeat a text of the same batch (case and spaces "
+                       "ignored)")))
+        add(gxe.ExpectColumnValueLengthsToBeBetween(
+            column=TEXT, min_value=vcfg.min_chars,
+            meta=_meta(W, "very short texts", f"are shorter than {vcfg.min_chars} characters "
+                       "(validate.min_chars)")))
+        pii_severity = C if vcfg.pii == "reject" else W
+        action = {"reject": "the policy refuses them (validate.pii: reject)",
+                  "redact": "they are replaced by typed placeholders in the stored batch "
+                            "(validate.pii: redact)",
+                  "allow": "kept as they are (validate.pii: allow)"}[vcfg.pii]
+        add(gxe.ExpectColumnValuesToBeNull(
+            column="_pii", meta=_meta(pii_severity, "PII", f"contain personal data; {action}",
+                                      "_redacted")))
+    if "_seen_before" in cols:
+        add(gxe.ExpectColumnValuesToBeInSet(
+            column="_seen_before", value_set=[False],
+            meta=_meta(W, "duplicates of earlier batches", "repeat a text of an earlier batch")))
+    if LABEL in cols:
+        add(gxe.ExpectColumnValuesToNotBeNull(column=LABEL,
+                                              meta=_meta(C, "label", "have no label", LABEL)))
         if known and not vcfg.allow_new_labels:
-            suite.add_expectation(
-                gxe.ExpectColumnValuesToBeInSet(
-                    column=LABEL, value_set=known, meta=crit("label in known set")
-                )
-            )
-    if DOMAIN in df.columns and dcfg.require_domain:
-        suite.add_expectation(gxe.ExpectColumnValuesToNotBeNull(column=DOMAIN, meta=crit("domain")))
+            add(gxe.ExpectColumnValuesToBeInSet(
+                column=LABEL, value_set=known, meta=_meta(C, "label in known set", show=LABEL)))
+    if "_label_conflict" in cols:
+        add(gxe.ExpectColumnValuesToBeInSet(
+            column="_label_conflict", value_set=[False],
+            meta=_meta(W, "conflicting labels", "carry a text that has another label in this "
+                       "batch or an earlier one")))
+    if "_imbalance" in cols:
+        add(gxe.ExpectColumnValuesToBeBetween(
+            column="_imbalance", max_value=vcfg.max_imbalance,
+            meta=_meta(W, "class imbalance", show=LABEL)))
+    if DOMAIN in cols and dcfg.require_domain:
+        add(gxe.ExpectColumnValuesToNotBeNull(column=DOMAIN,
+                                              meta=_meta(C, "domain", "have no domain")))
+    if "_bad_timestamp" in cols:
+        add(gxe.ExpectColumnValuesToBeInSet(
+            column="_bad_timestamp", value_set=[False],
+            meta=_meta(C, "timestamp", "have a timestamp that does not parse", TIMESTAMP)))
+    if ID in cols:
+        add(gxe.ExpectColumnValuesToBeUnique(
+            column=ID, meta=_meta(W, "duplicate ids", "repeat an id of the same batch", ID)))
     return suite
 
 
-def _message(name: str, etype: str, result: dict[str, Any], rows: int, known: list[str]) -> str:
-    count = result.get("unexpected_count")
+def _missing_column(col: str, columns: Sequence[str] | None,
+                    mapping: Mapping[str, str] | None) -> str:
+    src = (mapping or {}).get(col, col)
+    looked = f"looked for `{src}`" if src == col else f"looked for `{src}`, mapped to `{col}`"
+    msg = f"required column is missing ({looked}"
+    if columns is not None:
+        have = ", ".join(f"`{c}`" for c in columns) or "none"
+        msg += f"; the file has {have}"
+        close = difflib.get_close_matches(src, list(columns), n=1, cutoff=0.5)
+        if close:
+            msg += f"; did you mean `{close[0]}`? (--{col}-col {close[0]})"
+        elif col in (TEXT, LABEL, DOMAIN, ID, TIMESTAMP):
+            msg += f"; map one with --{col}-col"
+    return msg + ")"
+
+
+def _message(meta: dict[str, str], etype: str, res: dict[str, Any], frame: pd.DataFrame,
+             vcfg: ValidateConfig, known: list[str], columns: Sequence[str] | None,
+             mapping: Mapping[str, str] | None, column: str | None) -> str:
+    count = res.get("unexpected_count")
+    rows = len(frame)
     if etype == "expect_column_to_exist":
-        return "required column is missing"
+        return _missing_column(str(column), columns, mapping)
     if etype == "expect_table_row_count_to_be_between":
-        return f"{result.get('observed_value')} rows is outside the allowed bounds"
-    if etype == "expect_column_values_to_be_in_set":
-        bad = sorted({str(v) for v in result.get("partial_unexpected_list") or []})
+        return (f"{res.get('observed_value')} rows is outside the allowed bounds "
+                f"[{vcfg.min_rows}, {vcfg.max_rows}] (validate.min_rows, validate.max_rows)")
+    if meta.get("name") == "label in known set":
+        bad = sorted({str(v) for v in frame.loc[~frame[LABEL].isin(known) & frame[LABEL].notna(),
+                                                 LABEL]})
         hints = "; ".join(f"`{b}`{_suggest(b, known)}" for b in bad[:5])
-        return f"{count} of {rows} rows have a label outside the {len(known)} known labels: {hints}"
-    if etype == "expect_column_values_to_not_be_null":
-        return f"{count} of {rows} rows are missing a value"
-    if etype == "expect_column_values_to_not_match_regex":
-        return f"{count} of {rows} rows are empty or whitespace only"
-    if etype == "expect_column_value_lengths_to_be_between":
-        return f"{count} of {rows} rows are longer than allowed"
-    if etype == "expect_column_values_to_be_unique":
-        return f"{count} of {rows} rows repeat a text of the same batch"
-    return f"{name} failed"
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        return (f"{count} of {rows} rows have a label outside the {len(known)} known labels: "
+                f"{hints}{more} (validate.allow_new_labels accepts new ones)")
+    if meta.get("name") == "class imbalance":
+        counts = frame[LABEL].value_counts()
+        small = ", ".join(f"`{k}` {v}" for k, v in counts.sort_values().head(3).items())
+        return (f"the largest label `{counts.idxmax()}` has {counts.max()} rows, "
+                f"{counts.max() / counts.min():.1f} times the smallest (validate.max_imbalance "
+                f"{vcfg.max_imbalance:g}); smallest: {small}")
+    if column and column.startswith("_type_"):
+        kinds = ", ".join(f"{c['value']}: {c['count']}" for c in
+                          res.get("partial_unexpected_counts") or [])
+        return f"{count} of {rows} rows {meta['what']} ({kinds})"
+    return f"{count} of {rows} rows {meta.get('what') or 'failed'}"
+
+
+class Validator:
+    """One GX context for one or many batches; with `docs`, a Data Docs site of every run.
+
+    The context is ephemeral (nothing written but the docs): the suite is code, built per batch
+    from its columns, so there is no GX project folder to keep in sync.
+    """
+
+    def __init__(self, vcfg: ValidateConfig, dcfg: DataConfig, *, model_source: str = MINILM,
+                 docs: Path | None = None):
+        import great_expectations as gx
+
+        logging.getLogger("great_expectations").setLevel(logging.ERROR)
+        # GX pins this module's logger to INFO at import ("Created temporary directory ...").
+        logging.getLogger("great_expectations.data_context.types.base").setLevel(logging.ERROR)
+        self.vcfg, self.dcfg, self.model_source, self.docs = vcfg, dcfg, model_source, docs
+        self.ctx = gx.get_context(mode="ephemeral")
+        try:
+            from great_expectations.data_context.types.base import ProgressBarsConfig
+
+            self.ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
+        except Exception:  # cosmetics only: an older or newer GX without this switch validates
+            pass
+        if docs is not None:
+            self.ctx.add_data_docs_site(site_name="ratchet", site_config={
+                "class_name": "SiteBuilder",
+                "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+                "store_backend": {"class_name": "TupleFilesystemStoreBackend",
+                                  "base_directory": str(docs.resolve())},
+            })
+        self.source = self.ctx.data_sources.add_pandas("incoming")
+        self._runs = 0
+
+    def validate(
+        self,
+        df: pd.DataFrame,
+        known_labels: list[str],
+        source: str,
+        *,
+        history: Mapping[str, set[str]] | None = None,
+        types: pd.DataFrame | None = None,
+        columns: Sequence[str] | None = None,
+        mapping: Mapping[str, str] | None = None,
+        require: Sequence[str] = (),
+    ) -> ValidationReport:
+        """Run the contract on a canonical frame and return every problem, critical or not.
+
+        Args:
+            history: normalised text -> labels of earlier batches (duplicates, conflicts).
+            types: value types per row before canonical() (refuses numbers as text).
+            columns, mapping: the file's own columns and the column mapping, for hints.
+            require: optional columns the user asked for by name.
+        """
+        import great_expectations as gx
+
+        frame = derive(df, self.vcfg, history=history, types=types,
+                       model_source=self.model_source).reset_index(drop=True)
+        self._runs += 1
+        name = re.sub(r"[^\w.-]+", "_", f"{self._runs:03d}-{source}")
+        suite = self.ctx.suites.add(build_suite(frame, self.vcfg, self.dcfg, known_labels,
+                                                name=name, require=require))
+        batch_def = self.source.add_dataframe_asset(name).add_batch_definition_whole_dataframe(
+            "whole")
+        vd = self.ctx.validation_definitions.add(
+            gx.ValidationDefinition(name=name, data=batch_def, suite=suite))
+        params = {"dataframe": frame.copy()}  # GX may add columns; the caller's frame stays
+        if self.docs is None:
+            results = vd.run(batch_parameters=params, result_format="SUMMARY").results
+        else:
+            checkpoint = self.ctx.checkpoints.add(gx.Checkpoint(
+                name=name, validation_definitions=[vd], result_format="SUMMARY",
+                actions=[gx.checkpoint.UpdateDataDocsAction(name="docs", site_names=["ratchet"])]))
+            run = checkpoint.run(batch_parameters=params)
+            results = next(iter(run.run_results.values())).results
+        problems = [self._problem(r, frame, known_labels, columns, mapping)
+                    for r in results if not r.success]
+        return ValidationReport(source=source, rows=len(frame), problems=problems)
+
+    def _problem(self, r: Any, frame: pd.DataFrame, known: list[str],
+                 columns: Sequence[str] | None, mapping: Mapping[str, str] | None) -> Problem:
+        cfg = r.expectation_config
+        meta = cfg.meta or {}
+        res = r.result or {}
+        column = cfg.kwargs.get("column")
+        show = meta.get("show", TEXT)
+        examples = []
+        for i in (res.get("partial_unexpected_index_list") or [])[:3]:
+            value = frame.at[i, show] if show in frame.columns and i in frame.index else None
+            examples.append(f"row {int(i) + 1}: {_show(value)}")
+        count = res.get("unexpected_count")
+        if count is None and cfg.type == "expect_table_row_count_to_be_between":
+            count = res.get("observed_value")
+        return Problem(
+            expectation=meta.get("name", cfg.type),
+            severity=meta.get("severity", CRITICAL),
+            message=_message(meta, cfg.type, res, frame, self.vcfg, known, columns, mapping,
+                             column),
+            count=int(count or 0),
+            examples=examples,
+        )
 
 
 def validate_frame(
@@ -136,42 +443,21 @@ def validate_frame(
     dcfg: DataConfig,
     known_labels: list[str],
     source: str,
+    *,
+    model_source: str = MINILM,
+    **kwargs: Any,
 ) -> ValidationReport:
-    """Run the batch contract on a frame with canonical columns and return every problem."""
-    import great_expectations as gx
+    """Run the batch contract once on a frame with canonical columns (see Validator.validate)."""
+    return Validator(vcfg, dcfg, model_source=model_source).validate(
+        df, known_labels, source, **kwargs)
 
-    logging.getLogger("great_expectations").setLevel(logging.ERROR)
-    ctx = gx.get_context(mode="ephemeral")
-    try:
-        from great_expectations.data_context.types.base import ProgressBarsConfig
 
-        ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
-    except Exception:  # cosmetics only: an older or newer GX without this switch still validates
-        pass
-    asset = ctx.data_sources.add_pandas("incoming").add_dataframe_asset("batch")
-    batch_def = asset.add_batch_definition_whole_dataframe("whole")
-    suite = ctx.suites.add(_build_suite(df, vcfg, dcfg, known_labels))
-    vd = ctx.validation_definitions.add(
-        gx.ValidationDefinition(name="batch_contract", data=batch_def, suite=suite)
-    )
-    # GX's pandas engine needs object-free, plain columns; a copy keeps the caller's frame intact.
-    result = vd.run(batch_parameters={"dataframe": df.copy()}, result_format="SUMMARY")
-    problems = []
-    for r in result.results:
-        if r.success:
-            continue
-        meta = r.expectation_config.meta or {}
-        etype = r.expectation_config.type
-        res = r.result or {}
-        name = meta.get("name", etype)
-        examples = [str(x) for x in (res.get("partial_unexpected_list") or [])[:3]]
-        problems.append(
-            Problem(
-                expectation=name,
-                severity=meta.get("severity", CRITICAL),
-                message=_message(name, etype, res, len(df), known_labels),
-                count=int(res.get("unexpected_count") or 0),
-                examples=examples,
-            )
-        )
-    return ValidationReport(source=source, rows=len(df), problems=problems)
+def redact(df: pd.DataFrame) -> pd.DataFrame:
+    """The frame with PII in its texts replaced by typed placeholders (<EMAIL> <PHONE> <CARD>)."""
+    from ratchet.pii import scan
+
+    out = df.copy()
+    if TEXT in out.columns:
+        out[TEXT] = pd.array([scan(t).redacted if isinstance(t, str) else t
+                              for t in out[TEXT].tolist()], dtype="string")
+    return out

@@ -8,11 +8,12 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -20,8 +21,12 @@ from ratchet.config import Params, load_params, parse_params
 from ratchet.errors import BatchRefused, WorkspaceError
 from ratchet.runtime import TELEMETRY_OFF, write_json
 
+if TYPE_CHECKING:
+    from ratchet.data import ColumnMap
+
 BATCHES = Path("data/batches")
 INCOMING = Path("data/incoming")
+QUARANTINE = Path("data/quarantine")
 CHAMPION_FILE = Path("champion.json")
 GITIGNORE = """\
 # ratchet workspace: heavy or local-only files stay out of git
@@ -29,6 +34,7 @@ GITIGNORE = """\
 /mlartifacts/
 /.ratchet/
 /data/incoming/
+/data/quarantine/
 """
 
 
@@ -129,6 +135,8 @@ class IngestResult:
     rows: int
     created: bool
     warnings: list[str]
+    dry_run: bool = False
+    redacted: int = 0  # rows whose text had PII replaced by placeholders
 
 
 def known_labels(params: Params, batches_dir: Path) -> list[str]:
@@ -145,35 +153,142 @@ def known_labels(params: Params, batches_dir: Path) -> list[str]:
     return sorted(labels)
 
 
-def ingest(ws: Path, source: Path) -> IngestResult:
-    """Validate an incoming file and, only if it passes, add it as a new immutable batch."""
-    from ratchet.data import batch_files, canonical, content_hash, read_table, write_parquet_atomic
-    from ratchet.validation import validate_frame
+def history(batches_dir: Path) -> dict[str, set[str]]:
+    """Normalised text -> labels of every stored batch: what a new batch may repeat or defy."""
+    import pandas as pd
+
+    from ratchet.data import batch_files
+    from ratchet.validation import text_labels
+
+    out: dict[str, set[str]] = {}
+    for f in batch_files(batches_dir):
+        df = pd.read_parquet(f)
+        for text, labels in text_labels(df).items():
+            out.setdefault(text, set()).update(labels)
+    return out
+
+
+def quarantine(ws: Path, source: Path, problems: list[str], report: Any = None) -> Path:
+    """Keep a refused input and why, for a person to inspect: never versioned, never trained on.
+
+    The folder is assembled under a temporary name and renamed, so a half-written quarantine
+    entry never appears. Its own `.gitignore` keeps git (and so `dvc status`) unaware of it even
+    in a workspace made before quarantine existed.
+    """
+    import re
+
+    root = ws / QUARANTINE
+    root.mkdir(parents=True, exist_ok=True)
+    ignore = root / ".gitignore"
+    if not ignore.exists():
+        ignore.write_text("# refused batches: local evidence only, never versioned\n*\n")
+    now = time.gmtime()
+    safe_name = re.sub(r"[^\w.-]+", "_", source.name)
+    stem = f"{time.strftime('%Y%m%dT%H%M%SZ', now)}-{safe_name}"
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{stem}."))
+    copied = False
+    try:
+        if source.is_file():  # False for a directory, a dangling link or a symlink loop
+            shutil.copyfile(source, tmp / source.name)
+            copied = True
+        write_json(tmp / "report.json", {
+            "source": str(source),
+            "refused_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", now),
+            "copied": copied,
+            "problems": problems,
+            "validation": report.to_dict() if report is not None else None,
+        })
+        md = report.to_markdown() if report is not None else (
+            f"# `{source.name}`: REFUSED\n\n" + "\n".join(f"- {p}" for p in problems) + "\n")
+        if not copied:
+            md += "\n(the input was not copied: it is not a regular file)\n"
+        (tmp / "report.md").write_text(md)
+        for n in range(1, 1000):
+            target = root / (stem if n == 1 else f"{stem}-{n}")
+            try:
+                tmp.rename(target)  # fails if target exists and is not empty
+                return target
+            except OSError:
+                if not target.exists():
+                    raise
+        raise WorkspaceError(f"cannot find a free quarantine folder name for {stem}")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def ingest(ws: Path, source: Path, columns: ColumnMap | None = None, *,
+           dry_run: bool = False) -> IngestResult:
+    """Validate an incoming file and, only if it passes, add it as a new immutable batch.
+
+    The same content twice is one batch (the id carries the content hash). A refused file goes
+    to the quarantine folder with a report, and nothing else changes: no batch, no commit, no
+    DVC change. With `dry_run` nothing changes at all, refused or not.
+    """
+    from ratchet.data import (
+        TEXT,
+        ColumnMap,
+        batch_files,
+        canonical,
+        content_hash,
+        read_table,
+        value_types,
+        write_parquet_atomic,
+    )
+    from ratchet.validation import Validator, redact
 
     ws = require(ws)
     params = load_params(ws / "params.yaml")
     batches = ws / BATCHES
-    df = canonical(read_table(source))
-    report = validate_frame(
-        df, params.validate_, params.data, known_labels(params, batches), source.name
-    )
-    if not report.passed:
-        raise BatchRefused(source.name, [str(p) for p in report.critical])
-    digest = content_hash(df)
+    columns = columns or ColumnMap()
+
+    def refuse(problems: list[str], report: Any = None) -> BatchRefused:
+        where = None
+        if not dry_run and (source.exists() or source.is_symlink() or source.is_dir()):
+            where = str(quarantine(ws, source, problems, report).relative_to(ws))
+        return BatchRefused(source.name, problems, where)
+
+    try:
+        raw = read_table(source)
+    except BatchRefused as err:
+        raise refuse(err.problems) from None
+    mapped, unused = columns.apply(raw)
+    df = canonical(mapped)
+    stored = redact(df) if params.validate_.pii == "redact" else df
+    digest = content_hash(stored)
     existing = batch_files(batches)
     for f in existing:
-        if f.stem.endswith(digest[:12]):
-            return IngestResult(f.stem, f, len(df), False, [str(p) for p in report.warnings])
+        if f.stem.endswith(digest[:12]):  # the same content again: one batch, nothing to do
+            return IngestResult(f.stem, f, len(df), False, [], dry_run)
+    validator = Validator(params.validate_, params.data, model_source=params.model.source)
+    report = validator.validate(
+        df, known_labels(params, batches), source.name, history=history(batches),
+        types=value_types(mapped), columns=list(raw.columns), mapping=columns.sources(),
+        require=columns.required(),
+    )
+    if unused:
+        from ratchet.validation import WARNING, Problem
+
+        report.problems.append(Problem(
+            "unused columns", WARNING,
+            "not part of the batch and dropped: " + ", ".join(f"`{c}`" for c in unused),
+            len(unused)))
+    if not report.passed:
+        raise refuse([str(p) for p in report.critical], report)
+    warnings = [str(p) for p in report.warnings]
+    redacted = int((stored[TEXT] != df[TEXT]).fillna(False).sum()) if TEXT in df else 0
     batch_id = f"{len(existing) + 1:04d}-{digest[:12]}"
     path = batches / f"{batch_id}.parquet"
-    write_parquet_atomic(df, path)
+    if dry_run:
+        return IngestResult(batch_id, path, len(df), False, warnings, True, redacted)
+    write_parquet_atomic(stored, path)
     try:
         dvc(ws, "add", "-q", str(BATCHES))
         commit(ws, f"ingest {source.name} as batch {batch_id} ({len(df)} rows)")
     except WorkspaceError:
         path.unlink(missing_ok=True)  # leave no trace of a batch that could not be versioned
         raise
-    return IngestResult(batch_id, path, len(df), True, [str(p) for p in report.warnings])
+    return IngestResult(batch_id, path, len(df), True, warnings, False, redacted)
 
 
 def refresh_champion(ws: Path) -> dict[str, Any]:
@@ -212,13 +327,46 @@ def fingerprint(model_dir: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def repro(ws: Path, stage: str | None = None) -> float:
-    """`dvc repro` (one stage or all); returns the wall time in seconds."""
+def repro(ws: Path, stage: str | None = None, *, upstream: bool = False) -> float:
+    """`dvc repro`: everything, one stage (`--single-item`), or a stage and what it needs
+    (`upstream`); returns the wall time in seconds."""
     start = time.perf_counter()
-    args = ["repro", "--single-item", stage] if stage else ["repro"]
-    # Streamed, not captured: the stages' progress bars and errors reach the person watching.
-    dvc(ws, *args, capture=False)
+    args = ["repro"] + ([stage] if upstream else ["--single-item", stage]) if stage else ["repro"]
+    try:
+        # Streamed, not captured: the stages' progress bars and errors reach the person watching.
+        dvc(ws, *args, capture=False)
+    except WorkspaceError as err:
+        what = f"stage `{stage}`" if stage and not upstream else "the pipeline"
+        raise WorkspaceError(f"{what} failed; the stage's own error is printed above "
+                             f"(`dvc {' '.join(args)}` in {ws})") from err
     return time.perf_counter() - start
+
+
+def read_drift(ws: Path) -> dict[str, Any]:
+    path = ws / "reports" / "drift.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def skipped_decision(drift: dict, champion: dict, skipped: list[str]) -> dict[str, Any]:
+    """The record of a run that the trigger policy (`drift.trigger`) stopped after drift."""
+    reason = drift.get("retrain_reason", "the trigger policy said no")
+    return {
+        "decision": "skipped",
+        "promote": False,
+        "version": None,
+        "model_name": champion.get("name"),
+        "champion_before": champion.get("version"),
+        "champion_after": champion.get("version"),
+        "drift_summary": drift.get("summary"),
+        "skipped_stages": skipped,
+        "checks": [{"name": "trigger", "passed": False, "reason": f"not retrained: {reason}"}],
+    }
+
+
+def record_skip(ws: Path, record: dict[str, Any]) -> None:
+    """Record a skipped run in git (dvc.lock, the drift report) and push what it produced."""
+    commit(ws, f"retrain: skipped ({record['checks'][0]['reason']})")
+    dvc(ws, "push", "-q")
 
 
 def finish_run(ws: Path) -> None:
@@ -233,12 +381,22 @@ def finish_run(ws: Path) -> None:
 
 
 def run_pipeline(ws: Path) -> dict[str, Any]:
-    """The pipeline through DVC alone (no Prefect): refresh champion, `dvc repro`, record."""
+    """The pipeline through DVC alone (no Prefect): refresh champion, `dvc repro`, record.
+
+    Like the flow, it stops after the drift stage when the trigger policy says not to retrain.
+    """
     ws = require(ws)
     start = time.perf_counter()
-    refresh_champion(ws)
-    repro(ws)
-    gate = json.loads((ws / "reports" / "gate.json").read_text())
-    finish_run(ws)
-    gate.update(timings={}, wall_s=time.perf_counter() - start)
-    return gate
+    champion = refresh_champion(ws)
+    repro(ws, "drift", upstream=True)
+    drift = read_drift(ws)
+    if drift.get("retrain", True) is False:
+        stages = stage_names(ws)
+        record = skipped_decision(drift, champion, stages[stages.index("drift") + 1 :])
+        record_skip(ws, record)
+    else:
+        repro(ws)
+        record = json.loads((ws / "reports" / "gate.json").read_text())
+        finish_run(ws)
+    record.update(timings={}, wall_s=time.perf_counter() - start)
+    return record

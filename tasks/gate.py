@@ -114,6 +114,7 @@ def run(params: Params, *, eval_metrics: Path, validation: Path, drift: Path, ca
         "checks": decision.to_dict()["checks"],
         "metrics": m,
         "drift_summary": drift_report.get("summary"),
+        "validation_warnings": val.get("warnings", []),
         "tracking_uri": tracking_uri(params.registry, ws),
     }
     if before and before.fingerprint == fp:

@@ -66,11 +66,39 @@ def test_each_critical_expectation(frame, expectation):
 
 def test_duplicates_are_a_warning_not_a_refusal():
     df = pd.DataFrame(
-        {"text": ["same text"] * 10 + [f"t{i}" for i in range(10)], "label": ["pay_bill"] * 20}
+        {"text": ["same text"] * 10 + [f"text {i}" for i in range(10)],
+         "label": ["pay_bill"] * 20}
     )
     report = _check(df)
     assert report.passed
     assert [p.expectation for p in report.warnings] == ["duplicate texts"]
+    dup = report.warnings[0]
+    assert dup.count == 10 and dup.examples[0] == "row 1: 'same text'"
+
+
+def test_history_duplicates_and_conflicting_labels_are_warnings():
+    df = pd.DataFrame({"text": [f"text number {i}" for i in range(20)],
+                       "label": ["pay_bill"] * 10 + ["check_balance"] * 10})
+    history = {"text number 0": {"pay_bill"}, "text number 15": {"pay_bill"}}
+    report = validate_frame(canonical(df), ValidateConfig(), DataConfig(), all_labels(), "b.csv",
+                            history=history)
+    assert report.passed
+    by_name = {p.expectation: p for p in report.warnings}
+    assert set(by_name) == {"duplicates of earlier batches", "conflicting labels"}
+    assert by_name["duplicates of earlier batches"].count == 2
+    assert by_name["conflicting labels"].examples == ["row 16: 'text number 15'"]
+
+
+@pytest.mark.parametrize(("policy", "severity"), [("redact", "warning"), ("allow", "warning"),
+                                                  ("reject", "critical")])
+def test_pii_policy_sets_the_severity(policy, severity):
+    df = pd.DataFrame({"text": ["mail bob@example.com now"] + [f"text {i}" for i in range(19)],
+                       "label": ["pay_bill"] * 20})
+    report = validate_frame(canonical(df), ValidateConfig(pii=policy), DataConfig(),
+                            all_labels(), "b.csv")
+    pii = next(p for p in report.problems if p.expectation == "PII")
+    assert pii.severity == severity and pii.count == 1
+    assert pii.examples == ["row 1: 'mail <EMAIL> now'"]  # a report never repeats the PII
 
 
 def test_new_labels_allowed_when_configured():
@@ -82,7 +110,11 @@ def test_new_labels_allowed_when_configured():
 
 @pytest.mark.parametrize(
     ("content", "message"),
-    [(b"", "file is empty"), (b"\xff\xfe\x00bad", "not valid UTF-8")],
+    [
+        (b"", "file is empty"),
+        (b"\xff\xfe\x00bad", "not valid UTF-8 at byte 0 \\(line 1\\).*UTF-16"),
+        (b"text,label\ncaf\xe9 au lait,x\n", "byte 14 \\(line 2\\).*Latin-1"),
+    ],
 )
 def test_unreadable_files_are_refused(tmp_path, content, message):
     path = tmp_path / "bad.csv"
@@ -110,3 +142,25 @@ def test_clinc150_validation_split_passes_the_contract():
         "clinc150/val.csv",
     )
     assert report.passed and report.rows == 3100
+
+
+def test_validate_stage_writes_data_docs_and_history_warnings(tmp_path):
+    from ratchet.config import parse_params
+    from tasks.validate import run
+
+    batches = tmp_path / "batches"
+    batches.mkdir()
+    first = pd.DataFrame({"text": [f"pay bill number {i}" for i in range(12)],
+                          "label": ["pay_bill"] * 6 + ["check_balance"] * 6})
+    first.to_parquet(batches / "0001-aaaaaaaaaaaa.parquet")
+    first.iloc[:10].to_parquet(batches / "0002-bbbbbbbbbbbb.parquet")
+    docs = tmp_path / "docs"
+    summary = run(parse_params({}), batches=batches, report=tmp_path / "summary.json",
+                  metrics=tmp_path / "metrics.json", docs=docs)
+    assert summary["passed"] and summary["data_docs"] == str(docs / "index.html")
+    assert (docs / "index.html").is_file()
+    assert len(list((docs / "validations").rglob("*.html"))) == 2  # one page per batch
+    assert summary["warnings"] == [
+        "0002-bbbbbbbbbbbb.parquet: duplicates of earlier batches: 10 of 10 rows repeat a text "
+        "of an earlier batch"
+    ]

@@ -15,6 +15,13 @@ def test_help_everywhere(command):
     assert result.exit_code == 0 and "Usage" in result.output
 
 
+def test_ingest_help_documents_the_column_mapping_and_dry_run():
+    result = runner.invoke(app, ["ingest", "--help"], terminal_width=200)
+    for option in ("--text-col", "--label-col", "--domain-col", "--id-col", "--timestamp-col",
+                   "--dry-run"):
+        assert option in result.output
+
+
 def test_commands_outside_a_workspace_say_so(tmp_path):
     for command in (["run", "-w", str(tmp_path)], ["status", "-w", str(tmp_path)]):
         result = runner.invoke(app, command)

@@ -30,3 +30,19 @@ def test_content_hash_ignores_the_file_format_but_not_the_rows():
     assert content_hash(a) == content_hash(a.copy())
     assert content_hash(a) != content_hash(a.iloc[::-1])
     assert content_hash(a) != content_hash(a.assign(label=["l1", "l3"]))
+
+
+def test_column_map_renames_and_reports_unused_columns():
+    from ratchet.data import ColumnMap
+
+    raw = pd.DataFrame({"body": ["a"], "intent": ["l"], "domain": ["d"], "note": ["n"]})
+    out, unused = ColumnMap(text="body", label="intent").apply(raw)
+    assert list(out.columns) == ["text", "label", "domain"] and unused == ["note"]
+    assert ColumnMap(id="ref").required() == ["id"]
+
+
+def test_value_types_keep_what_canonical_erases():
+    from ratchet.data import value_types
+
+    raw = pd.DataFrame({"text": ["a", 1, None, 2.5, ["x"]], "label": ["l"] * 5})
+    assert value_types(raw)["text"].tolist() == ["str", "int", None, "float", "list"]
