@@ -1,4 +1,9 @@
-"""The `retrain` flow: refresh the champion, run each DVC stage as a task, report the decision."""
+"""The `retrain` flow: refresh the champion, run each DVC stage as a task, report the decision.
+
+After the drift stage the flow reads `reports/drift.json`: when the trigger policy
+(`drift.trigger`) says retraining is not needed, the remaining stages are skipped and the run
+records a `skipped` decision (no model version is registered; the artifact says why).
+"""
 
 from __future__ import annotations
 
@@ -26,6 +31,27 @@ def run_stage(ws: Path, stage: str) -> float:
 @task(name="record")
 def record(ws: Path) -> None:
     workspace.finish_run(ws)
+
+
+@task(name="record-skip")
+def record_skip(ws: Path, record: dict) -> None:
+    workspace.record_skip(ws, record)
+
+
+def skipped_markdown(record: dict, timings: dict[str, float]) -> str:
+    lines = [
+        "# Gate decision: **skipped**",
+        "",
+        f"Not retrained: {record['checks'][0]['reason']}.",
+        f"Champion stays: {record.get('champion_before')} (no model version was registered).",
+        f"Drift: {record.get('drift_summary')}",
+        f"Skipped stages: {', '.join(record['skipped_stages'])}",
+        "",
+        "| stage | seconds |",
+        "|---|---|",
+    ]
+    lines += [f"| {s} | {t:.1f} |" for s, t in timings.items()]
+    return "\n".join(lines)
 
 
 def decision_markdown(gate: dict, timings: dict[str, float]) -> str:
@@ -57,11 +83,21 @@ def retrain(workspace_dir: str = ".") -> dict:
     """Retrain on the workspace's batches and gate the candidate; returns the gate record."""
     logger = get_run_logger()
     ws = workspace.require(Path(workspace_dir))
-    refresh_champion(ws)
+    champion = refresh_champion(ws)
     timings: dict[str, float] = {}
-    for stage in workspace.stage_names(ws):
+    stages = workspace.stage_names(ws)
+    for i, stage in enumerate(stages):
         timings[stage] = run_stage.with_options(name=stage, task_run_name=stage)(ws, stage)
         logger.info("stage %s: %.1fs", stage, timings[stage])
+        drift = workspace.read_drift(ws) if stage == "drift" else {}
+        if drift.get("retrain", True) is False:
+            skip = workspace.skipped_decision(drift, champion, stages[i + 1 :])
+            skip["timings"] = timings
+            logger.info("not retraining: %s", drift.get("retrain_reason"))
+            record_skip(ws, skip)
+            create_markdown_artifact(key="gate-decision", markdown=skipped_markdown(skip, timings),
+                                     description="gate decision: skipped")
+            return skip
     gate = json.loads((ws / "reports" / "gate.json").read_text())
     gate["timings"] = timings
     record(ws)

@@ -1,101 +1,206 @@
-"""drift: how the recent batch differs from the reference data (labels, lengths, vocabulary)."""
+"""drift: how the recent batch differs from the reference data, and whether to retrain.
+
+Labels, lengths, vocabulary and sentence embeddings (MMD permutation test, domain classifier)
+are compared by the pure functions of `ratchet.drift`; this stage loads the rows, embeds them
+with the champion's encoder (the base model before any champion), and writes the report, the
+summary plot and the importance weights of the test split's rows.
+
+The weights apply to the rows of `test.parquet` (keyed by row order and text, and by `id` when
+the batches carry one): w(x) estimates
+p_recent(x) / p_reference(x), so metrics weighted by w estimate how a model does on data
+distributed like the recent batch, using every test row rather than the few recent ones.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from ratchet.config import DriftConfig, Params
-from ratchet.data import LABEL, SPLITS, TEXT, normalise
-from ratchet.runtime import write_json
+from ratchet.data import ID, LABEL, SPLITS, TEXT, write_parquet_atomic
+from ratchet.drift import (
+    Sample,
+    detect,
+    effective_sample_size,
+    importance_weights,
+    should_retrain,
+    summary,
+)
+from ratchet.runtime import read_json, write_json
 from ratchet.stage import stage_main
 
+REFERENCE, RECENT = "reference", "recent"
 
-def drift_stats(reference: pd.DataFrame, recent: pd.DataFrame, cfg: DriftConfig) -> dict:
-    """Raw test statistics and p-values for label shift, length shift and vocabulary change."""
-    from scipy.spatial.distance import jensenshannon
-    from scipy.stats import chi2_contingency, ks_2samp
 
-    out: dict = {"n_reference": len(reference), "n_recent": len(recent)}
-    if len(reference) == 0 or len(recent) == 0:
-        out.update(status="no_reference", drifted=False,
-                   summary="first batch: nothing to compare")
-        return out
-    labels = sorted(set(reference[LABEL]) | set(recent[LABEL]))
-    ref_counts = reference[LABEL].value_counts().reindex(labels, fill_value=0).to_numpy()
-    rec_counts = recent[LABEL].value_counts().reindex(labels, fill_value=0).to_numpy()
-    chi2, chi_p, _, _ = chi2_contingency(np.vstack([ref_counts, rec_counts]))
-    jsd = float(jensenshannon(ref_counts / ref_counts.sum(), rec_counts / rec_counts.sum(), base=2))
-    ref_len = reference[TEXT].str.split().str.len().to_numpy()
-    rec_len = recent[TEXT].str.split().str.len().to_numpy()
-    ks = ks_2samp(ref_len, rec_len)
-    vocab = {w for t in reference[TEXT] for w in normalise(t).split()}
-    rec_tokens = [w for t in recent[TEXT] for w in normalise(t).split()]
-    oov = float(np.mean([w not in vocab for w in rec_tokens])) if rec_tokens else 0.0
-    new_labels = sorted(set(recent[LABEL]) - set(reference[LABEL]))
-    label_drift = bool(chi_p < cfg.alpha)
-    length_drift = bool(ks.pvalue < cfg.alpha)
-    out.update(
-        status="compared",
-        label_chi2=float(chi2), label_p=float(chi_p), label_jsd=jsd, label_drift=label_drift,
-        length_ks=float(ks.statistic), length_p=float(ks.pvalue), length_drift=length_drift,
-        mean_len_reference=float(ref_len.mean()), mean_len_recent=float(rec_len.mean()),
-        oov_rate=oov, new_labels=new_labels, drifted=label_drift or length_drift,
-    )
-    parts = [f"labels JSD {jsd:.2f} (p={chi_p:.1g})", f"length KS {ks.statistic:.2f} "
-             f"(p={ks.pvalue:.1g})", f"OOV {oov:.0%}"]
-    if new_labels:
-        parts.append(f"{len(new_labels)} new labels")
-    out["summary"] = ("DRIFT: " if out["drifted"] else "no drift: ") + ", ".join(parts)
+def drift_stats(reference: pd.DataFrame, recent: pd.DataFrame, cfg: DriftConfig,
+                ref_emb: np.ndarray | None = None, rec_emb: np.ndarray | None = None) -> dict:
+    """The flat report for two frames (embeddings optional): numbers, verdicts and a summary."""
+    out, _ = _compare(reference, recent, cfg, ref_emb, rec_emb)
     return out
 
 
-def plot(reference: pd.DataFrame, recent: pd.DataFrame, path: Path) -> None:
+def _compare(reference: pd.DataFrame, recent: pd.DataFrame, cfg: DriftConfig,
+             ref_emb: np.ndarray | None, rec_emb: np.ndarray | None
+             ) -> tuple[dict[str, Any], dict[str, Any]]:
+    if len(reference) == 0 or len(recent) == 0:
+        return {"n_reference": len(reference), "n_recent": len(recent), "status": "no_reference",
+                "drifted": False, "drifted_by": [],
+                "summary": "first batch: nothing to compare"}, {}
+    out, arrays = detect(
+        Sample(reference[TEXT].astype(str).tolist(), reference[LABEL].astype(str).tolist(),
+               ref_emb),
+        Sample(recent[TEXT].astype(str).tolist(), recent[LABEL].astype(str).tolist(), rec_emb),
+        cfg,
+    )
+    out["status"] = "compared"
+    out["summary"] = summary(out)
+    return out, arrays
+
+
+def _sample(index: pd.Index, size: int, rng: np.random.Generator) -> np.ndarray:
+    """At most `size` row labels, seeded, in their original order."""
+    picked = index.to_numpy()
+    if len(picked) > size:
+        picked = np.sort(rng.choice(picked, size=size, replace=False))
+    return picked
+
+
+def run(params: Params, *, data: Path, champion: Path, report: Path, plot_path: Path,
+        weights: Path) -> dict[str, Any]:
+    from ratchet.embed import embed, load_encoder
+
+    cfg = params.drift
+    frames = {s: pd.read_parquet(data / f"{s}.parquet").assign(split=s) for s in SPLITS}
+    rows = pd.concat(frames.values(), ignore_index=True)
+    reference, recent = rows[rows["slice"] == REFERENCE], rows[rows["slice"] == RECENT]
+    test_idx = rows.index[rows["split"] == "test"].to_numpy()
+    champ = read_json(champion)
+    rng = np.random.default_rng(cfg.seed)
+    ref_idx = _sample(reference.index, cfg.max_rows, rng)
+    rec_idx = _sample(recent.index, cfg.max_rows, rng)
+    prob_test = np.full(len(test_idx), np.nan)
+    emb: dict[int, np.ndarray] = {}
+    encoder = None
+    if len(ref_idx) >= 2 and len(rec_idx) >= 2:
+        model, tok, encoder = load_encoder(params, champ, Path.cwd())
+        need = np.union1d(np.union1d(ref_idx, rec_idx), test_idx)
+        vectors = embed(rows.loc[need, TEXT].astype(str).tolist(), model, tok,
+                        max_length=params.model.max_length, batch_size=cfg.batch_size)
+        emb = dict(zip(need.tolist(), vectors, strict=True))
+    stats, arrays = _compare(
+        reference, recent, cfg,
+        np.array([emb[i] for i in ref_idx]) if emb else None,
+        np.array([emb[i] for i in rec_idx]) if emb else None,
+    )
+    if "domain" in arrays and len(test_idx):
+        dc = arrays["domain"]
+        oof = dict(zip(ref_idx.tolist(), dc.prob_reference, strict=True))
+        oof.update(zip(rec_idx.tolist(), dc.prob_recent, strict=True))
+        unseen = [i for i in test_idx if i not in oof]
+        if unseen:  # test rows outside the classifier's sample: the model refitted on all of it
+            oof.update(zip(unseen, dc.model.predict_proba(np.array([emb[i] for i in unseen]))[:, 1],
+                           strict=True))
+        prob_test = np.array([oof[i] for i in test_idx])
+        w = importance_weights(prob_test, n_reference=len(ref_idx), n_recent=len(rec_idx),
+                               clip=(cfg.weight_min, cfg.weight_max))
+        weighting = "domain classifier (out-of-fold where the row was in its sample)"
+    else:
+        w = np.ones(len(test_idx))
+        weighting = "uniform (no reference to compare with)"
+    retrain, why = should_retrain(cfg.trigger, drifted=bool(stats["drifted"]),
+                                  new_rows=len(recent), has_champion=bool(champ.get("version")))
+    stats.update(
+        encoder=encoder, alpha=cfg.alpha, retrain=retrain, retrain_reason=why,
+        trigger_mode=cfg.trigger.mode, weights_apply_to="rows of the test split, in file order",
+        weights_method=weighting, weights_n=len(w),
+        weights_min=float(w.min()) if len(w) else None,
+        weights_max=float(w.max()) if len(w) else None,
+        weights_ess=effective_sample_size(w),
+    )
+    test = frames["test"]
+    table = pd.DataFrame({"row": np.arange(len(test)), "text": test[TEXT].astype(str).to_numpy(),
+                          "slice": test["slice"].astype(str).to_numpy(),
+                          "prob_recent": prob_test, "weight": w})
+    if ID in test.columns:  # batches may carry their own row ids; keep them as a second key
+        table.insert(1, ID, test[ID].to_numpy())
+    write_parquet_atomic(table, weights)
+    write_json(report, stats)
+    plot(reference, recent, arrays, stats, plot_path)
+    return stats
+
+
+def plot(reference: pd.DataFrame, recent: pd.DataFrame, arrays: dict[str, Any],
+         stats: dict[str, Any], path: Path, top_labels: int = 30) -> None:
+    """Four panels: label shares, length histograms, MMD null vs observed, classifier scores."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    labels = sorted(set(reference[LABEL]) | set(recent[LABEL]))
+    fig, axes = plt.subplots(2, 2, figsize=(13, 8))
+    (ax_lab, ax_len), (ax_mmd, ax_dom) = axes
+    shares = {name: df[LABEL].value_counts(normalize=True) for name, df in
+              ((REFERENCE, reference), (RECENT, recent))}
+    labels = (shares[REFERENCE].add(shares[RECENT], fill_value=0)
+              .sort_values(ascending=False).index[:top_labels].tolist())
     x = np.arange(len(labels))
-    for offset, (name, df) in zip((-0.2, 0.2), (("reference", reference), ("recent", recent)),
+    for offset, (name, df) in zip((-0.2, 0.2), ((REFERENCE, reference), (RECENT, recent)),
                                   strict=True):
-        share = df[LABEL].value_counts(normalize=True).reindex(labels, fill_value=0)
-        ax1.bar(x + offset, share.to_numpy(), width=0.4, label=f"{name} (n={len(df)})")
-        lengths = df[TEXT].str.split().str.len()
+        ax_lab.bar(x + offset, shares[name].reindex(labels, fill_value=0).to_numpy(), width=0.4,
+                   label=f"{name} (n={len(df)})")
+        lengths = df[TEXT].astype(str).str.split().str.len()
         if len(lengths):
-            ax2.hist(lengths, bins=range(0, int(lengths.max()) + 2), alpha=0.5, density=True,
-                     label=name)
-    ax1.set_xticks(x, labels, rotation=75, ha="right", fontsize=7)
-    ax1.set_ylabel("share of rows")
-    ax1.set_title("label distribution")
-    ax1.legend()
-    ax2.set_xlabel("words per text")
-    ax2.set_title("text length")
-    ax2.legend()
+            ax_len.hist(lengths, bins=range(0, int(lengths.max()) + 2), alpha=0.5, density=True,
+                        label=name)
+    ax_lab.set_xticks(x, labels, rotation=75, ha="right", fontsize=7)
+    ax_lab.set_ylabel("share of rows")
+    ax_lab.set_title(f"labels (top {len(labels)}): JSD {stats.get('label_jsd', float('nan')):.2f}"
+                     f", p={stats.get('label_p', float('nan')):.2g}")
+    ax_len.set_xlabel("words per text")
+    ax_len.set_title(f"text length: KS {stats.get('length_ks', float('nan')):.2f}, "
+                     f"p={stats.get('length_p', float('nan')):.2g}")
+    for ax in (ax_lab, ax_len):
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+    mmd = arrays.get("mmd")
+    if mmd is not None:
+        ax_mmd.hist(mmd.null, bins=40, color="grey", alpha=0.7, label="permutation null")
+        ax_mmd.axvline(mmd.mmd2, color="red", label=f"observed {mmd.mmd2:.3g}")
+        ax_mmd.set_title(f"embedding MMD²: p={mmd.p_value:.3g}")
+        ax_mmd.set_xlabel("MMD²")
+        ax_mmd.legend()
+    else:
+        ax_mmd.text(0.5, 0.5, "MMD not computed", ha="center", va="center")
+        ax_mmd.set_axis_off()
+    dom = arrays.get("domain")
+    if dom is not None:
+        bins = np.linspace(0, 1, 31)
+        ax_dom.hist(dom.prob_reference, bins=bins, alpha=0.5, density=True, label=REFERENCE)
+        ax_dom.hist(dom.prob_recent, bins=bins, alpha=0.5, density=True, label=RECENT)
+        ax_dom.set_xlabel("out-of-fold P(recent | embedding)")
+        ax_dom.set_title(f"domain classifier: AUC {dom.auc:.2f}; test weights "
+                         f"{stats.get('weights_min', 0):.2f}..{stats.get('weights_max', 0):.2f}")
+        ax_dom.legend()
+    else:
+        ax_dom.text(0.5, 0.5, "domain classifier not computed", ha="center", va="center")
+        ax_dom.set_axis_off()
+    fig.suptitle(stats.get("summary", ""), fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
 
-def run(params: Params, *, data: Path, report: Path, plot_path: Path) -> dict:
-    rows = pd.concat([pd.read_parquet(data / f"{s}.parquet") for s in SPLITS], ignore_index=True)
-    reference, recent = rows[rows["slice"] == "reference"], rows[rows["slice"] == "recent"]
-    stats = drift_stats(reference, recent, params.drift)
-    write_json(report, stats)
-    plot(reference, recent, plot_path)
-    return stats
-
-
 def main() -> None:
     stage_main("drift", __doc__, {
         "data": "folder with train/val/test parquet files",
+        "champion": "champion.json (resolved `champion` alias): its encoder embeds the texts",
         "report": "drift report JSON to write",
         "plot_path": "PNG summary plot to write",
+        "weights": "importance weights of the test rows (parquet) to write",
     }, run)
 
 

@@ -1,13 +1,21 @@
-"""evaluate: candidate AND champion on every slice, with paired-bootstrap differences."""
+"""evaluate: candidate AND champion on every slice, with paired-bootstrap differences.
+
+Besides the slices (`all`, `recent`, `reference`) it reports drift-weighted metrics under the
+slice name `weighted`: every test row weighted by the drift stage's importance weights, an
+estimate of how each model does on data distributed like the recent batch.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from ratchet.config import Params
 from ratchet.data import LABEL, TEXT, write_parquet_atomic
+from ratchet.drift import effective_sample_size
+from ratchet.errors import RatchetError
 from ratchet.runtime import read_json, write_json
 from ratchet.stage import stage_main
 
@@ -31,8 +39,33 @@ def champion_predictions(params: Params, champion: dict, texts: list[str]) -> li
     return model.predict(pd.DataFrame({"text": texts}))["label"].astype(str).tolist()
 
 
+def load_test_weights(weights: Path, df: pd.DataFrame) -> np.ndarray:
+    """The drift stage's importance weights, checked to belong to exactly these test rows."""
+    table = pd.read_parquet(weights)
+    if len(table) != len(df) or table["text"].astype(str).tolist() != df[TEXT].astype(str).tolist():
+        raise RatchetError(
+            f"{weights}: the importance weights are for {len(table)} rows that do not match the "
+            f"{len(df)} rows of the test split (re-run the drift stage: `dvc repro drift`)"
+        )
+    return table["weight"].to_numpy(dtype=float)
+
+
+def weighted_scores(references: list[str], predicted: list[str], w: np.ndarray
+                    ) -> dict[str, float]:
+    """Accuracy and macro-F1 with each test row weighted (drift-weighted metrics)."""
+    from sklearn.metrics import accuracy_score, f1_score
+
+    if not references:
+        return {"accuracy": float("nan"), "macro_f1": float("nan")}
+    return {
+        "accuracy": float(accuracy_score(references, predicted, sample_weight=w)),
+        "macro_f1": float(f1_score(references, predicted, average="macro", sample_weight=w,
+                                   zero_division=0)),
+    }
+
+
 def run(params: Params, *, candidate: Path, test: Path, champion: Path, metrics: Path,
-        predictions: Path) -> dict:
+        predictions: Path, weights: Path | None = None) -> dict:
     from ratchet import metrics as project_metrics
     from ratchet.models import Classifier
     from ratchet.stats import paired_bootstrap
@@ -63,6 +96,21 @@ def run(params: Params, *, candidate: Path, test: Path, champion: Path, metrics:
                 out[f"diff/{name}/macro_f1_{key}" if key != "diff" else f"diff/{name}/macro_f1"] = (
                     getattr(cmp, key)
                 )
+    if weights is not None:
+        # Drift-weighted: every test row, weighted toward the recent batch's distribution.
+        w = load_test_weights(weights, df)
+        df["weight"] = w
+        out["n/weighted"] = len(df)
+        out["ess/weighted"] = effective_sample_size(w)
+        refs = df[LABEL].tolist()
+        for model in ("candidate", "champion"):
+            if model in df.columns:
+                for metric, value in weighted_scores(refs, df[model].tolist(), w).items():
+                    out[f"{model}/weighted/{metric}"] = value
+        if champ is not None:
+            out["diff/weighted/macro_f1"] = (
+                out["candidate/weighted/macro_f1"] - out["champion/weighted/macro_f1"]
+            )
     write_json(metrics, out)
     write_parquet_atomic(df, predictions)
     return out
@@ -73,6 +121,7 @@ def main() -> None:
         "candidate": "folder of the candidate model",
         "test": "prepared test split (parquet)",
         "champion": "champion.json (resolved `champion` alias)",
+        "weights": "importance weights of the test rows from the drift stage (parquet)",
         "metrics": "flat evaluation metrics JSON to write",
         "predictions": "per-example predictions parquet to write",
     }, run)
