@@ -1,13 +1,16 @@
-"""prepare: dedup, stable hash splits, and the `reference` / `recent` slices."""
+"""prepare: dedup, conflict resolution, stable hash splits, slices, and the replay buffer."""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pandas as pd
 
 from ratchet.config import Params, PrepareConfig
 from ratchet.data import (
+    BATCH,
+    DOMAIN,
     LABEL,
     SPLITS,
     TEXT,
@@ -22,14 +25,42 @@ from ratchet.stage import stage_main
 RECENT, REFERENCE = "recent", "reference"
 
 
-def prepare_frame(rows: pd.DataFrame, cfg: PrepareConfig) -> tuple[pd.DataFrame, dict[str, int]]:
-    """Pure core: rows of all batches (oldest first) -> deduplicated rows with split and slice."""
-    rows = rows.dropna(subset=[TEXT, LABEL]).copy()
-    rows["norm"] = rows[TEXT].map(normalise)
+def resolve_conflicts(rows: pd.DataFrame, policy: str) -> tuple[pd.DataFrame, int]:
+    """One label per normalised text, by `policy`; returns the rows and how many texts conflicted.
+
+    Rows must carry `norm` and be in arrival order (oldest first).
+    """
     labels_per_text = rows.groupby("norm")[LABEL].nunique()
-    conflicts = int((labels_per_text > 1).sum())
+    conflicted = labels_per_text.index[labels_per_text > 1]
+    if len(conflicted) == 0 or policy == "latest":
+        return rows, len(conflicted)
+    if policy == "drop":
+        return rows[~rows["norm"].isin(conflicted)], len(conflicted)
+    if policy != "majority":
+        raise ValueError(f"unknown conflict policy {policy!r}")
+    # Majority label per text; ties go to the label seen last (the freshest evidence).
+    part = rows[rows["norm"].isin(conflicted)].reset_index()
+    counts = part.groupby(["norm", LABEL]).agg(n=(LABEL, "size"), last=("index", "max"))
+    best = counts.sort_values(["n", "last"]).groupby(level="norm").tail(1).reset_index()
+    winner = dict(zip(best["norm"], best[LABEL], strict=True))
+    keep = ~rows["norm"].isin(conflicted) | (rows[LABEL] == rows["norm"].map(winner))
+    return rows[keep], len(conflicted)
+
+
+def prepare_frame(rows: pd.DataFrame, cfg: PrepareConfig) -> tuple[pd.DataFrame, dict[str, int]]:
+    """Pure core: rows of all batches (oldest first) -> deduplicated rows with split and slice.
+
+    Exact repeats of a text are counted apart from texts that only match after normalisation
+    (case, width, spacing), so a user sees both kinds of repetition; both are deduplicated.
+    """
+    rows = rows.dropna(subset=[TEXT, LABEL]).copy()
     before = len(rows)
-    # The latest occurrence wins: a newer batch corrects an older label for the same text.
+    rows["norm"] = rows[TEXT].map(normalise)
+    exact = int(rows.duplicated(subset=[TEXT]).sum())
+    near = int((rows.duplicated(subset=["norm"]) & ~rows.duplicated(subset=[TEXT])).sum())
+    rows, conflicts = resolve_conflicts(rows, cfg.conflicts)
+    resolved = len(rows)
+    # The latest occurrence wins among what is left: its text form and its batch.
     rows = rows.drop_duplicates(subset="norm", keep="last")
     newest = rows["batch_order"].max()
     rows["slice"] = [RECENT if o == newest else REFERENCE for o in rows["batch_order"]]
@@ -37,19 +68,81 @@ def prepare_frame(rows: pd.DataFrame, cfg: PrepareConfig) -> tuple[pd.DataFrame,
         split_of(t, val_frac=cfg.val_frac, test_frac=cfg.test_frac, salt=cfg.salt)
         for t in rows[TEXT]
     ]
-    stats = {"rows_in": before, "duplicates_dropped": before - len(rows),
-             "conflicting_texts": conflicts}
+    stats = {
+        "rows_in": before,
+        "rows_out": len(rows),
+        "duplicates_dropped": resolved - len(rows),
+        "exact_duplicates": exact,
+        "normalised_duplicates": near,
+        "conflicting_texts": conflicts,
+        "conflict_rows_dropped": before - resolved,
+    }
     return rows.drop(columns=["norm"]).reset_index(drop=True), stats
 
 
-def run(params: Params, *, batches: Path, out: Path, metrics: Path) -> dict[str, int]:
-    rows, stats = prepare_frame(load_batches(batches), params.prepare)
+def allocate(capacity: dict, total: int) -> dict:
+    """Split `total` seats over strata as evenly as their capacities allow (water-filling).
+
+    Small strata get all their rows; what they cannot use goes to the others. Leftover seats
+    after an even split go to strata in sorted key order, so the result is deterministic.
+    """
+    seats = {k: 0 for k in capacity}
+    open_ = sorted(k for k, c in capacity.items() if c > 0)
+    left = min(total, sum(capacity.values()))
+    while left > 0 and open_:
+        share, extra = divmod(left, len(open_))
+        for i, k in enumerate(open_):
+            give = min(share + (1 if i < extra else 0), capacity[k] - seats[k])
+            seats[k] += give
+            left -= give
+        open_ = [k for k in open_ if seats[k] < capacity[k]]
+    return seats
+
+
+def replay_buffer(train: pd.DataFrame, size: int, salt: str) -> pd.DataFrame:
+    """A reservoir sample of the train split, stratified by label and then by batch.
+
+    Each row's priority is a hash of its normalised text, and each stratum keeps its rows of
+    smallest priority: a bottom-k reservoir, which is a uniform random sample that needs no
+    state between runs. The same data gives the same buffer, and when a batch arrives a stratum
+    keeps the rows it had unless its quota shrinks.
+    """
+    if size == 0 or train.empty:
+        return train.iloc[:0].assign(priority=pd.Series(dtype="float64"))
+    prio = [
+        int.from_bytes(hashlib.sha256(f"{salt}\x00replay\x00{normalise(t)}".encode()).digest()[:8],
+                       "big") / 2**64
+        for t in train[TEXT]
+    ]
+    pool = train.assign(priority=prio).sort_values(["priority", TEXT], kind="stable")
+    per_label = allocate(pool[LABEL].value_counts().to_dict(), size)
+    picked = []
+    for label, seats in sorted(per_label.items()):
+        rows = pool[pool[LABEL] == label]
+        per_batch = allocate(rows[BATCH].value_counts().to_dict(), seats)
+        for batch, n in sorted(per_batch.items()):
+            picked.append(rows[rows[BATCH] == batch].head(n))
+    return pd.concat(picked).sort_values([LABEL, BATCH, "priority"]).reset_index(drop=True)
+
+
+def run(params: Params, *, batches: Path, out: Path, replay: Path, metrics: Path) -> dict:
+    cfg = params.prepare
+    rows, stats = prepare_frame(load_batches(batches), cfg)
     for split in SPLITS:
         part = rows[rows["split"] == split].drop(columns=["split"])
         write_parquet_atomic(part, out / f"{split}.parquet")
         for sl in (RECENT, REFERENCE):
             stats[f"{split}/{sl}"] = int((part["slice"] == sl).sum())
+    buffer = replay_buffer(rows[rows["split"] == "train"].drop(columns=["split"]),
+                           cfg.replay_size, cfg.salt)
+    write_parquet_atomic(buffer, replay)
+    stats["replay/rows"] = len(buffer)
+    stats["replay/labels"] = int(buffer[LABEL].nunique())
+    stats["replay/batches"] = int(buffer[BATCH].nunique())
     stats["labels"] = int(rows[LABEL].nunique())
+    if DOMAIN in rows.columns:
+        for domain, n in rows[DOMAIN].fillna("(none)").value_counts().sort_index().items():
+            stats[f"domain/{domain}"] = int(n)
     write_json(metrics, stats)
     return stats
 
@@ -58,6 +151,7 @@ def main() -> None:
     stage_main("prepare", __doc__, {
         "batches": "folder of batch parquet files",
         "out": "folder for train/val/test parquet files",
+        "replay": "replay buffer parquet to write (for continual training)",
         "metrics": "prepare metrics JSON to write",
     }, run)
 
