@@ -24,6 +24,9 @@ setup()
 # Settings under which the tiny random-init BERT learns the synthetic intents in seconds.
 TINY = {
     "pretrain": {"max_steps": 10},
+    # The tiny model's word-embedding table is random, so its "synonyms" are random words
+    # (unit tests cover the lexical ops with the packaged MiniLM table and toy tables).
+    "augment": {"ops": ["swap", "delete"]},
     "finetune": {"epochs": 6.0, "learning_rate": 0.005, "batch_size": 32},
     "evaluate": {"bootstrap_resamples": 1000},
     "gate": {"max_regression": 0.05},

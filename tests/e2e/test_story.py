@@ -45,6 +45,7 @@ def test_story_through_prefect_and_dvc(tmp_path, prefect_server):
     assert [r.get("engine") for r in rows] == ["prefect", "dvc", "prefect", None]
     assert_story(ws, rows)
     assert_prefect_runs(rows)
+    assert_trigger_skips(ws, rows)
 
 
 def assert_prefect_runs(rows: list[dict[str, Any]]) -> None:
@@ -115,3 +116,30 @@ def assert_story(ws: Path, rows: list[dict[str, Any]]) -> None:
     out = served.predict(pd.DataFrame({"text": ["file a claim for my car", "wake me up at 6 am"]}))
     assert list(out.columns) == ["label", "score", "probabilities"]
     assert all(abs(sum(p) - 1) < 1e-4 for p in out["probabilities"])
+
+
+def assert_trigger_skips(ws: Path, rows: list[dict[str, Any]]) -> None:
+    """A small batch under `drift.trigger.mode: rows` stops after drift: no version, no move."""
+    import random
+
+    import yaml
+
+    from ratchet import workspace
+    from ratchet.demo_data import OLD_DOMAINS, make_rows
+
+    params = yaml.safe_load((ws / "params.yaml").read_text())
+    params["drift"]["trigger"] = {"mode": "rows", "min_new_rows": 10_000}
+    (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    small = make_rows(random.Random(99), OLD_DOMAINS, 40, set())
+    small.to_csv(ws / "data" / "incoming" / "05-small.csv", index=False)
+    workspace.ingest(ws, ws / "data" / "incoming" / "05-small.csv")
+    record = workspace.run_pipeline(ws)
+    assert record["decision"] == "skipped" and record["version"] is None
+    assert "rows" in record["checks"][0]["reason"]
+    assert record["skipped_stages"][-1] == "gate"
+    assert record["champion_after"] == rows[1]["version"]
+    p = load_params(ws / "params.yaml")
+    client = connect(p.registry, ws)
+    assert len(client.search_model_versions(f"name = '{p.registry.model_name}'")) == 3
+    assert "retrain: skipped" in _git(ws, "log", "-1", "--format=%s")
+    assert not _git(ws, "status", "--porcelain").strip()
