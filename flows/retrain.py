@@ -67,15 +67,30 @@ def decision_markdown(gate: dict, timings: dict[str, float]) -> str:
         f"Model version: {link}",
         f"Champion before: {gate.get('champion_before')}; after: {gate.get('champion_after')}",
         f"Drift: {gate.get('drift_summary')}",
+        f"Data Docs: {docs_link(gate)}",
         "",
         "| check | passed | reason |",
         "|---|---|---|",
     ]
     lines += [f"| {c['name']} | {'yes' if c['passed'] else 'no'} | {c['reason']} |"
               for c in gate.get("checks", [])]
+    warnings = gate.get("validation_warnings") or []
+    if warnings:
+        lines += ["", f"Validation warnings ({len(warnings)}):", ""]
+        lines += [f"- {w}" for w in warnings[:20]]
     lines += ["", "| stage | seconds |", "|---|---|"]
     lines += [f"| {s} | {t:.1f} |" for s, t in timings.items()]
     return "\n".join(lines)
+
+
+def docs_link(gate: dict) -> str:
+    """The Data Docs page: in the workspace, and under the version's run artifacts."""
+    docs = gate.get("data_docs")
+    if not docs:
+        return "n/a"
+    run = gate.get("run_id")
+    logged = f" (also logged with run `{run}` under `reports/docs/`)" if run else ""
+    return f"`{docs}` in the workspace{logged}"
 
 
 @flow(name="retrain", log_prints=True)

@@ -188,11 +188,21 @@ def status(workspace_dir: WorkspaceOpt = Path(".")) -> None:
                 str(mv.version),
                 ", ".join(aliases.get(str(mv.version), [])),
                 tags.get("decision", "?"),
-                tags.get("compared_with", "-"),
+                tags.get("compared_with", "-").replace("None", "-"),
                 time.strftime("%Y-%m-%d %H:%M", time.localtime(mv.creation_timestamp / 1000)),
-                tags.get("reasons", "")[:160],
+                "\n".join(_short(r) for r in _deciding(tags)),
             )
-        console.print(table)
+        out = console if console.is_terminal else Console(width=max(console.width, 150))
+        out.print(table)
+
+
+def _deciding(tags: dict[str, str]) -> list[str]:
+    """The reasons that decided: the failed checks, else the comparisons that passed."""
+    if tags.get("failed"):
+        return tags["failed"].split(" | ")
+    reasons = [r for r in tags.get("reasons", "").split(" | ") if r]
+    key = [r for r in reasons if r.startswith(("recent", "reference", "no champion"))]
+    return key or reasons
 
 
 def _has_model(client, name: str) -> bool:
@@ -315,34 +325,53 @@ def _pair(m: dict[str, float], name: str) -> str:
     return f"{cand:.3f} vs {champ:.3f}"
 
 
+def _short(text: str, limit: int = 70) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def print_story(rows: list[dict[str, Any]]) -> None:
+    """The story in two tables: the decisions, then where the time went.
+
+    Cells stay short (the full reasons and drift numbers are printed above each batch's run);
+    when the output is not a terminal, e.g. a CI log, the tables get a readable width.
+    """
+    out = console if console.is_terminal else Console(width=max(console.width, 150))
     table = Table(title="ratchet demo: candidate vs champion (macro-F1)", show_lines=True)
-    for col in (
-        "batch",
-        "rows",
-        "drift",
-        "recent",
-        "reference",
-        "decision",
-        "reasons",
-        "stage seconds",
-    ):
+    for col in ("batch", "rows", "drift", "recent", "reference", "decision", "reasons"):
         table.add_column(col, overflow="fold")
     for r in rows:
         gate = r.get("gate", {})
         m = gate.get("metrics", {})
-        timings = gate.get("timings", {})
+        drift = str(gate.get("drift_summary") or "-").split(":")[0]
+        if "gate" in r:
+            failed = [c["reason"] for c in gate.get("checks", []) if not c["passed"]]
+            reasons = failed or [c["reason"] for c in gate.get("checks", [])
+                                 if c["name"] in {"recent", "reference", "cold_start"}]
+        else:  # refused at ingest: the names of the failed expectations
+            reasons = [p.split(":")[0] for p in r.get("reasons", [])]
         table.add_row(
             r["batch"],
             str(r["rows"]),
-            str(gate.get("drift_summary", "-")),
+            drift,
             _pair(m, "recent"),
             _pair(m, "reference"),
             f"{r['decision']}" + (f" (v{r['version']})" if r.get("version") else ""),
-            "\n".join(r.get("reasons", [])),
-            ", ".join(f"{k} {v:.0f}" for k, v in timings.items()) or "-",
+            "\n".join(_short(x) for x in reasons),
         )
-    console.print(table)
+    out.print(table)
+    timed = [r for r in rows if r.get("gate", {}).get("timings")]
+    if not timed:
+        return
+    stages = list(timed[0]["gate"]["timings"])
+    times = Table(title="seconds per stage (Prefect task wall time)")
+    for col in ("batch", *stages, "total"):
+        times.add_column(col, justify="left" if col == "batch" else "right")
+    for r in timed:
+        t = r["gate"]["timings"]
+        times.add_row(r["batch"], *(f"{t.get(s, 0):.0f}" for s in stages),
+                      f"{r['gate'].get('wall_s', sum(t.values())):.0f}")
+    out.print(times)
 
 
 if __name__ == "__main__":

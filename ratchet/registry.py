@@ -106,6 +106,8 @@ def log_candidate(
         for path in artifacts:
             if path.is_file():
                 mlflow.log_artifact(str(path), artifact_path="reports")
+            elif path.is_dir():  # e.g. the Data Docs site, kept whole so its links work
+                mlflow.log_artifacts(str(path), artifact_path=f"reports/{path.name}")
         mlflow.log_dict({"labels": labels}, "label_map.json")
         info = mlflow.pyfunc.log_model(
             name="model",

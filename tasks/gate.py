@@ -71,12 +71,15 @@ def version_tags(decision: Decision, label: str, *, fingerprint: str, compared_w
     tags = {
         "decision": label,
         "reasons": " | ".join(decision.reasons)[:4900],
+        "failed": " | ".join(c.reason for c in decision.failed)[:4900],
         "fingerprint": fingerprint,
         "compared_with": str(compared_with),
         "git_commit": git_commit(),
         "params_hash": params_hash(params),
         "validation": "passed" if validation.get("passed") else "failed",
         "validation_warnings": str(len(validation.get("warnings", []))),
+        # Where the great-expectations Data Docs are: in the workspace, and logged with the run.
+        "data_docs": str(validation.get("data_docs", "n/a")),
         "drift": str(drift.get("summary", "n/a"))[:4900],
     }
     for path, md5 in data_hashes(lock).items():
@@ -115,6 +118,7 @@ def run(params: Params, *, eval_metrics: Path, validation: Path, drift: Path, ca
         "metrics": m,
         "drift_summary": drift_report.get("summary"),
         "validation_warnings": val.get("warnings", []),
+        "data_docs": val.get("data_docs"),
         "tracking_uri": tracking_uri(params.registry, ws),
     }
     if before and before.fingerprint == fp:
@@ -143,7 +147,8 @@ def run(params: Params, *, eval_metrics: Path, validation: Path, drift: Path, ca
                        .items() for kk, vv in v.items()}
         run_id, version = log_candidate(
             candidate, name=name, params=flat_params, metrics=m,
-            artifacts=[drift, drift.with_suffix(".png"), validation, eval_metrics],
+            artifacts=[drift, drift.with_suffix(".png"), validation, eval_metrics,
+                       *([Path(val["data_docs"]).parent] if val.get("data_docs") else [])],
             run_tags={"fingerprint": fp, "decision": label},
         )
     for key, value in tags.items():

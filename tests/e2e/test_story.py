@@ -1,9 +1,11 @@
 """The demo story, end to end and real, in a temporary workspace with the tiny model.
 
-One workspace, retrained through both engines in turn: batch 1 (cold start) and batch 3 (label
-noise) through the Prefect flow `retrain` against a real ephemeral Prefect server, batch 2 (a
-new domain) through `dvc repro` alone. Both engines run the same DVC stages, so one history must
-come out: the same champion, versions, tags and a DVC pipeline that is up to date afterwards.
+By default one workspace is retrained through both engines in turn: batch 1 (cold start) and
+batch 3 (label noise) through the Prefect flow `retrain` against a real ephemeral Prefect
+server, batch 2 (a new domain) through `dvc repro` alone. Both engines run the same DVC stages,
+so one history must come out: the same champion, versions, tags and a DVC pipeline that is up
+to date afterwards. The whole story through each engine alone is the same test with the `slow`
+mark (`make test-all`): together they take longer than the ten-minute budget of `make test`.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from ratchet.registry import CHALLENGER, CHAMPION, connect
 from ratchet.workspace import tool_env
 from tests.conftest import TINY
 
-ENGINES = [Engine.prefect, Engine.dvc, Engine.prefect]
+MIXED = [Engine.prefect, Engine.dvc, Engine.prefect]
 
 
 @pytest.fixture(scope="module")
@@ -39,32 +41,46 @@ def _git(ws: Path, *args: str) -> str:
 
 
 @pytest.mark.e2e
-def test_story_through_prefect_and_dvc(tmp_path, prefect_server):
+@pytest.mark.parametrize("engines", [
+    pytest.param(MIXED, id="prefect+dvc"),
+    pytest.param([Engine.dvc] * 3, id="dvc", marks=pytest.mark.slow),
+    pytest.param([Engine.prefect] * 3, id="prefect", marks=pytest.mark.slow),
+])
+def test_story(tmp_path, prefect_server, engines):
     ws = tmp_path / "ws"
-    rows = run_demo(ws, model="tiny", scale=0.5, engine=ENGINES, seed=0, overrides=TINY)
-    assert [r.get("engine") for r in rows] == ["prefect", "dvc", "prefect", None]
+    rows = run_demo(ws, model="tiny", scale=0.5, engine=engines, seed=0, overrides=TINY)
+    assert [r.get("engine") for r in rows] == [str(e) for e in engines] + [None]
     assert_story(ws, rows)
-    assert_prefect_runs(rows)
-    assert_trigger_skips(ws, rows)
+    assert_prefect_runs(ws, [r for r, e in zip(rows, engines, strict=False)
+                             if e is Engine.prefect])
+    if engines == MIXED:
+        assert_trigger_skips(ws, rows)
 
 
-def assert_prefect_runs(rows: list[dict[str, Any]]) -> None:
+def assert_prefect_runs(ws: Path, rows: list[dict[str, Any]]) -> None:
     """Each Prefect retrain completed and left a markdown decision linking its version."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        ArtifactFilterKey,
+    )
 
     with get_client(sync_client=True) as client:
-        runs = [r for r in client.read_flow_runs() if r.name]
-        assert len(runs) == 2 and all(r.state.is_completed() for r in runs)
-        arts = client.read_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["gate-decision"]))
-        )
-    name = rows[0]["gate"]["model_name"]
+        runs = [r for r in client.read_flow_runs()
+                if r.name and r.parameters.get("workspace_dir") == str(ws.resolve())]
+        assert len(runs) == len(rows) and all(r.state.is_completed() for r in runs)
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=["gate-decision"]),
+            flow_run_id=ArtifactFilterFlowRunId(any_=[r.id for r in runs]),
+        )) if runs else []
     texts = sorted(a.data for a in arts)
-    assert len(texts) == 2
-    for row in (rows[0], rows[2]):
+    assert len(texts) == len(rows)
+    for row in rows:
+        name = row["gate"]["model_name"]
         assert any(f"Gate decision: **{row['decision']}**" in t
-                   and f"models:/{name}/{row['version']}" in t for t in texts), texts
+                   and f"models:/{name}/{row['version']}" in t
+                   and "Data Docs: `reports/validation/docs/index.html`" in t for t in texts), texts
 
 
 def assert_story(ws: Path, rows: list[dict[str, Any]]) -> None:
@@ -97,6 +113,9 @@ def assert_story(ws: Path, rows: list[dict[str, Any]]) -> None:
         assert re.fullmatch(r"[0-9a-f]{32}\.dir", tags["data_hash.models/candidate"])
         assert tags["fingerprint"] == gate["fingerprint"] and tags["params_hash"]
         assert tags["validation"] == "passed"
+        assert tags["data_docs"] == "reports/validation/docs/index.html"
+        docs = client.list_artifacts(gate["run_id"], "reports/docs")
+        assert any(a.path.endswith("index.html") for a in docs)
     # Each version trained on different data: the batch hashes differ.
     assert len({versions[g["version"]].tags["data_hash.data/batches"] for g in (g1, g2, g3)}) == 3
 
