@@ -35,7 +35,9 @@ def champion_predictions(params: Params, champion: dict, texts: list[str]) -> li
     from ratchet.registry import connect
 
     connect(params.registry, Path.cwd())
-    model = mlflow.pyfunc.load_model(f"models:/{champion['name']}/{champion['version']}")
+    # The champion was logged from this same environment: skip MLflow's requirement check (~2 s).
+    model = mlflow.pyfunc.load_model(f"models:/{champion['name']}/{champion['version']}",
+                                     suppress_warnings=True)
     return model.predict(pd.DataFrame({"text": texts}))["label"].astype(str).tolist()
 
 
