@@ -6,9 +6,7 @@ import hashlib
 import io
 import json
 import numbers
-import os
 import re
-import tempfile
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from ratchet.errors import BatchRefused
-from ratchet.runtime import publish
+from ratchet.runtime import atomic_path
 
 TEXT, LABEL, DOMAIN, BATCH = "text", "label", "domain", "batch_id"
 ID, TIMESTAMP = "id", "timestamp"
@@ -32,14 +30,19 @@ def normalise(text: str) -> str:
     return _SPACE.sub(" ", unicodedata.normalize("NFKC", text)).strip().casefold()
 
 
+def unit_hash(text: str, salt: str) -> float:
+    """A number in [0, 1) fixed by the normalised text and the salt: a seeded coin per text."""
+    digest = hashlib.sha256(f"{salt}\x00{normalise(text)}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
 def split_of(text: str, *, val_frac: float, test_frac: float, salt: str) -> str:
     """Assign a split from a hash of the normalised text.
 
     The same text always lands in the same split, whatever batch it came in, so test sets only
     grow and no text can be in two splits.
     """
-    digest = hashlib.sha256(f"{salt}\x00{normalise(text)}".encode()).digest()
-    u = int.from_bytes(digest[:8], "big") / 2**64
+    u = unit_hash(text, salt)
     if u < test_frac:
         return "test"
     if u < test_frac + val_frac:
@@ -205,15 +208,8 @@ def canonical(df: pd.DataFrame) -> pd.DataFrame:
 
 def write_parquet_atomic(df: pd.DataFrame, path: Path) -> None:
     """Write to a temporary name beside the target, then rename: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         df.to_parquet(tmp, index=False)
-        publish(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def content_hash(df: pd.DataFrame) -> str:

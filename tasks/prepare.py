@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import pandas as pd
@@ -17,6 +16,7 @@ from ratchet.data import (
     load_batches,
     normalise,
     split_of,
+    unit_hash,
     write_parquet_atomic,
 )
 from ratchet.runtime import write_json
@@ -109,11 +109,7 @@ def replay_buffer(train: pd.DataFrame, size: int, salt: str) -> pd.DataFrame:
     """
     if size == 0 or train.empty:
         return train.iloc[:0].assign(priority=pd.Series(dtype="float64"))
-    prio = [
-        int.from_bytes(hashlib.sha256(f"{salt}\x00replay\x00{normalise(t)}".encode()).digest()[:8],
-                       "big") / 2**64
-        for t in train[TEXT]
-    ]
+    prio = [unit_hash(t, f"{salt}\x00replay") for t in train[TEXT]]
     pool = train.assign(priority=prio).sort_values(["priority", TEXT], kind="stable")
     per_label = allocate(pool[LABEL].value_counts().to_dict(), size)
     picked = []
