@@ -22,6 +22,8 @@ ID, TIMESTAMP = "id", "timestamp"
 COLUMNS = (TEXT, LABEL, DOMAIN, ID, TIMESTAMP)  # what a stored batch may hold, in this order
 SUFFIXES = {".csv", ".jsonl", ".json", ".parquet"}
 SPLITS = ("train", "val", "test")
+# The slices prepare marks: rows of the newest batch, and rows of every batch before it.
+RECENT, REFERENCE = "recent", "reference"
 _SPACE = re.compile(r"\s+")
 
 

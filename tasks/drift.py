@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from ratchet.config import DriftConfig, Params
-from ratchet.data import ID, LABEL, SPLITS, TEXT, write_parquet_atomic
+from ratchet.data import ID, LABEL, RECENT, REFERENCE, SPLITS, TEXT, write_parquet_atomic
 from ratchet.drift import (
     Sample,
     detect,
@@ -31,8 +31,6 @@ from ratchet.drift import (
 )
 from ratchet.runtime import read_json, write_json
 from ratchet.stage import stage_main
-
-REFERENCE, RECENT = "reference", "recent"
 
 
 def drift_stats(reference: pd.DataFrame, recent: pd.DataFrame, cfg: DriftConfig,

@@ -13,13 +13,13 @@ import numpy as np
 import pandas as pd
 
 from ratchet.config import Params
-from ratchet.data import LABEL, TEXT, write_parquet_atomic
+from ratchet.data import LABEL, RECENT, REFERENCE, TEXT, write_parquet_atomic
 from ratchet.drift import effective_sample_size
 from ratchet.errors import RatchetError
 from ratchet.runtime import read_json, write_json
 from ratchet.stage import stage_main
 
-SLICES = ("all", "recent", "reference")
+SLICES = ("all", RECENT, REFERENCE)
 
 
 def slice_mask(df: pd.DataFrame, name: str) -> pd.Series:

@@ -11,6 +11,8 @@ from ratchet.data import (
     BATCH,
     DOMAIN,
     LABEL,
+    RECENT,
+    REFERENCE,
     SPLITS,
     TEXT,
     load_batches,
@@ -21,8 +23,6 @@ from ratchet.data import (
 )
 from ratchet.runtime import write_json
 from ratchet.stage import stage_main
-
-RECENT, REFERENCE = "recent", "reference"
 
 
 def resolve_conflicts(rows: pd.DataFrame, policy: str) -> tuple[pd.DataFrame, int]:
