@@ -7,7 +7,6 @@ records a `skipped` decision (no model version is registered; the artifact says 
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -46,12 +45,13 @@ def skipped_markdown(record: dict, timings: dict[str, float]) -> str:
         f"Champion stays: {record.get('champion_before')} (no model version was registered).",
         f"Drift: {record.get('drift_summary')}",
         f"Skipped stages: {', '.join(record['skipped_stages'])}",
-        "",
-        "| stage | seconds |",
-        "|---|---|",
     ]
-    lines += [f"| {s} | {t:.1f} |" for s, t in timings.items()]
-    return "\n".join(lines)
+    return "\n".join(lines + timings_table(timings))
+
+
+def timings_table(timings: dict[str, float]) -> list[str]:
+    return ["", "| stage | seconds |", "|---|---|", *(f"| {s} | {t:.1f} |"
+                                                      for s, t in timings.items())]
 
 
 def decision_markdown(gate: dict, timings: dict[str, float]) -> str:
@@ -78,9 +78,7 @@ def decision_markdown(gate: dict, timings: dict[str, float]) -> str:
     if warnings:
         lines += ["", f"Validation warnings ({len(warnings)}):", ""]
         lines += [f"- {w}" for w in warnings[:20]]
-    lines += ["", "| stage | seconds |", "|---|---|"]
-    lines += [f"| {s} | {t:.1f} |" for s, t in timings.items()]
-    return "\n".join(lines)
+    return "\n".join(lines + timings_table(timings))
 
 
 def docs_link(gate: dict) -> str:
@@ -113,7 +111,7 @@ def retrain(workspace_dir: str = ".") -> dict:
             create_markdown_artifact(key="gate-decision", markdown=skipped_markdown(skip, timings),
                                      description="gate decision: skipped")
             return skip
-    gate = json.loads((ws / "reports" / "gate.json").read_text())
+    gate = workspace.read_gate(ws)
     gate["timings"] = timings
     record(ws)
     create_markdown_artifact(key="gate-decision", markdown=decision_markdown(gate, timings),

@@ -342,9 +342,21 @@ def repro(ws: Path, stage: str | None = None, *, upstream: bool = False) -> floa
     return time.perf_counter() - start
 
 
-def read_drift(ws: Path) -> dict[str, Any]:
-    path = ws / "reports" / "drift.json"
+def _report(ws: Path, name: str) -> dict[str, Any]:
+    path = ws / "reports" / name
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def read_drift(ws: Path) -> dict[str, Any]:
+    return _report(ws, "drift.json")
+
+
+def read_gate(ws: Path) -> dict[str, Any]:
+    """The gate's decision record; a run that reached the gate always leaves one."""
+    path = ws / "reports" / "gate.json"
+    if not path.is_file():
+        raise WorkspaceError(f"{path} is missing: the gate stage did not run")
+    return json.loads(path.read_text())
 
 
 def skipped_decision(drift: dict, champion: dict, skipped: list[str]) -> dict[str, Any]:
@@ -371,11 +383,8 @@ def record_skip(ws: Path, record: dict[str, Any]) -> None:
 
 def finish_run(ws: Path) -> None:
     """Record the run in git (dvc.lock, metrics, champion.json) and push data to the remote."""
-    gate = ws / "reports" / "gate.json"
-    summary = ""
-    if gate.is_file():
-        g = json.loads(gate.read_text())
-        summary = f": {g.get('decision', '?')} (version {g.get('version', '-')})"
+    g = _report(ws, "gate.json")
+    summary = f": {g.get('decision', '?')} (version {g.get('version', '-')})" if g else ""
     commit(ws, f"retrain{summary}")
     dvc(ws, "push", "-q")
 
@@ -396,7 +405,7 @@ def run_pipeline(ws: Path) -> dict[str, Any]:
         record_skip(ws, record)
     else:
         repro(ws)
-        record = json.loads((ws / "reports" / "gate.json").read_text())
+        record = read_gate(ws)
         finish_run(ws)
     record.update(timings={}, wall_s=time.perf_counter() - start)
     return record
