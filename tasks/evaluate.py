@@ -52,20 +52,6 @@ def load_test_weights(weights: Path, df: pd.DataFrame) -> np.ndarray:
     return table["weight"].to_numpy(dtype=float)
 
 
-def weighted_scores(references: list[str], predicted: list[str], w: np.ndarray
-                    ) -> dict[str, float]:
-    """Accuracy and macro-F1 with each test row weighted (drift-weighted metrics)."""
-    from sklearn.metrics import accuracy_score, f1_score
-
-    if not references:
-        return {"accuracy": float("nan"), "macro_f1": float("nan")}
-    return {
-        "accuracy": float(accuracy_score(references, predicted, sample_weight=w)),
-        "macro_f1": float(f1_score(references, predicted, average="macro", sample_weight=w,
-                                   zero_division=0)),
-    }
-
-
 def run(params: Params, *, candidate: Path, test: Path, champion: Path, metrics: Path,
         predictions: Path, weights: Path | None = None) -> dict:
     from ratchet import metrics as project_metrics
@@ -107,7 +93,8 @@ def run(params: Params, *, candidate: Path, test: Path, champion: Path, metrics:
         refs = df[LABEL].tolist()
         for model in ("candidate", "champion"):
             if model in df.columns:
-                for metric, value in weighted_scores(refs, df[model].tolist(), w).items():
+                for metric, value in project_metrics.compute(df[model].tolist(), refs,
+                                                             sample_weight=w).items():
                     out[f"{model}/weighted/{metric}"] = value
         if champ is not None:
             out["diff/weighted/macro_f1"] = (

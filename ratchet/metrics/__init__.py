@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
 
@@ -31,9 +32,15 @@ def _combined():
     return evaluate.combine([evaluate.load(str(HERE / name)) for name in NAMES])
 
 
-def compute(predictions: list[str], references: list[str]) -> dict[str, float]:
-    """Every metric of NAMES for one set of predictions; NaN for an empty set."""
+def compute(predictions: list[str], references: list[str],
+            sample_weight: Sequence[float] | None = None) -> dict[str, float]:
+    """Every metric of NAMES for one set of predictions; NaN for an empty set.
+
+    `sample_weight` weights the rows (drift-weighted metrics); None weighs them all alike.
+    """
     if not references:
         return {name: float("nan") for name in NAMES}
-    result = _combined().compute(predictions=list(predictions), references=list(references))
+    extra = {} if sample_weight is None else {"sample_weight": list(sample_weight)}
+    result = _combined().compute(predictions=list(predictions), references=list(references),
+                                 **extra)
     return {k: float(v) for k, v in result.items()}
