@@ -142,6 +142,13 @@ def text_labels(df: pd.DataFrame) -> dict[str, set[str]]:
     return out
 
 
+def remember(history: dict[str, set[str]], df: pd.DataFrame) -> None:
+    """Add a frame's normalised text -> labels to `history`, which later batches are checked
+    against (repeats and conflicting labels)."""
+    for text, labels in text_labels(df).items():
+        history.setdefault(text, set()).update(labels)
+
+
 def derive(
     df: pd.DataFrame,
     vcfg: ValidateConfig,

@@ -139,33 +139,23 @@ class IngestResult:
     redacted: int = 0  # rows whose text had PII replaced by placeholders
 
 
-def known_labels(params: Params, batches_dir: Path) -> list[str]:
-    """The label set a new batch must keep to: declared in params, else what earlier batches had."""
+def batch_memory(params: Params, batches_dir: Path) -> tuple[list[str], dict[str, set[str]]]:
+    """What the stored batches tell a new one, from one read of each file: the label set it must
+    keep to (declared in params, else the labels earlier batches had) and normalised text ->
+    labels (what it may repeat or defy)."""
     import pandas as pd
 
     from ratchet.data import LABEL, batch_files
+    from ratchet.validation import remember
 
-    if params.data.labels:
-        return sorted(params.data.labels)
-    labels: set[str] = set()
-    for f in batch_files(batches_dir):
-        labels.update(pd.read_parquet(f, columns=[LABEL])[LABEL].dropna().astype(str))
-    return sorted(labels)
-
-
-def history(batches_dir: Path) -> dict[str, set[str]]:
-    """Normalised text -> labels of every stored batch: what a new batch may repeat or defy."""
-    import pandas as pd
-
-    from ratchet.data import batch_files
-    from ratchet.validation import text_labels
-
-    out: dict[str, set[str]] = {}
+    labels: set[str] = set(params.data.labels)
+    texts: dict[str, set[str]] = {}
     for f in batch_files(batches_dir):
         df = pd.read_parquet(f)
-        for text, labels in text_labels(df).items():
-            out.setdefault(text, set()).update(labels)
-    return out
+        remember(texts, df)
+        if not params.data.labels and LABEL in df.columns:
+            labels.update(df[LABEL].dropna().astype(str))
+    return sorted(labels), texts
 
 
 def quarantine(ws: Path, source: Path, problems: list[str], report: Any = None) -> Path:
@@ -261,8 +251,9 @@ def ingest(ws: Path, source: Path, columns: ColumnMap | None = None, *,
         if f.stem.endswith(digest[:12]):  # the same content again: one batch, nothing to do
             return IngestResult(f.stem, f, len(df), False, [], dry_run)
     validator = Validator(params.validate_, params.data, model_source=params.model.source)
+    known, seen = batch_memory(params, batches)
     report = validator.validate(
-        df, known_labels(params, batches), source.name, history=history(batches),
+        df, known, source.name, history=seen,
         types=value_types(mapped), columns=list(raw.columns), mapping=columns.sources(),
         require=columns.required(),
     )

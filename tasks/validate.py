@@ -22,7 +22,7 @@ def run(params: Params, *, batches: Path, report: Path, metrics: Path, docs: Pat
     import pandas as pd
 
     from ratchet.data import LABEL
-    from ratchet.validation import Validator, text_labels
+    from ratchet.validation import Validator, remember
 
     files = batch_files(batches)
     if not files:
@@ -39,8 +39,7 @@ def run(params: Params, *, batches: Path, report: Path, metrics: Path, docs: Pat
         results.append(rep.to_dict())
         if not params.data.labels:  # learned label set: grows with the batches that passed
             known = sorted(set(known) | set(df[LABEL].dropna()))
-        for text, labels in text_labels(df).items():
-            history.setdefault(text, set()).update(labels)
+        remember(history, df)
     failed = [r for r in results if not r["passed"]]
     summary = {
         "passed": not failed,
