@@ -76,6 +76,102 @@ def _macro_f1_counts(counts: np.ndarray, y: np.ndarray, p: np.ndarray, n_classes
     return f1.sum(axis=1) / np.maximum(present.sum(axis=1), 1)
 
 
+@dataclass(frozen=True)
+class Bootstrap:
+    """The point values of both models and the bootstrap distribution of their difference."""
+
+    n: int
+    candidate: float
+    champion: float
+    dist: np.ndarray
+    """candidate - champion on each resample."""
+
+    @property
+    def diff(self) -> float:
+        return self.candidate - self.champion
+
+    def p_below(self, margin: float) -> float:
+        """One-sided p-value against H0 `diff <= margin` (how often a resample is not above it)."""
+        if self.n == 0:
+            return math.nan
+        return float((np.sum(self.dist <= margin) + 1) / (self.dist.size + 1))
+
+    def p_above(self, margin: float) -> float:
+        """One-sided p-value against H0 `diff >= margin`."""
+        if self.n == 0:
+            return math.nan
+        return float((np.sum(self.dist >= margin) + 1) / (self.dist.size + 1))
+
+    def comparison(self, confidence: float, p_value: float | None = None) -> Comparison:
+        """Summary at `confidence`: one-sided bounds, and by default the p-value of `diff <= 0`."""
+        if self.n == 0:
+            nan = math.nan
+            return Comparison(0, nan, nan, nan, nan, nan, nan)
+        low, high = np.quantile(self.dist, [1 - confidence, confidence])
+        p = self.p_below(0.0) if p_value is None else p_value
+        return Comparison(self.n, self.candidate, self.champion, self.diff, float(low),
+                          float(high), p)
+
+
+def bootstrap(
+    references: list[str],
+    candidate: list[str],
+    champion: list[str],
+    *,
+    metric: str = "macro_f1",
+    resamples: int = 2000,
+    seed: int = 0,
+    weights: np.ndarray | list[float] | None = None,
+) -> Bootstrap:
+    """Paired bootstrap of candidate - champion: both models scored on the same resamples.
+
+    Examples with the same (truth, candidate, champion) labels are interchangeable, so a resample
+    is fully described by how many of each such type it holds, and those counts are one
+    multinomial draw. Scoring works on (resamples x types) counts instead of (resamples x n)
+    labels: 10,000 resamples of 5,000 examples take about a second, and the result is exactly
+    the usual bootstrap distribution.
+
+    With `weights` (drift importance weights) every row is its own type, rows are resampled
+    uniformly and each drawn row counts with its weight: the weighted metric's distribution.
+    """
+    if metric not in {"macro_f1", "accuracy"}:
+        raise ValueError(f"unknown metric {metric!r} (macro_f1 or accuracy)")
+    n = len(references)
+    if not n == len(candidate) == len(champion):
+        raise ValueError("references and both prediction lists must have the same length")
+    if weights is not None and len(weights) != n:
+        raise ValueError(f"{len(weights)} weights for {n} rows")
+    if n == 0:
+        return Bootstrap(0, math.nan, math.nan, np.empty(0))
+    y, pc, pb = _encode(references, candidate, champion)
+    n_classes = int(max(y.max(), pc.max(), pb.max())) + 1
+    rng = np.random.default_rng(seed)
+    if weights is None:
+        # For accuracy only (candidate right, champion right) matters: four types at most.
+        keys = np.stack([pc == y, pb == y] if metric == "accuracy" else [y, pc, pb], axis=1)
+        types, freq = np.unique(keys.astype(np.int64), axis=0, return_counts=True)
+        ty, tc, tb = (types[:, 0], types[:, 1], None) if metric == "accuracy" else types.T
+        type_w = np.ones(len(types), dtype=np.float32)
+    else:
+        ty, tc, tb = y, pc, pb
+        freq = np.ones(n, dtype=np.int64)
+        type_w = np.asarray(weights, dtype=np.float32)
+    draws = rng.multinomial(n, freq / n, size=resamples)
+    counts = np.vstack([freq, draws]).astype(np.float32) * type_w[None, :]
+    if metric == "accuracy":
+        if weights is None:  # types are (candidate right, champion right)
+            right_c, right_b = ty.astype(np.float32), tc.astype(np.float32)
+        else:
+            right_c, right_b = (pc == y).astype(np.float32), (pb == y).astype(np.float32)
+        total = counts.sum(axis=1)
+        per_c, per_b = counts @ right_c / total, counts @ right_b / total
+    else:
+        per_c = _macro_f1_counts(counts, ty, tc, n_classes)
+        per_b = _macro_f1_counts(counts, ty, tb, n_classes)
+    dist = (per_c[1:] - per_b[1:]).astype(np.float64)
+    return Bootstrap(n, float(per_c[0]), float(per_b[0]), dist)
+
+
 def paired_bootstrap(
     references: list[str],
     candidate: list[str],
@@ -85,44 +181,11 @@ def paired_bootstrap(
     resamples: int = 2000,
     confidence: float = 0.95,
     seed: int = 0,
+    weights: np.ndarray | list[float] | None = None,
 ) -> Comparison:
-    """Paired bootstrap of candidate - champion: both models scored on the same resamples.
-
-    Examples with the same (truth, candidate, champion) labels are interchangeable, so a resample
-    is fully described by how many of each such type it holds, and those counts are one
-    multinomial draw. Scoring works on (resamples x types) counts instead of (resamples x n)
-    labels: 10,000 resamples of 5,000 examples take about a second, and the result is exactly
-    the usual bootstrap distribution (percentile interval, one-sided lower bound).
-    """
-    if metric not in {"macro_f1", "accuracy"}:
-        raise ValueError(f"unknown metric {metric!r} (macro_f1 or accuracy)")
-    n = len(references)
-    if not n == len(candidate) == len(champion):
-        raise ValueError("references and both prediction lists must have the same length")
-    if n == 0:
-        nan = math.nan
-        return Comparison(0, nan, nan, nan, nan, nan, nan)
-    y, pc, pb = _encode(references, candidate, champion)
-    n_classes = int(max(y.max(), pc.max(), pb.max())) + 1
-    # For accuracy only (candidate right, champion right) matters: four types at most.
-    keys = np.stack([pc == y, pb == y] if metric == "accuracy" else [y, pc, pb], axis=1)
-    types, freq = np.unique(keys.astype(np.int64), axis=0, return_counts=True)
-    rng = np.random.default_rng(seed)
-    counts = np.vstack([freq, rng.multinomial(n, freq / n, size=resamples)]).astype(np.float32)
-    if metric == "accuracy":
-        diff_per = (counts @ (types[:, 0] - types[:, 1]).astype(np.float32)) / n
-        cand, champ = float((pc == y).mean()), float((pb == y).mean())
-    else:
-        ty, tc, tb = types.T
-        diff_per = (_macro_f1_counts(counts, ty, tc, n_classes)
-                    - _macro_f1_counts(counts, ty, tb, n_classes))
-        cand = float(_macro_f1_counts(counts[:1], ty, tc, n_classes)[0])
-        champ = float(_macro_f1_counts(counts[:1], ty, tb, n_classes)[0])
-    dist = diff_per[1:].astype(np.float64)
-    low, high = np.quantile(dist, [1 - confidence, confidence])
-    # One-sided: how often the resampled gain is not positive.
-    p_value = float((np.sum(dist <= 0) + 1) / (dist.size + 1))
-    return Comparison(n, cand, champ, cand - champ, float(low), float(high), p_value)
+    """`bootstrap` summarised: percentile bounds at `confidence` and the p-value of `diff <= 0`."""
+    return bootstrap(references, candidate, champion, metric=metric, resamples=resamples,
+                     seed=seed, weights=weights).comparison(confidence)
 
 
 def mcnemar(references: list[str], candidate: list[str], champion: list[str]) -> dict[str, float]:
