@@ -1,0 +1,134 @@
+"""Latency per example at batch 1 and 32, and model size read from safetensors headers."""
+
+import math
+
+import numpy as np
+import pytest
+
+from ratchet import latency
+
+KEYS = {"latency/p50_ms_bs1", "latency/p95_ms_bs1", "latency/p50_ms_bs32", "latency/p95_ms_bs32"}
+TEXTS = ["book a flight to paris", "what is my balance", "hi", "cancel my order please",
+         "play some jazz music in the kitchen"]
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FakeClassifier:
+    """Takes 10 ms per call plus 1 ms per text on a fake clock, and records the batches."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
+        self.batch_size = 64
+        self.calls: list[tuple[int, int]] = []  # (texts passed, batch_size at the time)
+
+    def predict_proba(self, texts: list[str]) -> np.ndarray:
+        self.calls.append((len(texts), self.batch_size))
+        self.clock.now += (10 + len(texts)) / 1000
+        return np.zeros((len(texts), 2))
+
+
+@pytest.fixture
+def fake(monkeypatch) -> FakeClassifier:
+    clock = FakeClock()
+    monkeypatch.setattr(latency, "perf_counter", clock)
+    return FakeClassifier(clock)
+
+
+def test_times_are_per_example_and_warmup_is_not_counted(fake):
+    out = latency.measure(fake, [f"text {i}" for i in range(40)], warmup=3)
+    assert set(out) == KEYS
+    assert out["latency/p50_ms_bs1"] == pytest.approx(11.0)
+    assert out["latency/p95_ms_bs1"] == pytest.approx(11.0)
+    # A batch of 32 takes 10 + 32 ms: 42 / 32 per example, not 42.
+    assert out["latency/p50_ms_bs32"] == pytest.approx(42 / 32)
+    # 40 texts at batch 1: 3 warm-up calls + 40; at batch 32: 3 + 2 full batches.
+    assert fake.calls == [(1, 1)] * 43 + [(32, 32)] * 5
+    assert fake.batch_size == 64  # restored
+
+
+def test_fewer_texts_than_the_batch_size_still_fill_the_batch(fake):
+    out = latency.measure(fake, TEXTS[:3], batch_sizes=(32,), warmup=0)
+    assert fake.calls == [(32, 32)]
+    assert out == {"latency/p50_ms_bs32": pytest.approx(42 / 32),
+                   "latency/p95_ms_bs32": pytest.approx(42 / 32)}
+
+
+def test_max_examples_caps_the_texts_timed(fake):
+    latency.measure(fake, [f"t{i}" for i in range(100)], batch_sizes=(1,), max_examples=10,
+                    warmup=0)
+    assert len(fake.calls) == 10
+
+
+def test_no_texts_gives_nan(fake):
+    out = latency.measure(fake, [])
+    assert set(out) == KEYS
+    assert all(math.isnan(v) for v in out.values())
+    assert fake.calls == []
+
+
+def tiny_classifier_model():
+    import torch
+    from transformers import BertForSequenceClassification
+
+    from ratchet.models import load_tokenizer, tiny_config
+
+    tok = load_tokenizer("tiny")
+    torch.manual_seed(0)
+    config = tiny_config(len(tok))
+    config.num_labels = 3
+    return BertForSequenceClassification(config), tok
+
+
+def test_latency_of_a_tiny_model():
+    from ratchet.models import Classifier
+
+    model, tok = tiny_classifier_model()
+    clf = Classifier(model=model, tokenizer=tok, batch_size=8)
+    out = latency.measure(clf, TEXTS)
+    assert set(out) == KEYS
+    assert all(v > 0 for v in out.values())
+    for bs in (1, 32):
+        assert out[f"latency/p95_ms_bs{bs}"] >= out[f"latency/p50_ms_bs{bs}"]
+    assert clf.batch_size == 8
+
+
+def test_model_size_of_a_saved_tiny_model(tmp_path):
+    from safetensors import safe_open
+
+    model, tok = tiny_classifier_model()
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    with safe_open(str(weights), framework="numpy") as fh:
+        stored = sum(math.prod(fh.get_slice(k).get_shape()) for k in fh.keys())  # noqa: SIM118
+    out = latency.model_size(tmp_path)
+    assert set(out) == {"size/mb", "size/parameters"}
+    assert out["size/parameters"] == stored == sum(p.numel() for p in model.parameters())
+    assert out["size/mb"] == pytest.approx(weights.stat().st_size / 1e6)
+
+
+def test_model_size_adds_up_shards_and_ignores_sub_folders(tmp_path):
+    from safetensors.numpy import save_file
+
+    save_file({"a": np.zeros((3, 4), np.float32), "b": np.zeros(5, np.float16)},
+              str(tmp_path / "model-00001-of-00002.safetensors"), metadata={"format": "np"})
+    save_file({"c": np.zeros((2, 2, 2), np.float32)},
+              str(tmp_path / "model-00002-of-00002.safetensors"))
+    (tmp_path / "checkpoint-10").mkdir()
+    save_file({"old": np.zeros(1000, np.float32)},
+              str(tmp_path / "checkpoint-10" / "model.safetensors"))
+    out = latency.model_size(tmp_path)
+    assert out["size/parameters"] == 12 + 5 + 8
+    shards = sum(f.stat().st_size for f in tmp_path.glob("*.safetensors"))
+    assert out["size/mb"] == pytest.approx(shards / 1e6)
+
+
+def test_model_size_without_weights_is_nan(tmp_path):
+    assert all(math.isnan(v) for v in latency.model_size(tmp_path).values())
