@@ -31,7 +31,7 @@ lint: setup
 test: lint
 	@rm -f .e2e.log .e2e.rc; \
 	( $(BIN)/python -m pytest -m "not slow" tests/e2e > .e2e.log 2>&1; echo $$? > .e2e.rc ) & \
-	$(BIN)/python -m pytest -m "not slow" tests/unit tests/data; rest=$$?; \
+	$(BIN)/python -m pytest -m "not slow" tests/unit tests/data tests/integration; rest=$$?; \
 	wait; echo "--- end-to-end story (tests/e2e) ---"; cat .e2e.log; e2e=$$(cat .e2e.rc); \
 	rm -f .e2e.log .e2e.rc; test $$rest -eq 0 && test $$e2e -eq 0
 

@@ -1,0 +1,280 @@
+"""The champion behind `mlflow models serve`: a real server process, real HTTP requests.
+
+A random-init tiny classifier is logged and registered in a temporary sqlite store, the
+`champion` alias is set on it, and `mlflow models serve -m models:/<name>@champion
+--env-manager local` is started once for the module and always stopped (its whole process group).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ratchet.config import RegistryConfig
+from ratchet.registry import CHAMPION, connect, log_candidate, tracking_uri
+
+LABELS = ["balance", "booking", "greeting"]
+NAME = "serving-test"
+TEXTS = ["what is my balance", "book a table for two tonight", "hi"]
+START_TIMEOUT = 120.0
+STOP_TIMEOUT = 15.0
+# Loopback only, never through a proxy that the environment may name.
+OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+@dataclass(frozen=True)
+class Server:
+    url: str
+    log: Path
+
+    def log_tail(self, chars: int = 4000) -> str:
+        text = self.log.read_text(errors="replace") if self.log.exists() else "(no log)"
+        return f"--- server log ({self.log}) ---\n{text[-chars:]}"
+
+
+def build_classifier(out: Path) -> Path:
+    """A random-init tiny BERT classifier with the MiniLM tokenizer, saved like a fine-tune."""
+    import torch
+    from transformers import BertForSequenceClassification
+
+    from ratchet.models import load_tokenizer, tiny_config
+
+    tok = load_tokenizer("tiny")
+    config = tiny_config(len(tok))
+    config.id2label = dict(enumerate(LABELS))
+    config.label2id = {label: i for i, label in enumerate(LABELS)}
+    config.ratchet_max_length = 32
+    torch.manual_seed(0)
+    BertForSequenceClassification(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def register_champion(model_dir: Path, workspace: Path) -> str:
+    """Log and register the classifier, point `champion` at it; returns the store's URI."""
+    cfg = RegistryConfig(model_name=NAME)
+    client = connect(cfg, workspace)
+    _, version = log_candidate(
+        model_dir,
+        name=NAME,
+        params={"source": "tiny"},
+        metrics={},
+        artifacts=[],
+        run_tags={"fingerprint": "serving-test"},
+    )
+    client.set_registered_model_alias(NAME, CHAMPION, version)
+    return tracking_uri(cfg, workspace)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def server_env(uri: str, tmp: Path) -> dict[str, str]:
+    """The test's environment plus the store, telemetry off, and the venv first on PATH: the
+    CLI starts `uvicorn` by name, and the pyfunc class must import from this environment."""
+    bin_dir = str(Path(sys.executable).parent)
+    return {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": uri,
+        "MLFLOW_REGISTRY_URI": uri,
+        "DO_NOT_TRACK": "true",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+        "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
+        "TMPDIR": str(tmp),  # where the CLI downloads the model to
+    }
+
+
+def die_with_parent() -> None:
+    """In the child: SIGTERM it if the test process dies without running its teardown."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def start_server(uri: str, tmp: Path, log: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    cmd = [
+        str(Path(sys.executable).parent / "mlflow"), "models", "serve",
+        "-m", f"models:/{NAME}@{CHAMPION}", "--env-manager", "local",
+        "-h", "127.0.0.1", "-p", str(port),
+    ]  # fmt: skip
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            cmd,
+            env=server_env(uri, tmp),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group, so the uvicorn child is stopped too
+            preexec_fn=die_with_parent if sys.platform == "linux" else None,
+        )
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def wait_ready(proc: subprocess.Popen, server: Server, timeout: float = START_TIMEOUT) -> None:
+    """Poll GET /ping until 200; fail at once, with the log, if the server process exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited with {proc.returncode}\n{server.log_tail()}")
+        try:
+            with OPENER.open(f"{server.url}/ping", timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.5)
+    pytest.fail(f"server not ready after {timeout:.0f} s\n{server.log_tail()}")
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    """SIGTERM the whole process group, SIGKILL what is left after a grace period."""
+    pgid = proc.pid  # start_new_session: the leader's pid is the group id
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if group_alive(pgid):
+            os.killpg(pgid, sig)
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while time.monotonic() < deadline:
+            if proc.poll() is not None and not group_alive(pgid):
+                return
+            time.sleep(0.2)
+    proc.wait(timeout=STOP_TIMEOUT)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    root = tmp_path_factory.mktemp("serving")
+    workspace = root / "ws"
+    workspace.mkdir()
+    uri = register_champion(build_classifier(root / "classifier"), workspace)
+    proc, url = start_server(uri, root, root / "server.log")
+    served = Server(url, root / "server.log")
+    try:
+        wait_ready(proc, served)
+        yield served
+    finally:
+        stop_server(proc)
+        assert not group_alive(proc.pid), f"server processes left over\n{served.log_tail()}"
+
+
+def post(server: Server, payload: Any) -> tuple[int, dict[str, Any]]:
+    """POST JSON to /invocations; the status and the decoded body, for errors too."""
+    request = urllib.request.Request(
+        f"{server.url}/invocations",
+        data=json.dumps(payload).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    try:
+        with OPENER.open(request, timeout=60) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read() or b"{}")
+
+
+def predictions(server: Server, payload: Any) -> list[dict[str, Any]]:
+    status, body = post(server, payload)
+    assert status == 200, f"{status}: {body}\n{server.log_tail()}"
+    return body["predictions"]
+
+
+def assert_well_formed(preds: list[dict[str, Any]], rows: int) -> None:
+    assert len(preds) == rows
+    for pred in preds:
+        probs = pred["probabilities"]
+        assert pred["label"] in LABELS
+        assert len(probs) == len(LABELS)
+        assert all(0.0 <= p <= 1.0 for p in probs)
+        assert sum(probs) == pytest.approx(1.0, abs=1e-5)
+        assert 0.0 <= pred["score"] <= 1.0
+        assert pred["score"] == pytest.approx(max(probs))
+        assert pred["label"] == LABELS[probs.index(max(probs))]
+
+
+def test_dataframe_split_gets_a_label_score_and_probabilities_per_row(server):
+    payload = {"dataframe_split": {"columns": ["text"], "data": [[t] for t in TEXTS]}}
+    assert_well_formed(predictions(server, payload), len(TEXTS))
+
+
+def test_inputs_list_and_records_answer_like_dataframe_split(server):
+    split = predictions(server, {"dataframe_split": {"columns": ["text"],
+                                                     "data": [[t] for t in TEXTS]}})
+    for payload in ({"inputs": TEXTS}, {"dataframe_records": [{"text": t} for t in TEXTS]}):
+        preds = predictions(server, payload)
+        assert_well_formed(preds, len(TEXTS))
+        assert [p["label"] for p in preds] == [p["label"] for p in split]
+        for got, want in zip(preds, split, strict=True):
+            assert got["probabilities"] == pytest.approx(want["probabilities"], abs=1e-5)
+
+
+def test_a_request_without_a_text_column_is_a_400_naming_it(server):
+    status, body = post(server, {"dataframe_split": {"columns": ["wrong"], "data": [["hi"]]}})
+    assert status == 400, body
+    assert "text" in body.get("message", ""), body
+
+
+def test_a_null_text_is_a_400_naming_the_row(server):
+    status, body = post(server, {"dataframe_split": {"columns": ["text"],
+                                                     "data": [["hi"], [None]]}})
+    assert status == 400, body
+    assert "null in row(s) [1]" in body.get("message", ""), body
+
+
+def test_to_texts_reads_a_text_column_a_list_or_one_string():
+    import numpy as np
+    import pandas as pd
+
+    from ratchet.pyfunc import to_texts
+
+    want = ["a", "b"]
+    for given in (pd.DataFrame({"text": want, "extra": [1, 2]}), {"text": want}, want,
+                  pd.Series(want), np.array([["a"], ["b"]])):
+        assert to_texts(given) == want
+    assert to_texts("a") == ["a"]
+    assert to_texts([]) == []
+
+
+@pytest.mark.parametrize(
+    ("given", "says"),
+    [
+        ({"wrong": ["a"]}, "needs a `text` column; got columns ['wrong']"),
+        (["a", None, float("nan")], "null in row(s) [1, 2]"),
+        ([["a", "b"]], "one string per row; row(s) [0]"),
+        (42, "unsupported input type `int`"),
+    ],
+)
+def test_to_texts_says_what_is_wrong_with_a_bad_input(given, says):
+    from mlflow.exceptions import MlflowException
+
+    from ratchet.pyfunc import to_texts
+
+    with pytest.raises(MlflowException) as err:
+        to_texts(given)
+    assert says in err.value.message
+    assert err.value.get_http_status_code() == 400
