@@ -1,4 +1,4 @@
-"""The `ratchet` command line: init, ingest, run, status, demo."""
+"""The `ratchet` command line: init, ingest, run, status, promote, rollback, history, demo."""
 
 from __future__ import annotations
 
@@ -160,18 +160,29 @@ def _print_gate(gate: dict[str, Any]) -> None:
         console.print(f"  {mark} {c['reason']}", highlight=False)
 
 
-@app.command()
-def status(workspace_dir: WorkspaceOpt = Path(".")) -> None:
-    """Show the champion and the gate decisions of every registered version."""
+def _registry(workspace_dir: Path) -> tuple[Any, str]:
+    """The workspace's MLflow client and model name, as every registry command needs them."""
     from ratchet import workspace
     from ratchet.config import load_params
     from ratchet.registry import connect
 
+    ws = workspace.require(workspace_dir)
+    params = load_params(ws / "params.yaml")
+    return connect(params.registry, ws), params.registry.model_name
+
+
+def _wide() -> Console:
+    """The console for tables: a readable width when the output is not a terminal (a CI log)."""
+    return console if console.is_terminal else Console(width=max(console.width, 150))
+
+
+@app.command()
+def status(workspace_dir: WorkspaceOpt = Path(".")) -> None:
+    """Show the champion and the gate decisions of every registered version."""
+    from ratchet.registry import CHAMPION, alias_history
+
     with user_errors():
-        ws = workspace.require(workspace_dir)
-        params = load_params(ws / "params.yaml")
-        client = connect(params.registry, ws)
-        name = params.registry.model_name
+        client, name = _registry(workspace_dir)
         versions = (
             client.search_model_versions(f"name = '{name}'") if _has_model(client, name) else []
         )
@@ -192,8 +203,184 @@ def status(workspace_dir: WorkspaceOpt = Path(".")) -> None:
                 time.strftime("%Y-%m-%d %H:%M", time.localtime(mv.creation_timestamp / 1000)),
                 "\n".join(_short(r) for r in _deciding(tags)),
             )
-        out = console if console.is_terminal else Console(width=max(console.width, 150))
-        out.print(table)
+        _wide().print(table)
+        champion = next((v for v, names in aliases.items() if CHAMPION in names), None)
+        if champion is not None:
+            console.print(_champion_line(alias_history(client, name), champion), highlight=False)
+
+
+def _champion_line(events: list[dict[str, Any]], champion: str) -> str:
+    """One line on how the champion got where it is, from the last logged move (no writes)."""
+    from ratchet.registry import CHAMPION
+
+    last = next((e for e in reversed(events) if e["alias"] == CHAMPION), None)
+    if last is None or last.get("to") != champion:
+        return (f"champion {champion}: moved outside ratchet and not yet recorded "
+                "(`ratchet history` records it)")
+    who = last["by"] if last.get("actor") is None else f"{last['by']}, {last['actor']}"
+    return f"champion {champion} since {_when(last)} ({who}): {_short(last.get('reason', ''))}"
+
+
+def _when(event: dict[str, Any]) -> str:
+    return str(event.get("time", "?")).replace("T", " ").replace("Z", " UTC")
+
+
+ReasonOpt = Annotated[
+    str,
+    typer.Option(
+        "--reason", "-r", help="Why; required, and kept with the move in `ratchet history`."
+    ),
+]
+
+
+def _print_failed(mv: Any) -> None:
+    """Warn before serving a version the gate rejected, with the checks it failed."""
+    tags = mv.tags or {}
+    decision = tags.get("decision")
+    if decision == "rejected":
+        err_console.print(f"[yellow]warning:[/] the gate rejected version {mv.version}:",
+                          highlight=False)
+        for reason in _deciding(tags):
+            err_console.print(f"  - {reason}", highlight=False)
+    elif decision is None:
+        err_console.print(f"[yellow]warning:[/] version {mv.version} has no gate decision",
+                          highlight=False)
+
+
+def _print_move(event: dict[str, Any]) -> None:
+    console.print(
+        f"{event['alias']}: {event.get('from')} -> [bold]{event['to']}[/] "
+        f"(history #{event['seq']}, by {event['by']} as {event.get('actor')})",
+        highlight=False,
+    )
+
+
+@app.command()
+def promote(
+    version: Annotated[str, typer.Argument(help="The registered model version to serve.")],
+    reason: ReasonOpt,
+    workspace_dir: WorkspaceOpt = Path("."),
+) -> None:
+    """Point `champion` at VERSION by hand, overriding the gate, and record why.
+
+    Any registered version; one the gate rejected is promoted with a warning listing its failures.
+
+    Compare-and-set: if `champion` moves while this runs, nothing is overwritten (exit 1).
+
+    Example: ratchet promote 3 --reason "v4 mislabels refunds in production"
+    """
+    from ratchet.registry import CHAMPION, alias_target, model_version, move_alias
+
+    with user_errors():
+        client, name = _registry(workspace_dir)
+        mv = model_version(client, name, version)
+        current = alias_target(client, name, CHAMPION)
+        if current == str(mv.version):
+            console.print(f"version {current} is already the champion; nothing changed")
+            return
+        _print_failed(mv)
+        event = move_alias(client, name, CHAMPION, str(mv.version), by="cli", reason=reason,
+                           expected=current)
+        _print_move(event)
+
+
+@app.command()
+def rollback(
+    reason: ReasonOpt,
+    to: Annotated[
+        str | None,
+        typer.Option(
+            "--to",
+            help="Version to go back to (default: the champion before the current one, by the "
+            "history).",
+        ),
+    ] = None,
+    workspace_dir: WorkspaceOpt = Path("."),
+) -> None:
+    """Move `champion` back to the previous champion (or --to VERSION), and record why.
+
+    Rolling back again goes further back; a move made in the MLflow UI can be rolled back too.
+
+    Example: ratchet rollback --reason "latency doubled after the last promotion"
+    """
+    from ratchet.registry import (
+        CHAMPION,
+        alias_history,
+        alias_target,
+        detect_manual_moves,
+        model_version,
+        move_alias,
+        rollback_target,
+    )
+
+    with user_errors():
+        client, name = _registry(workspace_dir)
+        detect_manual_moves(client, name)  # the default target is read from a complete history
+        current = alias_target(client, name, CHAMPION)
+        target = to if to is not None else rollback_target(alias_history(client, name), current)
+        mv = model_version(client, name, target)
+        if current == str(mv.version):
+            console.print(f"version {current} is already the champion; nothing changed")
+            return
+        _print_failed(mv)
+        event = move_alias(client, name, CHAMPION, str(mv.version), by="cli", reason=reason,
+                           expected=current, rollback=True)
+        _print_move(event)
+
+
+class AliasChoice(StrEnum):
+    champion = "champion"
+    challenger = "challenger"
+    all = "all"
+
+
+@app.command()
+def history(
+    alias: Annotated[
+        AliasChoice, typer.Option(help="Show the moves of this alias only, or of all of them.")
+    ] = AliasChoice.all,
+    workspace_dir: WorkspaceOpt = Path("."),
+) -> None:
+    """Every alias move: when, from, to, by the gate, by hand (`cli`) or outside ratchet.
+
+    A move made elsewhere (e.g. in the MLflow UI) is found and recorded here as `manual`.
+
+    MLflow keeps no time or author for an alias move: a manual move's time is when it was noticed.
+    """
+    from ratchet.registry import alias_history, detect_manual_moves
+
+    with user_errors():
+        client, name = _registry(workspace_dir)
+        detect_manual_moves(client, name)
+        events = [e for e in alias_history(client, name)
+                  if alias is AliasChoice.all or e["alias"] == alias.value]
+        if not events:
+            console.print(f"{name}: no alias moves recorded yet")
+            return
+        table = Table(title=f"{name}: alias moves", caption=_history_caption(events))
+        for col in ("seq", "when (UTC)", "alias", "from -> to", "by", "actor", "reason"):
+            table.add_column(col, overflow="fold")
+        for e in events:
+            manual = e["by"] == "manual"
+            by = "[yellow]manual*[/]" if manual else e["by"] + (" (rollback)" if e.get("rollback")
+                                                               else "")
+            table.add_row(
+                str(e["seq"]),
+                _when(e).removesuffix(" UTC") + ("*" if manual else ""),
+                e["alias"],
+                f"{e.get('from') or '-'} -> {e.get('to') or '(removed)'}",
+                by,
+                e.get("actor") or f"? (noticed by {e.get('detected_by', '?')})",
+                e.get("reason", ""),
+            )
+        _wide().print(table)
+
+
+def _history_caption(events: list[dict[str, Any]]) -> str | None:
+    if not any(e["by"] == "manual" for e in events):
+        return None
+    return ("* moved outside ratchet; MLflow keeps no time or author for an alias move, so the "
+            "time is when ratchet noticed")
 
 
 def _deciding(tags: dict[str, str]) -> list[str]:

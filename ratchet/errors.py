@@ -25,3 +25,23 @@ class BatchRefused(RatchetError):
 
 class WorkspaceError(RatchetError):
     """The directory is not a ratchet workspace, or a workspace tool failed."""
+
+
+class RegistryError(RatchetError):
+    """A registry request that cannot be carried out: unknown model or version, nothing to roll
+    back to, an alias that may not be removed."""
+
+
+class AliasMoved(RegistryError):
+    """An alias no longer points where the caller last saw it: another writer (a run, a person
+    in the MLflow UI) moved it in between. Nothing was overwritten; `current` is where it is."""
+
+    def __init__(self, name: str, alias: str, expected: str | None, current: str | None):
+        self.name = name
+        self.alias = alias
+        self.expected = expected
+        self.current = current
+        super().__init__(
+            f"`{alias}` of {name} moved: expected version {expected}, it is now {current}; "
+            "nothing was overwritten (look at `ratchet history`, then try again)"
+        )

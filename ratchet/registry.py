@@ -1,14 +1,33 @@
-"""The MLflow side: tracking set-up, the champion alias, logging and registering candidates."""
+"""The MLflow side: tracking set-up, the champion alias and its move log, logging and registering
+candidates.
+
+Every alias move is recorded IN the registry, as registered-model tags `ratchet.move.<seq>` holding
+one JSON event each, so the history lives beside the aliases it describes and works the same
+against a remote tracking server as against the workspace's SQLite file.
+"""
 
 from __future__ import annotations
 
+import getpass
+import json
+import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from ratchet.config import RegistryConfig
+from ratchet.errors import AliasMoved, RegistryError
 
 CHAMPION, CHALLENGER = "champion", "challenger"
+MOVE_TAG_PREFIX = "ratchet.move."
+SEQ_WIDTH = 6  # zero-padded, so the tags also sort by name in the MLflow UI
+# The registry tables store a tag value in String(5000) (MLflow 3.17 validates up to 100k, but
+# a PostgreSQL or MySQL backend would refuse more than the column holds).
+MAX_TAG_VALUE = 5000
+MANUAL_REASON = "moved outside ratchet (e.g. in the MLflow UI)"
+ACTOR_ENV = "RATCHET_ACTOR"
+Mover = Literal["gate", "cli", "manual"]
 
 
 def tracking_uri(cfg: RegistryConfig, workspace: Path) -> str:
@@ -78,6 +97,236 @@ def find_version(client, name: str, fingerprint: str, compared_with: str) -> str
     return None
 
 
+# --- aliases and their move log -----------------------------------------------------------------
+# MLflow keeps only where an alias points now; the log below keeps how it got there. An alias move
+# and its event cannot be one transaction (MLflow has none across alias and tag), so the event is
+# written right after the move is confirmed, and anything that moved without an event is found by
+# `detect_manual_moves` and recorded as `manual`.
+
+
+def _not_found(err: Exception) -> bool:
+    """True for MLflow's "no such model/version" errors; anything else (a server down, a
+    permission) must not be mistaken for an empty registry."""
+    return getattr(err, "error_code", None) in {"RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"}
+
+
+def _model_or_none(client, name: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_registered_model(name)
+    except MlflowException as err:
+        if _not_found(err):
+            return None
+        raise
+
+
+def aliases(client, name: str) -> dict[str, str]:
+    """Every alias of the model and the version it points at; {} before the first registration."""
+    model = _model_or_none(client, name)
+    return {} if model is None else {a: str(v) for a, v in (model.aliases or {}).items()}
+
+
+def alias_target(client, name: str, alias: str) -> str | None:
+    """The version `alias` points at now, or None (unset, or the model is not registered)."""
+    return aliases(client, name).get(alias)
+
+
+def model_version(client, name: str, version: str):
+    """The registered version, or a RegistryError that lists the versions there are."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version(name, str(version))
+    except MlflowException as err:
+        if not _not_found(err) and getattr(err, "error_code", None) != "INVALID_PARAMETER_VALUE":
+            raise
+    if _model_or_none(client, name) is None:
+        raise RegistryError(f"no model `{name}` is registered yet (a `ratchet run` registers one)")
+    known = sorted(int(mv.version) for mv in client.search_model_versions(f"name = '{name}'"))
+    listed = ", ".join(map(str, known)) or "none"
+    raise RegistryError(f"`{name}` has no version {version} (registered versions: {listed})")
+
+
+def actor() -> str:
+    """Who is acting: $RATCHET_ACTOR (a CI job, a service account) or else the OS user name."""
+    named = os.environ.get(ACTOR_ENV, "").strip()
+    if named:
+        return named
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError, ImportError):  # e.g. a container uid with no passwd entry
+        return "unknown"
+
+
+def utc_now() -> str:
+    """ISO 8601 UTC to the second: sortable, and the same wherever the reader is."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _seq_of_key(key: str) -> int | None:
+    suffix = key[len(MOVE_TAG_PREFIX) :] if key.startswith(MOVE_TAG_PREFIX) else ""
+    return int(suffix) if suffix.isdigit() else None
+
+
+def _events(tags: dict[str, str]) -> list[dict[str, Any]]:
+    events = []
+    for key, value in tags.items():
+        if _seq_of_key(key) is None:
+            continue
+        try:
+            event = json.loads(value)
+        except ValueError:
+            continue  # a tag edited by hand into something else is not an event
+        if isinstance(event, dict) and isinstance(event.get("seq"), int) and "alias" in event:
+            events.append(event)
+    return sorted(events, key=lambda e: e["seq"])
+
+
+def alias_history(client, name: str) -> list[dict[str, Any]]:
+    """Every recorded alias move of the model, oldest first (by seq)."""
+    model = _model_or_none(client, name)
+    return [] if model is None else _events(model.tags or {})
+
+
+def _fit(event: dict[str, Any], suffix: str = " [truncated]") -> dict[str, Any]:
+    """The event with its reason cut so that its JSON fits one MLflow tag value.
+
+    Escaped characters (quotes, non-ASCII) take up to six, so the cut is searched for, not
+    computed from the overflow.
+    """
+    if len(json.dumps(event)) <= MAX_TAG_VALUE:
+        return event
+    reason = str(event.get("reason") or "")
+
+    def cut(n: int) -> dict[str, Any]:
+        return {**event, "reason": reason[:n] + suffix}
+
+    lo, hi = 0, len(reason)  # the longest prefix that fits lies in [lo, hi]
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if len(json.dumps(cut(mid))) <= MAX_TAG_VALUE else (lo, mid - 1)
+    return cut(lo)
+
+
+def _append(client, name: str, event: dict[str, Any], *, attempts: int = 5) -> dict[str, Any]:
+    """Store the event under the next free seq and return it as stored.
+
+    MLflow tags have no create-if-absent, so two writers may pick the same seq and the later one
+    overwrites the earlier: each re-reads its tag and, if it is not its own, takes the next seq.
+    """
+    for _ in range(attempts):
+        tags = client.get_registered_model(name).tags or {}
+        seqs = [s for s in map(_seq_of_key, tags) if s is not None]
+        seqs += [e["seq"] for e in _events(tags)]
+        stored = _fit({"seq": max(seqs, default=0) + 1, **event})
+        key = f"{MOVE_TAG_PREFIX}{stored['seq']:0{SEQ_WIDTH}d}"
+        value = json.dumps(stored)
+        client.set_registered_model_tag(name, key, value)
+        if (client.get_registered_model(name).tags or {}).get(key) == value:
+            return stored
+    raise RegistryError(f"could not record the move of `{event['alias']}` of {name}: "
+                        f"{attempts} concurrent writers took its sequence number")
+
+
+def detect_manual_moves(client, name: str) -> list[dict[str, Any]]:
+    """Record, as `manual`, every alias whose target differs from its last logged event.
+
+    That covers a move in the MLflow UI, an alias set or removed through the API, and an alias
+    that predates the log. MLflow keeps no time or author for an alias move, so `time` is when
+    ratchet noticed (also in `detected_at`), `actor` is None and `detected_by` says who noticed.
+    Running it again finds nothing new: the event it wrote is now the last one.
+    """
+    model = _model_or_none(client, name)
+    if model is None:
+        return []
+    current = {a: str(v) for a, v in (model.aliases or {}).items()}
+    logged: dict[str, str | None] = {}
+    for event in _events(model.tags or {}):
+        logged[event["alias"]] = event.get("to")
+    found = []
+    for alias in sorted(set(current) | set(logged)):
+        if current.get(alias) == logged.get(alias):
+            continue
+        now = utc_now()
+        found.append(_append(client, name, {
+            "time": now, "alias": alias, "from": logged.get(alias), "to": current.get(alias),
+            "by": "manual", "actor": None, "reason": MANUAL_REASON,
+            "detected_at": now, "detected_by": actor(),
+        }))
+    return found
+
+
+def move_alias(
+    client,
+    name: str,
+    alias: str,
+    version: str,
+    *,
+    by: Mover,
+    reason: str,
+    expected: str | None,
+    rollback: bool = False,
+) -> dict[str, Any]:
+    """Point `alias` at `version` if it still points at `expected` (compare-and-set), and log it.
+
+    A run or a person decided against the version they saw; if someone moved the alias since,
+    overwriting would silently discard that decision, so AliasMoved is raised instead (with
+    `.current`) and nothing changes. MLflow offers no atomic compare-and-set, so the check is
+    repeated after the move: a writer that got in between is reported the same way.
+
+    Args:
+        version: the target; an alias cannot be removed through ratchet (rollback moves it back).
+        by: "gate" or "cli"; "manual" is for moves ratchet did not make.
+        expected: the version (or None for unset) the caller believes the alias points at now.
+        rollback: the move undoes an earlier one; `rollback_target` skips such moves.
+
+    Returns:
+        The logged event; if the alias already points at `version`, the event that put it there.
+    """
+    if by not in ("gate", "cli"):
+        raise ValueError(f"by must be 'gate' or 'cli', not {by!r}")
+    if version is None or not str(version).strip():
+        raise RegistryError(f"`{alias}` cannot be removed, only moved to another version")
+    if not reason or not reason.strip():
+        raise RegistryError(f"moving `{alias}` needs a reason (it is kept in the history)")
+    version = str(version).strip()
+    expected = None if expected is None else str(expected)
+    model_version(client, name, version)
+    detect_manual_moves(client, name)  # earlier unlogged moves first: the history stays in order
+    current = alias_target(client, name, alias)
+    if current == version:  # already there, whoever put it there: nothing to overwrite
+        return next(e for e in reversed(alias_history(client, name)) if e["alias"] == alias)
+    if current != expected:
+        raise AliasMoved(name, alias, expected, current)
+    client.set_registered_model_alias(name, alias, version)
+    confirmed = alias_target(client, name, alias)
+    if confirmed != version:
+        raise AliasMoved(name, alias, version, confirmed)
+    return _append(client, name, {
+        "time": utc_now(), "alias": alias, "from": current, "to": version, "by": by,
+        "actor": actor(), "reason": reason.strip(), "rollback": rollback,
+    })
+
+
+def rollback_target(events: list[dict[str, Any]], current: str | None) -> str:
+    """The champion before the current one: the `from` of the latest forward move (not itself a
+    rollback) that made `current` champion.
+
+    Rollbacks are skipped so that rolling back twice goes further back instead of returning to
+    the version the first rollback left.
+    """
+    if current is None:
+        raise RegistryError("there is no champion to roll back")
+    for event in reversed(events):
+        if event["alias"] == CHAMPION and event.get("to") == current and not event.get("rollback"):
+            if event.get("from") is None:
+                break
+            return str(event["from"])
+    raise RegistryError(f"the history has no champion before version {current}; "
+                        "name one with `--to VERSION`")
+
+
 def log_candidate(
     model_dir: Path,
     *,
@@ -86,10 +335,16 @@ def log_candidate(
     metrics: dict[str, float],
     artifacts: list[Path],
     run_tags: dict[str, str],
+    model_card: Path | None = None,
 ) -> tuple[str, str]:
-    """Log a run with the pyfunc model and register it; returns (run_id, version)."""
+    """Log a run with the pyfunc model and register it; returns (run_id, version).
+
+    The logged model holds the Hugging Face directory (safetensors, tokenizer), the label map
+    and, when given, the model card (markdown), so the registered version carries all three.
+    """
     import json
     import math
+    import tempfile
 
     import mlflow
     import pandas as pd
@@ -99,7 +354,8 @@ def log_candidate(
     example = pd.DataFrame({"text": ["I lost my card", "book a table for two"]})
     labels = [v for _, v in sorted(json.loads((model_dir / "config.json").read_text())
                                    ["id2label"].items(), key=lambda kv: int(kv[0]))]
-    with mlflow.start_run(run_name=run_tags.get("fingerprint", "candidate")[:12]) as run:
+    with (tempfile.TemporaryDirectory(prefix="ratchet-log-") as side_dir,
+          mlflow.start_run(run_name=run_tags.get("fingerprint", "candidate")[:12]) as run):
         mlflow.set_tags(run_tags)
         mlflow.log_params(params)
         mlflow.log_metrics({k: v for k, v in metrics.items() if not math.isnan(v)})
@@ -109,10 +365,17 @@ def log_candidate(
             elif path.is_dir():  # e.g. the Data Docs site, kept whole so its links work
                 mlflow.log_artifacts(str(path), artifact_path=f"reports/{path.name}")
         mlflow.log_dict({"labels": labels}, "label_map.json")
+        side = Path(side_dir)
+        (side / "label_map.json").write_text(json.dumps({"labels": labels}, indent=2))
+        model_artifacts = {MODEL_ARTIFACT: str(model_dir),
+                           "label_map": str(side / "label_map.json")}
+        if model_card is not None:
+            model_artifacts["model_card"] = str(model_card)
+            mlflow.log_artifact(str(model_card))  # beside the model at the run's top level too
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=TextClassifier(),
-            artifacts={MODEL_ARTIFACT: str(model_dir)},
+            artifacts=model_artifacts,
             signature=signature(),
             input_example=example,
             pip_requirements=_requirements(),

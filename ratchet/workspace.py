@@ -286,12 +286,14 @@ def refresh_champion(ws: Path) -> dict[str, Any]:
     """Resolve the `champion` alias into champion.json, rewriting it only when it changed.
 
     The evaluate stage depends on this file, so a move made by hand in the MLflow UI re-runs
-    exactly evaluate and gate, and nothing else.
+    exactly evaluate and gate, and nothing else. Every run passes here, so this is also where
+    such a move is first noticed and recorded in the alias history (as `manual`).
     """
-    from ratchet.registry import connect, current_champion
+    from ratchet.registry import connect, current_champion, detect_manual_moves
 
     params = load_params(ws / "params.yaml")
     client = connect(params.registry, ws)
+    detect_manual_moves(client, params.registry.model_name)
     ref = current_champion(client, params.registry.model_name)
     content = {
         "name": params.registry.model_name if ref else None,

@@ -1,15 +1,21 @@
 """The CLI: help everywhere, user errors printed without a traceback, workspaces checked."""
 
+import shutil
+from pathlib import Path
+
 import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
 from ratchet.cli import app
+from ratchet.registry import CHAMPION, alias_history, alias_target
+from tests.unit.test_history import NAME, fresh_store, other_writer, register
 
 runner = CliRunner()
 
 
-@pytest.mark.parametrize("command", [[], ["init"], ["ingest"], ["run"], ["status"], ["demo"]])
+@pytest.mark.parametrize("command", [[], ["init"], ["ingest"], ["run"], ["status"], ["demo"],
+                                     ["promote"], ["rollback"], ["history"]])
 def test_help_everywhere(command):
     result = runner.invoke(app, [*command, "--help"])
     assert result.exit_code == 0 and "Usage" in result.output
@@ -63,3 +69,113 @@ def test_init_rejects_an_unknown_model_before_touching_disk(tmp_path):
     assert result.exit_code == 1
     assert "nothing is downloaded from a hub" in result.output
     assert not ws.exists()
+
+
+def registry_workspace(ws: Path):
+    """A workspace as the registry commands see it (params, dvc.yaml, .dvc/, an MLflow store),
+    made without git or DVC so that it takes no time; returns a client on its store."""
+    from ratchet.workspace import template
+
+    client = fresh_store(ws)
+    for name in ("params.yaml", "dvc.yaml"):
+        shutil.copyfile(template(name), ws / name)
+    (ws / ".dvc").mkdir()
+    return client
+
+
+@pytest.fixture
+def ws(tmp_path) -> Path:
+    """A registry workspace with three versions, the third rejected by the gate."""
+    ws = tmp_path / "ws"
+    client = registry_workspace(ws)
+    register(client, 3)
+    for key, value in {"decision": "rejected",
+                       "failed": "recent: not significantly better (CI lower bound -0.01)"}.items():
+        client.set_model_version_tag(NAME, "3", key, value)
+    return ws
+
+
+def cli(ws: Path, *args: str):
+    return runner.invoke(app, [*args, "-w", str(ws)], terminal_width=200)
+
+
+def champion(ws: Path) -> str | None:
+    return alias_target(other_writer(ws), NAME, CHAMPION)
+
+
+def test_promote_rollback_and_history(ws, monkeypatch):
+    monkeypatch.setenv("RATCHET_ACTOR", "alice")
+    for version in ("1", "2"):
+        result = cli(ws, "promote", version, "--reason", f"serve {version}")
+        assert result.exit_code == 0, result.output
+    assert "champion: 1 -> 2 (history #2, by cli as alice)" in result.output
+    rejected = cli(ws, "promote", "3", "-r", "override the gate")
+    assert rejected.exit_code == 0 and champion(ws) == "3"
+    assert "the gate rejected version 3" in rejected.output
+    assert "recent: not significantly better" in rejected.output
+    same = cli(ws, "promote", "3", "-r", "again")
+    assert same.exit_code == 0 and "already the champion; nothing changed" in same.output
+
+    assert cli(ws, "rollback", "--reason", "3 misbehaves").exit_code == 0
+    assert champion(ws) == "2"
+    assert cli(ws, "rollback", "--reason", "2 too").exit_code == 0
+    assert champion(ws) == "1"  # further back, not forward to 3
+    last = cli(ws, "rollback", "--reason", "and 1?")
+    assert last.exit_code == 1 and "no champion before version 1" in last.output
+    assert "Traceback" not in last.output and champion(ws) == "1"
+    assert cli(ws, "rollback", "--to", "3", "-r", "it was fine").exit_code == 0
+    assert champion(ws) == "3"
+
+    events = alias_history(other_writer(ws), NAME)
+    assert [(e["from"], e["to"], e.get("rollback")) for e in events] == [
+        (None, "1", False), ("1", "2", False), ("2", "3", False), ("3", "2", True),
+        ("2", "1", True), ("1", "3", True)]
+    assert {e["by"] for e in events} == {"cli"} and {e["actor"] for e in events} == {"alice"}
+
+    shown = cli(ws, "history")
+    assert shown.exit_code == 0
+    for text in ("alias moves", "2 -> 1", "cli (rollback)", "alice", "3 misbehaves"):
+        assert text in shown.output
+    none = cli(ws, "history", "--alias", "challenger")
+    assert none.exit_code == 0 and "no alias moves recorded yet" in none.output
+    status = cli(ws, "status")
+    assert status.exit_code == 0 and "champion 3 since" in status.output
+
+
+def test_a_move_in_the_mlflow_ui_shows_as_manual(ws):
+    assert cli(ws, "promote", "1", "-r", "first").exit_code == 0
+    other_writer(ws).set_registered_model_alias(NAME, CHAMPION, "2")
+    status = cli(ws, "status")
+    assert "moved outside ratchet and not yet recorded" in status.output
+    shown = cli(ws, "history", "--alias", "champion")
+    assert shown.exit_code == 0 and "manual*" in shown.output
+    assert "moved outside ratchet" in shown.output
+    assert [e["by"] for e in alias_history(other_writer(ws), NAME)] == ["cli", "manual"]
+    # a rollback undoes the manual move: back to what ratchet last set
+    assert cli(ws, "rollback", "-r", "not approved").exit_code == 0 and champion(ws) == "1"
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["promote", "9", "-r", "x"], 1, "has no version 9 (registered versions: 1, 2, 3)"),
+        (["promote", "1"], 2, "Missing option '--reason'"),
+        (["promote", "1", "-r", " "], 1, "needs a reason"),
+        (["rollback", "-r", "x"], 1, "there is no champion to roll back"),
+        (["rollback", "--to", "7", "-r", "x"], 1, "has no version 7"),
+    ],
+)
+def test_registry_command_errors(ws, args, code, message):
+    result = cli(ws, *args)
+    assert result.exit_code == code
+    assert message in " ".join(result.output.split()) and "Traceback" not in result.output
+    assert champion(ws) is None
+
+
+def test_registry_commands_before_any_model_is_registered(tmp_path):
+    ws = tmp_path / "ws"
+    registry_workspace(ws)
+    promoted = cli(ws, "promote", "1", "-r", "x")
+    assert promoted.exit_code == 1 and "is registered yet" in promoted.output
+    shown = cli(ws, "history")
+    assert shown.exit_code == 0 and "no alias moves recorded yet" in shown.output
