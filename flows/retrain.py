@@ -74,6 +74,10 @@ def decision_markdown(gate: dict, timings: dict[str, float]) -> str:
     ]
     lines += [f"| {c['name']} | {'yes' if c['passed'] else 'no'} | {c['reason']} |"
               for c in gate.get("checks", [])]
+    if gate.get("metrics"):
+        from tasks.gate import metric_table
+
+        lines += ["", "## Metrics by slice", "", metric_table(gate["metrics"])]
     warnings = gate.get("validation_warnings") or []
     if warnings:
         lines += ["", f"Validation warnings ({len(warnings)}):", ""]

@@ -388,7 +388,7 @@ def _deciding(tags: dict[str, str]) -> list[str]:
     if tags.get("failed"):
         return tags["failed"].split(" | ")
     reasons = [r for r in tags.get("reasons", "").split(" | ") if r]
-    key = [r for r in reasons if r.startswith(("recent", "reference", "no champion"))]
+    key = [r for r in reasons if r.startswith(("recent", "reference", "weighted", "no champion"))]
     return key or reasons
 
 
@@ -449,7 +449,7 @@ def run_demo(
             that a workspace retrained by `dvc repro` and by the Prefect flow is one history.
     """
     from ratchet import workspace
-    from ratchet.demo_data import all_labels, demo_batches, write_batch
+    from ratchet.demo_data import all_labels, demo_batches, demo_probes, write_batch
     from ratchet.errors import BatchRefused, WorkspaceError
 
     ws = ws.resolve()
@@ -465,7 +465,7 @@ def run_demo(
     }
     for section, values in (overrides or {}).items():
         settings.setdefault(section, {}).update(values)
-    workspace.init(ws, settings)
+    workspace.init(ws, settings, probes=demo_probes(seed))
     (ws / MARKER).write_text("made by `ratchet demo`; the next demo may delete this folder\n")
     engines = [engine] if isinstance(engine, Engine) else list(engine)
     rows = []

@@ -185,19 +185,48 @@ class EvaluateConfig(_Section):
     batch_size: int = Field(64, ge=1)
     bootstrap_resamples: int = Field(2000, ge=100, description="Paired bootstrap resamples.")
     confidence: float = Field(
-        0.95, gt=0.5, lt=1, description="One-sided confidence of the difference's lower bound."
+        0.95, gt=0.5, lt=1, description="Confidence of the reported one-sided bounds."
     )
     seed: int = Field(0)
+    behaviour_rows: int = Field(
+        300, ge=0, description="Test texts perturbed (casing, typos) for the invariance checks."
+    )
+    latency_examples: int = Field(
+        64, ge=0, description="Test texts timed at batch 1 and 32 (0: latency not measured)."
+    )
+    probes: str = Field(
+        "probes.yaml",
+        description="Minimum-functionality probes: a YAML mapping of label -> texts that must "
+        "get that label (a path in the workspace; absent or empty: no probes).",
+    )
 
 
 class GateConfig(_Section):
+    alpha: float = Field(
+        0.05, gt=0, lt=0.5, description="Family-wise error of the tests the rule needs (Holm)."
+    )
     min_delta: float = Field(
-        0.01, ge=0, description="Recent: the lower bound of the macro-F1 gain must exceed this."
+        0.01, ge=0, description="Recent: the macro-F1 gain must be significant and at least this."
     )
     max_regression: float = Field(
-        0.02, ge=0, description="Reference: the lower bound of the difference must exceed -this."
+        0.02, ge=0, description="Reference, drift-weighted and per-domain non-inferiority margin "
+        "(macro-F1)."
     )
     min_score: float = Field(0.5, ge=0, le=1, description="Absolute floor of test macro-F1.")
+    max_latency_ms: float = Field(
+        100.0, gt=0, description="Budget for the p95 latency per example at batch 1."
+    )
+    min_invariance: float = Field(
+        0.9, ge=0, le=1, description="Share of predictions that must survive casing changes and "
+        "small typos."
+    )
+    min_probe_accuracy: float = Field(
+        0.8, ge=0, le=1, description="Every class's minimum-functionality probes must pass at "
+        "least this share."
+    )
+    min_domain_rows: int = Field(
+        30, ge=1, description="Domains with fewer test rows are reported but not judged."
+    )
 
 
 class RegistryConfig(_Section):

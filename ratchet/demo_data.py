@@ -298,6 +298,20 @@ def demo_batches(seed: int = 0, scale: float = 1.0) -> list[DemoBatch]:
     ]
 
 
+def demo_probes(seed: int = 0, per_class: int = 3) -> dict[str, list[str]]:
+    """Minimum-functionality probes for every demo intent: plain template sentences."""
+    rng = random.Random(f"probes-{seed}")
+    probes = {}
+    for intents in INTENTS.values():
+        for intent, templates in intents.items():
+            probes[intent] = [
+                template.format(**{k: rng.choice(v) for k, v in SLOTS.items()
+                                   if "{" + k + "}" in template})
+                for template in templates[:per_class]
+            ]
+    return probes
+
+
 def write_batch(batch: DemoBatch, directory: Path) -> Path:
     """Write a demo batch in the format its file name says."""
     directory.mkdir(parents=True, exist_ok=True)

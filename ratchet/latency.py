@@ -40,8 +40,13 @@ def _batches(texts: list[str], size: int) -> list[list[str]]:
 
 
 def measure(classifier: Predictor, texts: Sequence[str], *, batch_sizes: Sequence[int] = (1, 32),
-            max_examples: int = 64, warmup: int = 2) -> dict[str, float]:
+            max_examples: int = 64, warmup: int = 2, threads: int | None = 1) -> dict[str, float]:
     """Milliseconds per example of `classifier.predict_proba`, median and 95th percentile.
+
+    Timed on `threads` torch threads (default one: a serving worker's request; None leaves the
+    setting alone). On a busy machine several OpenMP threads spin-wait for a core and batch-1
+    times grow many-fold (measured here: 9 ms on one thread, 490 ms on two beside another busy
+    process), which would make a latency budget judge the machine rather than the model.
 
     For each batch size b, the first `max_examples` texts go through in batches of b (see
     `_batches`); each batch's wall time (tokenisation included, as when serving) divided by b is
@@ -52,6 +57,7 @@ def measure(classifier: Predictor, texts: Sequence[str], *, batch_sizes: Sequenc
     texts = [str(t) for t in list(texts)[:max_examples]]
     out: dict[str, float] = {}
     saved = classifier.batch_size
+    saved_threads = _set_threads(threads)
     try:
         for size in batch_sizes:
             if size < 1:
@@ -63,7 +69,19 @@ def measure(classifier: Predictor, texts: Sequence[str], *, batch_sizes: Sequenc
                 )
     finally:
         classifier.batch_size = saved
+        _set_threads(saved_threads)
     return out
+
+
+def _set_threads(n: int | None) -> int | None:
+    """Set torch's intra-op threads to n (None: leave them); returns the previous setting."""
+    if n is None:
+        return None
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    return before
 
 
 def _time_batches(classifier: Predictor, texts: list[str], size: int, warmup: int) -> list[float]:

@@ -96,8 +96,27 @@ def require(ws: Path) -> Path:
     return ws
 
 
-def init(ws: Path, overrides: dict[str, dict[str, Any]] | None = None) -> Path:
-    """Make a workspace: git, DVC with a local remote, params, an empty batch folder."""
+PROBES_HEADER = """\
+# Minimum-functionality probes: for each label, texts the model must always get right.
+# The gate fails a candidate whose worst class passes fewer than gate.min_probe_accuracy of its
+# probes. Labels the candidate does not know yet are skipped. Example:
+#   check_balance:
+#     - what is my checking balance
+#     - how much money do i have
+"""
+
+
+def write_probes(ws: Path, probes: dict[str, list[str]] | None = None) -> Path:
+    """Write the workspace's probes file (the header alone when there are no probes)."""
+    path = ws / "probes.yaml"
+    body = yaml.safe_dump(probes, sort_keys=True, allow_unicode=True) if probes else ""
+    path.write_text(PROBES_HEADER + body, encoding="utf-8")
+    return path
+
+
+def init(ws: Path, overrides: dict[str, dict[str, Any]] | None = None, *,
+         probes: dict[str, list[str]] | None = None) -> Path:
+    """Make a workspace: git, DVC with a local remote, params, probes, an empty batch folder."""
     ws = ws.resolve()
     if (ws / "dvc.yaml").exists():
         raise WorkspaceError(f"{ws} is already a workspace")
@@ -110,6 +129,7 @@ def init(ws: Path, overrides: dict[str, dict[str, Any]] | None = None) -> Path:
     ws.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(template("dvc.yaml"), ws / "dvc.yaml")
     (ws / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    write_probes(ws, probes)
     (ws / ".gitignore").write_text(GITIGNORE)
     for d in (BATCHES, INCOMING):
         (ws / d).mkdir(parents=True, exist_ok=True)

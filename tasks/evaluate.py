@@ -1,33 +1,54 @@
-"""evaluate: candidate AND champion on every slice, with paired-bootstrap differences.
+"""evaluate: candidate AND champion on every slice, with the statistics the gate rule reads.
 
-Besides the slices (`all`, `recent`, `reference`) it reports drift-weighted metrics under the
-slice name `weighted`: every test row weighted by the drift stage's importance weights, an
-estimate of how each model does on data distributed like the recent batch.
+Slices: `all`, `recent` (the newest batch's test rows), `reference` (every earlier batch's),
+`domain:<name>` for each domain, and `weighted`: every test row weighted by the drift stage's
+importance weights, an estimate of how each model does on data distributed like the recent
+batch. For each slice and model: accuracy, macro/micro/weighted F1 and expected calibration
+error; for each slice, the paired bootstrap of the difference (macro-F1 and accuracy: bounds
+and p-values) and McNemar's test on accuracy. Also: per-class precision/recall/F1, a confusion
+matrix PNG, the candidate's latency and size, and its behavioural checks (casing and typo
+invariance, minimum-functionality probes). Per-example predictions of both models are kept.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from ratchet.config import Params
-from ratchet.data import LABEL, RECENT, REFERENCE, TEXT, write_parquet_atomic
+from ratchet.data import DOMAIN, LABEL, RECENT, REFERENCE, TEXT, write_parquet_atomic
 from ratchet.drift import effective_sample_size
 from ratchet.errors import RatchetError
 from ratchet.runtime import read_json, write_json
 from ratchet.stage import stage_main
 
 SLICES = ("all", RECENT, REFERENCE)
+MODELS = ("candidate", "champion")
 
 
-def slice_mask(df: pd.DataFrame, name: str) -> pd.Series:
-    return pd.Series(True, index=df.index) if name == "all" else df["slice"] == name
+def slice_masks(df: pd.DataFrame) -> dict[str, np.ndarray]:
+    """Row masks of every unweighted slice: all, recent, reference, and each domain."""
+    masks = {"all": np.ones(len(df), dtype=bool)}
+    for name in (RECENT, REFERENCE):
+        masks[name] = (df["slice"] == name).to_numpy() if "slice" in df else np.zeros(len(df), bool)
+    if DOMAIN in df.columns:
+        domains = df[DOMAIN].fillna("").astype(str)
+        for d in sorted(set(domains) - {""}):
+            masks[f"domain:{_safe(d)}"] = (domains == d).to_numpy()
+    return masks
 
 
-def champion_predictions(params: Params, champion: dict, texts: list[str]) -> list[str] | None:
-    """Predictions of the registered champion, through its pyfunc (what would actually serve)."""
+def _safe(name: str) -> str:
+    """A domain name usable inside a metric key (MLflow metric names allow few characters)."""
+    return re.sub(r"[^\w.\-]+", "_", name)[:60] or "_"
+
+
+def champion_model(params: Params, champion: dict):
+    """The registered champion's pyfunc (what actually serves), or None before there is one."""
     if not champion.get("version"):
         return None
     import mlflow.pyfunc
@@ -36,9 +57,16 @@ def champion_predictions(params: Params, champion: dict, texts: list[str]) -> li
 
     connect(params.registry, Path.cwd())
     # The champion was logged from this same environment: skip MLflow's requirement check (~2 s).
-    model = mlflow.pyfunc.load_model(f"models:/{champion['name']}/{champion['version']}",
-                                     suppress_warnings=True)
-    return model.predict(pd.DataFrame({"text": texts}))["label"].astype(str).tolist()
+    return mlflow.pyfunc.load_model(f"models:/{champion['name']}/{champion['version']}",
+                                    suppress_warnings=True)
+
+
+def champion_labels(model) -> list[str] | None:
+    """The label set the champion can predict (None when its pyfunc does not say)."""
+    try:
+        return list(model.unwrap_python_model().labels)
+    except Exception:  # noqa: BLE001 - a pyfunc from elsewhere: fall back to "unknown"
+        return None
 
 
 def load_test_weights(weights: Path, df: pd.DataFrame) -> np.ndarray:
@@ -52,54 +80,159 @@ def load_test_weights(weights: Path, df: pd.DataFrame) -> np.ndarray:
     return table["weight"].to_numpy(dtype=float)
 
 
-def run(params: Params, *, candidate: Path, test: Path, champion: Path, metrics: Path,
-        predictions: Path, weights: Path | None = None) -> dict:
+def _model_metrics(out: dict[str, float], df: pd.DataFrame, name: str, mask: np.ndarray,
+                   weights: np.ndarray | None = None) -> None:
     from ratchet import metrics as project_metrics
+
+    refs = df.loc[mask, LABEL].astype(str).tolist()
+    w = None if weights is None else weights[mask]
+    for model in MODELS:
+        if model not in df.columns:
+            continue
+        preds = df.loc[mask, model].astype(str).tolist()
+        for metric, value in project_metrics.compute(preds, refs, sample_weight=w).items():
+            out[f"{model}/{name}/{metric}"] = value
+        if f"{model}_score" in df.columns:
+            conf = df.loc[mask, f"{model}_score"].to_numpy(dtype=float)
+            correct = (np.asarray(preds) == np.asarray(refs)).astype(int)
+            out[f"{model}/{name}/ece"] = project_metrics.ece(conf, correct, sample_weight=w)
+
+
+def score(frame: pd.DataFrame, params: Params) -> dict[str, float]:
+    """Metrics and paired statistics of every slice of a predictions frame.
+
+    `frame` has `label`, `slice` (recent | reference), `candidate`, optionally `champion`,
+    `domain`, `weight` (importance weights: the `weighted` slice) and `<model>_score` (the
+    confidence, for calibration). Keys: `n/<slice>`, `<model>/<slice>/<metric>`,
+    `diff/<slice>/<metric>[_low|_high|_p_value]` (p-value of "no gain"), `mcnemar/<slice>/...`,
+    and `test/<slice>/p_value`: the p-value of the hypothesis the gate rule tests on that slice
+    (recent: no gain; reference and weighted: a drop beyond max_regression; a domain: no drop
+    beyond it).
+    """
+    from ratchet.stats import bootstrap, mcnemar
+
+    cfg, margin = params.evaluate, -params.gate.max_regression
+    out: dict[str, float] = {}
+    has_champion = "champion" in frame.columns
+    masks = slice_masks(frame)
+    if "weight" in frame.columns:
+        masks["weighted"] = np.ones(len(frame), dtype=bool)
+    for name, mask in masks.items():
+        weights = frame["weight"].to_numpy(dtype=float) if name == "weighted" else None
+        out[f"n/{name}"] = int(mask.sum())
+        if weights is not None:
+            out["ess/weighted"] = effective_sample_size(weights)
+        _model_metrics(out, frame, name, mask, weights)
+        if not has_champion:
+            continue
+        refs = frame.loc[mask, LABEL].astype(str).tolist()
+        cand = frame.loc[mask, "candidate"].astype(str).tolist()
+        champ = frame.loc[mask, "champion"].astype(str).tolist()
+        for metric in ("macro_f1", "accuracy"):
+            boot = bootstrap(refs, cand, champ, metric=metric, resamples=cfg.bootstrap_resamples,
+                             seed=cfg.seed, weights=None if weights is None else weights[mask])
+            c = boot.comparison(cfg.confidence)
+            out[f"diff/{name}/{metric}"] = c.diff
+            out[f"diff/{name}/{metric}_low"] = c.low
+            out[f"diff/{name}/{metric}_high"] = c.high
+            out[f"diff/{name}/{metric}_p_value"] = c.p_value
+            if metric == "macro_f1":
+                if name == RECENT:
+                    out[f"test/{name}/p_value"] = boot.p_below(0.0)
+                elif name in (REFERENCE, "weighted"):
+                    out[f"test/{name}/p_value"] = boot.p_below(margin)
+                elif name.startswith("domain:"):
+                    out[f"test/{name}/p_value"] = boot.p_above(margin)
+        if weights is None and refs:
+            for key, value in mcnemar(refs, cand, champ).items():
+                out[f"mcnemar/{name}/{key}"] = float(value)
+    return out
+
+
+def predict_frame(params: Params, candidate: Path, test: Path, champion: dict,
+                  weights: Path | None = None) -> tuple[pd.DataFrame, Any, Any]:
+    """Both models' predictions on the test split: (frame, candidate classifier, champion)."""
     from ratchet.models import Classifier
-    from ratchet.stats import paired_bootstrap
+
+    df = pd.read_parquet(test)
+    texts = df[TEXT].astype(str).tolist()
+    clf = Classifier(candidate, batch_size=params.evaluate.batch_size)
+    labels, probs = clf.predict(texts)
+    df["candidate"] = labels
+    df["candidate_score"] = probs.max(axis=1).astype(float) if len(texts) else []
+    champ = champion_model(params, champion)
+    if champ is not None:
+        out = champ.predict(pd.DataFrame({"text": texts}))
+        df["champion"] = out["label"].astype(str).tolist()
+        df["champion_score"] = out["score"].astype(float).tolist()
+    if weights is not None:
+        df["weight"] = load_test_weights(weights, df)
+    return df, clf, champ
+
+
+def details(df: pd.DataFrame, params: Params, clf, champ, candidate: Path,
+            plots: Path) -> tuple[dict[str, float], dict[str, Any]]:
+    """What is measured on the candidate beyond the slices: latency, size, behaviour, per class.
+
+    Returns (flat metrics, the report's extra sections).
+    """
+    from ratchet import behaviour
+    from ratchet import metrics as project_metrics
+    from ratchet.latency import measure, model_size
 
     cfg = params.evaluate
-    df = pd.read_parquet(test)
-    texts = df[TEXT].tolist()
-    cand_labels, cand_probs = Classifier(candidate, batch_size=cfg.batch_size).predict(texts)
-    df["candidate"] = cand_labels
-    df["candidate_score"] = cand_probs.max(axis=1)
-    champ = champion_predictions(params, read_json(champion), texts)
-    if champ is not None:
-        df["champion"] = champ
-    out: dict[str, float] = {}
-    for name in SLICES:
-        part = df[slice_mask(df, name)]
-        refs = part[LABEL].tolist()
-        out[f"n/{name}"] = len(part)
-        for model in ("candidate", "champion"):
-            if model in part.columns:
-                for metric, value in project_metrics.compute(part[model].tolist(), refs).items():
-                    out[f"{model}/{name}/{metric}"] = value
-        if champ is not None:
-            cmp = paired_bootstrap(refs, part["candidate"].tolist(), part["champion"].tolist(),
-                                   resamples=cfg.bootstrap_resamples, confidence=cfg.confidence,
-                                   seed=cfg.seed)
-            for key in ("diff", "low", "high", "p_value"):
-                out[f"diff/{name}/macro_f1_{key}" if key != "diff" else f"diff/{name}/macro_f1"] = (
-                    getattr(cmp, key)
-                )
-    if weights is not None:
-        # Drift-weighted: every test row, weighted toward the recent batch's distribution.
-        w = load_test_weights(weights, df)
-        df["weight"] = w
-        out["n/weighted"] = len(df)
-        out["ess/weighted"] = effective_sample_size(w)
-        refs = df[LABEL].tolist()
-        for model in ("candidate", "champion"):
-            if model in df.columns:
-                for metric, value in project_metrics.compute(df[model].tolist(), refs,
-                                                             sample_weight=w).items():
-                    out[f"{model}/weighted/{metric}"] = value
-        if champ is not None:
-            out["diff/weighted/macro_f1"] = (
-                out["candidate/weighted/macro_f1"] - out["champion/weighted/macro_f1"]
-            )
+    texts = df[TEXT].astype(str).tolist()
+    flat: dict[str, float] = {}
+    rng = np.random.default_rng(cfg.seed)
+    sample = [texts[i] for i in sorted(rng.permutation(len(texts))[: cfg.latency_examples])]
+    if cfg.latency_examples:
+        flat.update({f"candidate/{k}": v for k, v in measure(clf, sample).items()})
+    flat.update({f"candidate/{k}": v for k, v in model_size(candidate).items()})
+
+    def predict(batch: list[str]) -> list[str]:
+        return clf.predict(batch)[0] if batch else []
+
+    rows = [texts[i] for i in sorted(rng.permutation(len(texts))[: cfg.behaviour_rows])]
+    inv = behaviour.invariance(predict, rows, seed=cfg.seed)
+    # Probes apply to the classes the candidate has seen data for: its head may also hold
+    # declared labels (`data.labels`) that no batch has brought yet.
+    seen = sorted(set(clf.labels) & set(df[LABEL].astype(str)))
+    probes = behaviour.probe_results(predict, behaviour.load_probes(Path(cfg.probes)), seen)
+    flat["behaviour/candidate/casing"] = float(inv["casing"])
+    flat["behaviour/candidate/typos"] = float(inv["typos"])
+    if probes["worst"] is not None:
+        flat["behaviour/candidate/probes"] = float(probes["worst"])
+
+    refs = df[LABEL].astype(str).tolist()
+    plots.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {
+        "behaviour": {"invariance": inv, "probes": probes},
+        "per_class": {"candidate": project_metrics.per_class(df["candidate"].astype(str).tolist(),
+                                                              refs)},
+        "candidate_labels": list(clf.labels),
+    }
+    project_metrics.confusion_png(df["candidate"].astype(str).tolist(), refs,
+                                  plots / "confusion_candidate.png", "candidate: all test rows")
+    if "champion" in df.columns:
+        report["per_class"]["champion"] = project_metrics.per_class(
+            df["champion"].astype(str).tolist(), refs)
+        labels = champion_labels(champ)
+        report["champion_labels"] = labels
+        if labels is not None:
+            report["new_classes"] = sorted(set(refs) - set(labels))
+            flat["n/new_classes"] = len(report["new_classes"])
+    return flat, report
+
+
+def run(params: Params, *, candidate: Path, test: Path, champion: Path, metrics: Path,
+        predictions: Path, report: Path, weights: Path | None = None) -> dict:
+    df, clf, champ = predict_frame(params, candidate, test, read_json(champion), weights)
+    out = score(df, params)
+    extra, sections = details(df, params, clf, champ, candidate, report.parent)
+    out.update(extra)
+    out = {k: (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v)
+           for k, v in out.items()}
+    write_json(report, sections)
     write_json(metrics, out)
     write_parquet_atomic(df, predictions)
     return out
@@ -113,6 +246,8 @@ def main() -> None:
         "weights": "importance weights of the test rows from the drift stage (parquet)",
         "metrics": "flat evaluation metrics JSON to write",
         "predictions": "per-example predictions parquet to write",
+        "report": "evaluation details JSON to write (behaviour, per class, label sets); the "
+                  "confusion matrix PNG goes beside it",
     }, run)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -12,13 +13,15 @@ from typing import Any
 import yaml
 
 from ratchet.config import Params
+from ratchet.data import RECENT, REFERENCE
 from ratchet.gate import Decision, GateInputs, decide
-from ratchet.runtime import read_json, write_json
+from ratchet.runtime import read_json, write_json, write_text_atomic
 from ratchet.stage import stage_main
 from ratchet.stats import Comparison
 
 
 def comparison(m: dict[str, float], name: str) -> Comparison | None:
+    """The macro-F1 comparison on one slice, its p-value the one the rule tests there."""
     if f"diff/{name}/macro_f1" not in m:
         return None
     nan = math.nan
@@ -29,18 +32,58 @@ def comparison(m: dict[str, float], name: str) -> Comparison | None:
         diff=m[f"diff/{name}/macro_f1"],
         low=m.get(f"diff/{name}/macro_f1_low", nan),
         high=m.get(f"diff/{name}/macro_f1_high", nan),
-        p_value=m.get(f"diff/{name}/macro_f1_p_value", nan),
+        p_value=m.get(f"test/{name}/p_value", nan),
     )
 
 
-def gate_inputs(m: dict[str, float], champion: dict, validation: dict) -> GateInputs:
+def _measured(m: dict[str, float], key: str, required: bool) -> float | None:
+    """A candidate-only measurement: NaN (fails) when required and absent, else None (skipped)."""
+    if key in m:
+        return m[key]
+    return math.nan if required else None
+
+
+def gate_inputs(m: dict[str, float], champion: dict, validation: dict, *,
+                new_classes: list[str] | tuple[str, ...] = (),
+                require_measured: bool = True) -> GateInputs:
+    """The rule's inputs from the evaluation metrics.
+
+    `require_measured`: latency and behaviour must be in `m` (the pipeline always measures
+    them); False lets a caller that cannot measure them (the gate benchmark) skip those checks.
+    """
+    domains = {}
+    for key in m:
+        if key.startswith("n/domain:"):
+            name = key[len("n/"):]
+            c = comparison(m, name)
+            if c is not None:
+                domains[name[len("domain:"):]] = c
+    behaviour = None
+    casing = _measured(m, "behaviour/candidate/casing", require_measured)
+    if casing is not None:
+        behaviour = {"casing": casing,
+                     "typos": _measured(m, "behaviour/candidate/typos", True),
+                     "probes": m.get("behaviour/candidate/probes")}
     return GateInputs(
         has_champion=bool(champion.get("version")),
         validation_passed=bool(validation.get("passed")),
         candidate_score=m.get("candidate/all/macro_f1", math.nan),
-        recent=comparison(m, "recent"),
-        reference=comparison(m, "reference"),
+        recent=comparison(m, RECENT),
+        reference=comparison(m, REFERENCE),
+        weighted=comparison(m, "weighted"),
+        domains=domains,
+        latency_ms=_measured(m, "candidate/latency/p95_ms_bs1", require_measured),
+        behaviour=behaviour,
+        new_classes=tuple(new_classes),
     )
+
+
+def rule_decision(metrics: dict[str, float], params: Params, *, has_champion: bool = True,
+                  validation_passed: bool = True) -> Decision:
+    """The rule on a metrics dict from `tasks.evaluate.score` (latency/behaviour optional)."""
+    inputs = gate_inputs(metrics, {"version": "champion" if has_champion else None},
+                         {"passed": validation_passed}, require_measured=False)
+    return decide(inputs, params.gate)
 
 
 def data_hashes(lock: Path) -> dict[str, str]:
@@ -87,23 +130,41 @@ def version_tags(decision: Decision, label: str, *, fingerprint: str, compared_w
     return tags
 
 
-def run(params: Params, *, eval_metrics: Path, validation: Path, drift: Path, candidate: Path,
-        champion: Path, lock: Path, report: Path) -> dict[str, Any]:
+def reevaluate(params: Params, m: dict[str, float], champion: dict, *, candidate: Path,
+               test: Path, weights: Path | None) -> tuple[dict[str, float], list[str]]:
+    """Metrics against another champion: the comparisons anew, the candidate-only ones kept."""
+    from tasks.evaluate import champion_labels, predict_frame, score
+
+    df, _, champ = predict_frame(params, candidate, test, champion, weights)
+    fresh = score(df, params)
+    kept = {k: v for k, v in m.items()
+            if k.startswith(("candidate/latency", "candidate/size", "behaviour/"))}
+    labels = champion_labels(champ) if champ is not None else None
+    new = sorted(set(df["label"].astype(str)) - set(labels)) if labels is not None else []
+    return {**fresh, **kept}, new
+
+
+def run(params: Params, *, eval_metrics: Path, eval_report: Path, validation: Path, drift: Path,
+        candidate: Path, champion: Path, test: Path, weights: Path, lock: Path,
+        report: Path) -> dict[str, Any]:
     from ratchet.registry import (
         CHALLENGER,
         CHAMPION,
+        AliasMoved,
         connect,
         current_champion,
         find_version,
         log_candidate,
+        move_alias,
         tracking_uri,
     )
     from ratchet.workspace import fingerprint as model_fingerprint
 
     m = read_json(eval_metrics)
+    details = read_json(eval_report) if eval_report.is_file() else {}
+    new_classes = details.get("new_classes", [])
     evaluated = read_json(champion)
     val, drift_report = read_json(validation), read_json(drift)
-    decision = decide(gate_inputs(m, evaluated, val), params.gate)
     ws = Path.cwd()
     name = params.registry.model_name
     client = connect(params.registry, ws)
@@ -114,71 +175,218 @@ def run(params: Params, *, eval_metrics: Path, validation: Path, drift: Path, ca
         "fingerprint": fp,
         "champion_before": before.version if before else None,
         "evaluated_against": evaluated.get("version"),
-        "checks": decision.to_dict()["checks"],
-        "metrics": m,
         "drift_summary": drift_report.get("summary"),
         "validation_warnings": val.get("warnings", []),
         "data_docs": val.get("data_docs"),
+        "behaviour": details.get("behaviour"),
+        "new_classes": new_classes,
         "tracking_uri": tracking_uri(params.registry, ws),
+        "reevaluations": [],
     }
     if before and before.fingerprint == fp:
+        decision = decide(gate_inputs(m, evaluated, val, new_classes=new_classes), params.gate)
         record.update(decision="unchanged", promote=False, version=before.version,
-                      champion_after=before.version)
+                      champion_after=before.version, metrics=m,
+                      checks=decision.to_dict()["checks"])
         record["checks"].append({"name": "identity", "passed": True,
                                  "reason": "the candidate is already the champion"})
         write_json(report, record)
         return record
 
-    moved = (before.version if before else None) != evaluated.get("version")
-    label = "promoted" if decision.promote and not moved else "rejected"
-    if decision.promote and moved:
-        label = "deferred"
-        record["checks"].append({
-            "name": "compare_and_set", "passed": False,
-            "reason": f"champion moved from {evaluated.get('version')} to "
-                      f"{before.version if before else None} during the run; not overwriting it "
-                      "(the next `ratchet run` re-evaluates against the new champion)"})
-    tags = version_tags(decision, label, fingerprint=fp, compared_with=evaluated.get("version"),
-                        params=params, drift=drift_report, validation=val, lock=lock)
-    version = find_version(client, name, fp, str(evaluated.get("version")))
+    weights_path = weights if weights.is_file() else None
+    version: str | None = None
     run_id = None
-    if version is None:
-        flat_params = {f"{k}.{kk}": str(vv)[:500] for k, v in params.model_dump(by_alias=True)
-                       .items() for kk, vv in v.items()}
-        run_id, version = log_candidate(
-            candidate, name=name, params=flat_params, metrics=m,
-            artifacts=[drift, drift.with_suffix(".png"), validation, eval_metrics,
-                       *([Path(val["data_docs"]).parent] if val.get("data_docs") else [])],
-            run_tags={"fingerprint": fp, "decision": label},
-        )
-    for key, value in tags.items():
-        client.set_model_version_tag(name, version, key, value)
-    client.update_model_version(name, version, description=_description(label, decision, m))
-    client.set_registered_model_alias(name, CHALLENGER, version)
-    if label == "promoted":
-        client.set_registered_model_alias(name, CHAMPION, version)
+    label = "rejected"
+    for _attempt in range(3):
+        current = current_champion(client, name)
+        if (current.version if current else None) != evaluated.get("version"):
+            # Compare-and-set: `champion` moved since evaluation began (a person or another run).
+            # Judge the candidate against the champion as it is now, never overwrite blindly.
+            moved_from = evaluated.get("version")
+            evaluated = {"name": name, "version": current.version} if current else {}
+            m, new_classes = reevaluate(params, m, evaluated, candidate=candidate, test=test,
+                                        weights=weights_path)
+            record["reevaluations"].append({"from": moved_from, "to": evaluated.get("version")})
+        decision = decide(gate_inputs(m, evaluated, val, new_classes=new_classes), params.gate)
+        label = "promoted" if decision.promote else "rejected"
+        if version is None:
+            version, run_id = _register(client, params, name, fp, label, decision, m,
+                                        evaluated=evaluated, val=val, drift=drift,
+                                        drift_report=drift_report, lock=lock, paths=(
+                                            validation, eval_metrics, eval_report, candidate),
+                                        log_candidate=log_candidate, find_version=find_version)
+        else:
+            _tag(client, params, name, version, label, decision, m, fp=fp, evaluated=evaluated,
+                 val=val, drift_report=drift_report, lock=lock)
+        if label != "promoted":
+            break
+        try:
+            move_alias(client, name, CHAMPION, version, by="gate",
+                       expected=evaluated.get("version"),
+                       reason=f"gate promoted version {version} over "
+                              f"{evaluated.get('version') or 'no champion'}")
+            break
+        except AliasMoved:
+            continue  # moved between the check and the move: evaluate again
+    else:
+        label = "deferred"
+        client.set_model_version_tag(name, version, "decision", label)
+    challenger = _alias_target(client, name, CHALLENGER)
+    if challenger != version:
+        # If another candidate took `challenger` meanwhile, it is the latest: keep it.
+        with contextlib.suppress(AliasMoved):
+            move_alias(client, name, CHALLENGER, version, by="gate", expected=challenger,
+                       reason="the latest candidate")
     after = current_champion(client, name)
     record.update(decision=label, promote=label == "promoted", version=version, run_id=run_id,
+                  evaluated_against=evaluated.get("version"), metrics=m,
+                  checks=decision.to_dict()["checks"],
                   champion_after=after.version if after else None)
     write_json(report, record)
     return record
 
 
-def _description(label: str, decision: Decision, m: dict[str, float]) -> str:
+def _alias_target(client, name: str, alias: str) -> str | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(client.get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        return None
+
+
+def _tag(client, params: Params, name: str, version: str, label: str, decision: Decision,
+         m: dict[str, float], *, fp: str, evaluated: dict, val: dict, drift_report: dict,
+         lock: Path) -> None:
+    tags = version_tags(decision, label, fingerprint=fp, compared_with=evaluated.get("version"),
+                        params=params, drift=drift_report, validation=val, lock=lock)
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+    client.update_model_version(name, version, description=description(label, decision, m))
+
+
+def _register(client, params: Params, name: str, fp: str, label: str, decision: Decision,
+              m: dict[str, float], *, evaluated: dict, val: dict, drift: Path, drift_report: dict,
+              lock: Path, paths: tuple[Path, ...], log_candidate, find_version
+              ) -> tuple[str, str | None]:
+    """Log and register the candidate (once per model and baseline), then tag it."""
+    version = find_version(client, name, fp, str(evaluated.get("version")))
+    run_id = None
+    if version is None:
+        validation, eval_metrics, eval_report, candidate = paths
+        card = eval_report.parent / "model_card.md"
+        write_text_atomic(card, model_card(params, name, label, decision, m, val=val,
+                                           drift=drift_report, evaluated=evaluated, lock=lock))
+        flat_params = {f"{k}.{kk}": str(vv)[:500] for k, v in params.model_dump(by_alias=True)
+                       .items() for kk, vv in v.items()}
+        plots = sorted(eval_report.parent.glob("*.png"))
+        run_id, version = log_candidate(
+            candidate, name=name, params=flat_params, metrics=m,
+            artifacts=[drift, drift.with_suffix(".png"), validation, eval_metrics, eval_report,
+                       card, *plots,
+                       *([Path(val["data_docs"]).parent] if val.get("data_docs") else [])],
+            run_tags={"fingerprint": fp, "decision": label},
+            model_card=card,
+        )
+    _tag(client, params, name, version, label, decision, m, fp=fp, evaluated=evaluated,
+         val=val, drift_report=drift_report, lock=lock)
+    return version, run_id
+
+
+ROWS = ("all", RECENT, REFERENCE, "weighted")
+
+
+def _slice_rows(m: dict[str, float]) -> list[str]:
+    names = [s for s in ROWS if f"n/{s}" in m]
+    names += sorted(k[len("n/"):] for k in m if k.startswith("n/domain:"))
+    return names
+
+
+def _fmt(x: Any, spec: str = ".4f") -> str:
+    return "-" if not isinstance(x, (int, float)) or math.isnan(x) else format(x, spec)
+
+
+def metric_table(m: dict[str, float]) -> str:
+    """One row per slice: rows, both models' macro-F1 and accuracy, the gain and its bounds."""
+    lines = ["| slice | n | candidate F1 | champion F1 | diff | bounds | p (rule) | "
+             "candidate acc | champion acc |", "|---|---|---|---|---|---|---|---|---|"]
+    for s in _slice_rows(m):
+        lines.append(
+            f"| {s} | {_fmt(m.get(f'n/{s}'), '.0f')} | {_fmt(m.get(f'candidate/{s}/macro_f1'))} "
+            f"| {_fmt(m.get(f'champion/{s}/macro_f1'))} "
+            f"| {_fmt(m.get(f'diff/{s}/macro_f1'), '+.4f')} "
+            f"| {_fmt(m.get(f'diff/{s}/macro_f1_low'), '+.4f')} to "
+            f"{_fmt(m.get(f'diff/{s}/macro_f1_high'), '+.4f')} "
+            f"| {_fmt(m.get(f'test/{s}/p_value'))} | {_fmt(m.get(f'candidate/{s}/accuracy'))} "
+            f"| {_fmt(m.get(f'champion/{s}/accuracy'))} |"
+        )
+    return "\n".join(lines)
+
+
+def description(label: str, decision: Decision, m: dict[str, float]) -> str:
+    """The version description in the MLflow UI: the decision, every check, the metric table."""
     lines = [f"**Gate decision: {label}**", "", "| check | passed | reason |", "|---|---|---|"]
     lines += [f"| {c.name} | {'yes' if c.passed else 'no'} | {c.reason} |" for c in decision.checks]
-    lines += ["", "| metric | value |", "|---|---|"]
-    lines += [f"| {k} | {v:.4f} |" for k, v in sorted(m.items()) if isinstance(v, float)]
-    return "\n".join(lines)
+    lines += ["", metric_table(m)]
+    extra = [(k, v) for k, v in sorted(m.items())
+             if k.startswith(("candidate/latency", "candidate/size", "behaviour/"))]
+    if extra:
+        lines += ["", "| measurement | value |", "|---|---|"]
+        lines += [f"| {k} | {_fmt(v)} |" for k, v in extra]
+    return "\n".join(lines)[:60000]
+
+
+def model_card(params: Params, name: str, label: str, decision: Decision, m: dict[str, float], *,
+               val: dict, drift: dict, evaluated: dict, lock: Path) -> str:
+    """A model card in markdown: what the model is, what it was trained and judged on, limits."""
+    hashes = data_hashes(lock)
+    lines = [
+        f"# Model card: {name}",
+        "",
+        "A text classifier fine-tuned by ratchet (continual fine-tuning with a gated registry).",
+        "Input: a DataFrame with a `text` column. Output: `label`, its `score`, and "
+        "`probabilities` over the label set (`label_map.json`).",
+        "",
+        "## Training",
+        f"- Base model: `{params.model.source}`, max length {params.model.max_length} tokens, "
+        f"seed {params.model.seed}.",
+        f"- Fine-tuning: {params.finetune.epochs:g} epochs, batch {params.finetune.batch_size}, "
+        f"learning rate {params.finetune.learning_rate:g}; continued MLM pre-training "
+        f"{'on' if params.pretrain.enabled else 'off'}.",
+        f"- Code: git commit `{git_commit()}`; params hash `{params_hash(params)}`.",
+        "- Data (md5 from dvc.lock):",
+        *[f"  - `{p}`: `{h}`" for p, h in sorted(hashes.items())],
+        f"- Validation: {'passed' if val.get('passed') else 'failed'} with "
+        f"{len(val.get('warnings', []))} warning(s).",
+        f"- Drift of the newest batch: {drift.get('summary', 'n/a')}",
+        "",
+        "## Evaluation",
+        f"Compared with champion version {evaluated.get('version') or '(none: cold start)'}.",
+        "",
+        metric_table(m),
+        "",
+        "## Gate decision: " + label,
+        *[f"- {'PASS' if c.passed else 'FAIL'} `{c.name}`: {c.reason}" for c in decision.checks],
+        "",
+        "## Limitations",
+        "- Judged on the project's own test split; the drift-weighted slice estimates the current "
+        "distribution from importance weights, which are clipped and noisy on small batches.",
+        "- Invariance and probe checks cover casing, one-typo changes and the workspace's "
+        "probes only.",
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     stage_main("gate", __doc__, {
         "eval_metrics": "evaluation metrics JSON",
+        "eval_report": "evaluation details JSON (behaviour, label sets)",
         "validation": "validation report JSON",
         "drift": "drift report JSON",
         "candidate": "folder of the candidate model",
         "champion": "champion.json the evaluation used",
+        "test": "prepared test split (to re-evaluate if `champion` moves during the run)",
+        "weights": "importance weights of the test rows (idem)",
         "lock": "dvc.lock, for the data hashes (read, not a dependency)",
         "report": "gate decision JSON to write",
     }, run)

@@ -29,6 +29,8 @@ TINY = {
     "augment": {"ops": ["swap", "delete"]},
     "finetune": {"epochs": 6.0, "learning_rate": 0.005, "batch_size": 32},
     "evaluate": {"bootstrap_resamples": 1000},
-    "gate": {"max_regression": 0.05},
+    # A tiny random-init model trained for seconds is neither typo-robust nor right on every
+    # probe; the behavioural checks' failing paths are table-tested in tests/unit/test_gate.py.
+    "gate": {"max_regression": 0.05, "min_invariance": 0.5, "min_probe_accuracy": 0.0},
 }
 REPO = Path(__file__).resolve().parent.parent

@@ -20,7 +20,7 @@ import pytest
 
 from ratchet.cli import Engine, run_demo
 from ratchet.config import load_params
-from ratchet.registry import CHALLENGER, CHAMPION, connect
+from ratchet.registry import CHALLENGER, CHAMPION, alias_history, connect
 from ratchet.workspace import tool_env
 from tests.conftest import TINY
 
@@ -95,6 +95,15 @@ def assert_story(ws: Path, rows: list[dict[str, Any]]) -> None:
     assert {c["name"] for c in g3["checks"] if not c["passed"]} & {"recent", "reference"}
     # The recent gain after the new domain is real, by the bootstrap's lower bound.
     assert g2["metrics"]["diff/recent/macro_f1_low"] > 0.01
+    # Every check of the rule ran on a run with a champion, on both models' numbers.
+    names = {c["name"] for c in g2["checks"]}
+    assert {"validation", "min_score", "latency", "invariance_casing", "invariance_typos",
+            "probes", "recent", "reference", "weighted"} <= names, names
+    for key in ("champion/weighted/macro_f1", "test/weighted/p_value", "mcnemar/recent/p_value",
+                "candidate/latency/p95_ms_bs32", "candidate/size/mb", "champion/all/ece"):
+        assert key in g2["metrics"], key
+    assert (ws / "reports" / "eval" / "confusion_candidate.png").is_file()
+    assert "## Gate decision" in (ws / "reports" / "eval" / "model_card.md").read_text()
 
     params = load_params(ws / "params.yaml")
     client = connect(params.registry, ws)
@@ -104,6 +113,11 @@ def assert_story(ws: Path, rows: list[dict[str, Any]]) -> None:
     model = client.get_registered_model(name)
     assert str(model.aliases[CHAMPION]) == g2["version"]
     assert str(model.aliases[CHALLENGER]) == g3["version"]
+    # Every alias move was the gate's, in order, and recorded in the registry.
+    moves = [(e["alias"], e["from"], e["to"], e["by"]) for e in alias_history(client, name)
+             if e["alias"] == CHAMPION]
+    assert moves == [(CHAMPION, None, g1["version"], "gate"),
+                     (CHAMPION, g1["version"], g2["version"], "gate")]
     commits = set(_git(ws, "log", "--format=%H").split())
     for gate in (g1, g2, g3):
         tags = versions[gate["version"]].tags

@@ -1,0 +1,497 @@
+"""Gate decision quality on CLINC150: promotion rates of ratchet's rule, a naive rule and MLflow's.
+
+Data: `../shared/data/clinc150/{train,val,test}.csv` (columns text, label, domain), read by path
+and never copied; the `oos` rows are left out (150 intents in 10 domains).
+
+Models (real predictions). Full fine-tuning of MiniLM was measured at ~1.5 s per batch of 32
+on this shared 2-core machine (~12 min per epoch per seed), far over the budget, so every model
+is a head on frozen features: the packaged MiniLM (`minilm-l6`) embeds each text once
+(`ratchet.embed.embed`, mean pooling, max_length 64; ~2-4 min, cached under
+benchmarks/.cache/gate/), then a dropout MLP head (HEAD) is trained on CLINC150 train with the
+project's AdamW, warmup/decay schedule and batching (`ratchet.training`), once per seed of
+RECIPE_SEEDS (~5 s each; top-2 predictions on val and test are cached). The seeds score
+~0.956 test macro-F1 and disagree on ~1.8% of test rows. Most of the run is ratchet's rule:
+~0.9 s per case (`score` computes every metric of every slice), ~9 min for 600 cases.
+
+Scenarios. Champion and candidate are an ordered pair of distinct seeds (12 pairs, cycled over
+the cases); the champion's predictions are always the champion seed's own.
+- equal: the candidate is the other seed as trained (same recipe, different seed).
+- better: the candidate seed with a fixed share of its errors corrected (rows in a seeded
+  random order; corrected to the true label). A ~2-point better model was not on offer: larger
+  heads and seed ensembles on the same frozen features saturate at the same ~0.957, and full
+  fine-tuning is too slow here; correcting a fixed subset keeps the candidate's natural
+  disagreements with the champion (seed churn, wins and losses) and adds real-sized gains.
+- forgetting: the better candidate on recent; on reference the same candidate with a fixed
+  share of its right answers turned into its own most probable wrong class.
+The shares are calibrated per pair on the val pool (held out from the simulation), by bisection
+on the mean gap over CALIBRATION_DRAWS fixed resamples of N_RECENT rows, so that the expected
+candidate - champion macro-F1 is TARGET_GAIN (+2 pts) on recent and TARGET_FORGET (-3 pts) on
+reference; the same shares are then applied to the test pool. Each modified prediction array is
+a fixed model: cases resample rows, they never re-draw which rows changed.
+
+Cases. Each case (own seed) draws a recent slice of N_RECENT and a reference slice of
+N_REFERENCE rows from the test pool (4,500 rows), independently and with replacement (each
+slice a fresh sample from the population the pool stands for). The realised gaps are reported
+per scenario (`mean_gaps`: mean and sd over cases).
+
+Rules, on each case:
+- ratchet: the project's own code, `tasks.evaluate.score` on the case's frame (label, slice,
+  candidate, champion) then `tasks.gate.rule_decision` with default Params (bootstrap 2000
+  resamples, unchanged); latency and behaviour checks are skipped (not measurable here),
+  validation passed, a champion exists. Without `domain` in the frame (see WITH_DOMAIN).
+- naive: promote when the candidate's recent macro-F1 is greater (ZenML-template style).
+- mlflow_threshold: `mlflow.validate_evaluation_results` with
+  `MetricThreshold(threshold=gate.min_score, min_absolute_change=gate.min_delta,
+  greater_is_better=True)` on recent macro-F1, the champion as baseline; MLflow checks
+  `candidate >= baseline + min_absolute_change` and `candidate >= threshold`, both on point
+  values. The absolute threshold (0.5, ratchet's floor) never binds here (scores ~0.95), and
+  min_absolute_change must be positive, so MLflow cannot express a non-inferiority margin on
+  reference: this rule looks at recent only.
+
+Targets: promotion <= 5% (equal), >= 80% (better), <= 5% (forgetting). Output: promotion rate
+per rule and scenario, `cases`, `n_recent`, `n_reference`, `mean_gaps`, the checks that failed
+ratchet's rule, calibration (per pair and mean), model scores, params and phase seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+DATA = Path(__file__).resolve().parents[2] / "shared/data/clinc150"
+CACHE = Path(__file__).resolve().parent / ".cache" / "gate"
+SPLITS = ("train", "val", "test")
+MAX_LENGTH = 64  # the default model.max_length
+EMBED_BATCH = 128
+ENCODER_SEED = 13  # the default model.seed (the packaged MiniLM has no random part to seed)
+
+# The recipe every model shares: a one-hidden-layer head on frozen MiniLM sentence embeddings,
+# trained with the project's optimizer, schedule and batching (ratchet.training).
+HEAD = {"hidden": 512, "dropout": 0.3, "epochs": 6, "batch_size": 64, "learning_rate": 1e-3,
+        "weight_decay": 0.01, "warmup_ratio": 0.1}
+RECIPE_SEEDS = (0, 1, 2, 3)
+
+SCENARIOS = ("equal", "better", "forgetting")
+CASES = 200  # per scenario
+N_RECENT = 1000
+N_REFERENCE = 1000
+TARGET_GAIN = 0.02  # better/forgetting: expected candidate - champion macro-F1 on recent
+TARGET_FORGET = -0.03  # forgetting: expected candidate - champion macro-F1 on reference
+CALIBRATION_DRAWS = 400
+SEED = 0
+RULES = ("ratchet", "naive", "mlflow_threshold")
+# Give ratchet's evaluation the `domain` column (13 slices instead of 3: its per-domain harm
+# checks)? Off: it doubles the time per case, and an ablation (48 cases per scenario) gave the
+# same decision on every case, as expected when the scenarios change all domains alike.
+WITH_DOMAIN = False
+
+
+# ---------------------------------------------------------------- data, embeddings, models
+
+
+def load_splits() -> dict[str, pd.DataFrame]:
+    """train/val/test of CLINC150 without the `oos` rows: 150 intents in 10 domains."""
+    out = {}
+    for split in SPLITS:
+        df = pd.read_csv(DATA / f"{split}.csv", dtype=str, keep_default_na=False)
+        out[split] = df[df["label"] != "oos"].reset_index(drop=True)
+    return out
+
+
+def _key(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def embeddings(splits: dict[str, pd.DataFrame]) -> tuple[dict[str, np.ndarray], str]:
+    """Mean-pooled MiniLM embeddings of every split (ratchet.embed), cached on disk."""
+    texts = {s: df["text"].tolist() for s, df in splits.items()}
+    key = _key("minilm-l6", MAX_LENGTH, texts)
+    path = CACHE / f"embeddings-{key}.npz"
+    if path.is_file():
+        with np.load(path) as z:
+            return {s: z[s] for s in splits}, key
+    from ratchet.embed import embed, load_base_encoder
+
+    model, tok = load_base_encoder("minilm-l6", ENCODER_SEED)
+    out = {s: embed(t, model, tok, max_length=MAX_LENGTH, batch_size=EMBED_BATCH, progress=True)
+           for s, t in texts.items()}
+    CACHE.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, **out)
+    return out, key
+
+
+def train_head(x: np.ndarray, y: np.ndarray, n_classes: int, seed: int, recipe: dict):
+    """A dropout MLP head trained with the project's AdamW, warmup/decay schedule and batching.
+
+    The seed sets the initialisation, the dropout masks and the batch order. One thread: the
+    matrices are small, and on a shared machine a second OpenMP thread spin-waiting for a busy
+    core made one head take minutes instead of seconds.
+    """
+    import torch
+
+    from ratchet.training import Schedule, epoch_batches, make_optimizer, steps_for
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(seed)
+        model = torch.nn.Sequential(
+            torch.nn.LayerNorm(x.shape[1]),
+            torch.nn.Linear(x.shape[1], recipe["hidden"]),
+            torch.nn.GELU(),
+            torch.nn.Dropout(recipe["dropout"]),
+            torch.nn.Linear(recipe["hidden"], n_classes),
+        )
+        total = steps_for(len(x), recipe["batch_size"], recipe["epochs"])
+        opt, sched = make_optimizer(model, recipe["learning_rate"], recipe["weight_decay"],
+                                    Schedule(total, int(total * recipe["warmup_ratio"])))
+        xt, yt = torch.from_numpy(x), torch.from_numpy(y.astype(np.int64))
+        rng = random.Random(seed)
+        model.train()
+        for _ in range(recipe["epochs"]):
+            for idx in epoch_batches(len(x), recipe["batch_size"], rng):
+                loss = torch.nn.functional.cross_entropy(model(xt[idx]), yt[idx])
+                loss.backward()
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+    finally:
+        torch.set_num_threads(threads)
+    return model.eval()
+
+
+def top2(model, x: np.ndarray) -> np.ndarray:
+    """(n, 2) class indices: each row's most and second most probable class."""
+    import torch
+
+    with torch.inference_mode():
+        logits = model(torch.from_numpy(x))
+    return torch.topk(logits, 2, dim=-1).indices.numpy().astype(np.int64)
+
+
+def predictions(emb: dict[str, np.ndarray], y_train: np.ndarray, n_classes: int, emb_key: str
+                ) -> tuple[dict[int, dict[str, np.ndarray]], dict[str, float]]:
+    """Top-2 predictions on val and test of one model per recipe seed (cached), and seconds."""
+    path = CACHE / f"predictions-{_key(emb_key, HEAD, RECIPE_SEEDS)}.npz"
+    if path.is_file():
+        with np.load(path) as z:
+            return ({s: {p: z[f"{s}/{p}"] for p in ("val", "test")} for s in RECIPE_SEEDS},
+                    json.loads(str(z["seconds"])))
+    out, seconds = {}, {}
+    for seed in RECIPE_SEEDS:
+        t0 = time.perf_counter()
+        model = train_head(emb["train"], y_train, n_classes, seed, HEAD)
+        out[seed] = {p: top2(model, emb[p]) for p in ("val", "test")}
+        seconds[str(seed)] = round(time.perf_counter() - t0, 1)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, seconds=json.dumps(seconds),
+                        **{f"{s}/{p}": a for s, d in out.items() for p, a in d.items()})
+    return out, seconds
+
+
+# ---------------------------------------------------------------- scenario models, calibration
+
+
+def macro_f1_rows(y: np.ndarray, p: np.ndarray, n_classes: int) -> np.ndarray:
+    from ratchet.stats import macro_f1_rows as rows
+
+    return rows(y, p, n_classes)
+
+
+def fix_errors(pred: np.ndarray, y: np.ndarray, order: np.ndarray, k: int) -> np.ndarray:
+    """`pred` with the first k of its errors (in the fixed `order` of rows) set to the truth."""
+    wrong = order[pred[order] != y[order]]
+    out = pred.copy()
+    out[wrong[:k]] = y[wrong[:k]]
+    return out
+
+
+def break_answers(pred: np.ndarray, y: np.ndarray, runner_up: np.ndarray, order: np.ndarray,
+                  k: int) -> np.ndarray:
+    """`pred` with the first k of its correct answers (in `order`) set to `runner_up`."""
+    right = order[pred[order] == y[order]]
+    out = pred.copy()
+    out[right[:k]] = runner_up[right[:k]]
+    return out
+
+
+def most_likely_wrong(top: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Per row, the model's most probable class that is not the truth."""
+    return np.where(top[:, 0] == y, top[:, 1], top[:, 0])
+
+
+def mean_gap(y: np.ndarray, cand: np.ndarray, champ: np.ndarray, draws: np.ndarray,
+             n_classes: int) -> float:
+    """Mean candidate - champion macro-F1 over row resamples `draws` (draws x n positions)."""
+    yy = y[draws]
+    return float(np.mean(macro_f1_rows(yy, cand[draws], n_classes)
+                         - macro_f1_rows(yy, champ[draws], n_classes)))
+
+
+def calibrate(gap_of: Callable[[int], float], k_max: int, target: float, increasing: bool
+              ) -> tuple[int, float]:
+    """The k in [0, k_max] whose expected gap is closest to `target` (bisection; the gap is
+    monotone in k up to resampling noise, and the draws are fixed, so it is deterministic)."""
+    lo, hi = 0, k_max
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        below = gap_of(mid) < target
+        if below == increasing:
+            lo = mid
+        else:
+            hi = mid
+    return min(((k, gap_of(k)) for k in (lo, hi)), key=lambda kg: abs(kg[1] - target))
+
+
+def scenario_models(cand_top: np.ndarray, y: np.ndarray, *, fix_share: float,
+                    break_share: float, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """The candidate's predictions on one pool: as trained, improved, improved then degraded.
+
+    `fix_share` of the candidate's errors are corrected (in a random order fixed by `rng`), then
+    `break_share` of the improved candidate's correct answers become its most likely wrong
+    class. Each array is a fixed model: cases resample rows, never re-draw which rows changed.
+    """
+    base = cand_top[:, 0]
+    better = fix_errors(base, y, rng.permutation(len(y)), round(fix_share * np.sum(base != y)))
+    worse = break_answers(better, y, most_likely_wrong(cand_top, y), rng.permutation(len(y)),
+                          round(break_share * np.sum(better == y)))
+    return {"trained": base, "improved": better, "degraded": worse}
+
+
+def calibrate_pair(y: np.ndarray, champ: np.ndarray, cand_top: np.ndarray, draws: np.ndarray,
+                   n_classes: int, rng: np.random.Generator) -> dict[str, float]:
+    """Shares of errors to fix and of right answers to break so that, on resamples of this
+    (held-out) pool, the expected gaps to the champion are TARGET_GAIN and TARGET_FORGET."""
+    base = cand_top[:, 0]
+    fix_order, break_order = rng.permutation(len(y)), rng.permutation(len(y))
+    errors = int(np.sum(base != y))
+    k, gain = calibrate(lambda k: mean_gap(y, fix_errors(base, y, fix_order, k), champ, draws,
+                                           n_classes), errors, TARGET_GAIN, increasing=True)
+    better = fix_errors(base, y, fix_order, k)
+    wrong_label, right = most_likely_wrong(cand_top, y), int(np.sum(better == y))
+    m, loss = calibrate(lambda m: mean_gap(y, break_answers(better, y, wrong_label, break_order,
+                                                            m), champ, draws, n_classes),
+                        right, TARGET_FORGET, increasing=False)
+    return {"trained_gap": mean_gap(y, base, champ, draws, n_classes), "fix_share": k / errors,
+            "improved_gap": gain, "break_share": m / right, "degraded_gap": loss}
+
+
+# ---------------------------------------------------------------- the three rules
+
+
+def naive_rule(candidate_recent: float, champion_recent: float) -> bool:
+    """ZenML-template style: promote when the candidate's recent macro-F1 is greater."""
+    return candidate_recent > champion_recent
+
+
+def mlflow_rule(candidate_recent: float, champion_recent: float, *, min_delta: float,
+                floor: float) -> bool:
+    """MLflow's own validation: MetricThreshold(threshold=floor, min_absolute_change=min_delta)
+    on recent macro-F1, candidate against the champion as baseline; a raised
+    ModelValidationFailedException means not promoted."""
+    import mlflow
+    from mlflow.models import MetricThreshold
+    from mlflow.models.evaluation import EvaluationResult
+    from mlflow.models.evaluation.validation import ModelValidationFailedException
+
+    # One INFO line per call otherwise ("Validating candidate model metrics against baseline").
+    logging.getLogger("mlflow.models.evaluation.validation").setLevel(logging.WARNING)
+    thresholds = {"macro_f1": MetricThreshold(threshold=floor, min_absolute_change=min_delta,
+                                              greater_is_better=True)}
+    try:
+        mlflow.validate_evaluation_results(
+            thresholds,
+            EvaluationResult(metrics={"macro_f1": candidate_recent}, artifacts={}),
+            EvaluationResult(metrics={"macro_f1": champion_recent}, artifacts={}),
+        )
+    except ModelValidationFailedException:
+        return False
+    return True
+
+
+def ratchet_rule(frame: pd.DataFrame, params) -> tuple[bool, list[str], dict[str, float]]:
+    """The project's own evaluate metrics and gate rule on one case's frame."""
+    from tasks.evaluate import score
+    from tasks.gate import rule_decision
+
+    metrics = score(frame, params)
+    decision = rule_decision(metrics, params, has_champion=True, validation_passed=True)
+    return bool(decision.promote), [c.name for c in decision.failed], metrics
+
+
+# ---------------------------------------------------------------- cases
+
+
+def draw_case(rng: np.random.Generator, pool_size: int, n_recent: int, n_reference: int
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """Row positions of one case's recent and reference slices (independent, with replacement:
+    each slice is a fresh sample of size n from the population the pool stands for)."""
+    return rng.integers(0, pool_size, n_recent), rng.integers(0, pool_size, n_reference)
+
+
+# Which of the candidate's fixed prediction arrays each scenario shows on each slice.
+SLICE_MODELS = {"equal": ("trained", "trained"), "better": ("improved", "improved"),
+                "forgetting": ("improved", "degraded")}
+
+
+# ---------------------------------------------------------------- the benchmark
+
+
+def _mean_sd(values: list[float]) -> dict[str, float]:
+    return {"mean": round(float(np.mean(values)), 4), "sd": round(float(np.std(values)), 4)}
+
+
+def run(*, with_ratchet: bool = True, cases: int = CASES, params=None) -> dict[str, Any]:
+    if not DATA.is_dir():
+        return {"skipped": f"CLINC150 not found at {DATA}"}
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local; never ask a hub
+    from ratchet.config import Params
+
+    params = params or Params()
+    start = time.perf_counter()
+    seconds: dict[str, Any] = {}
+    splits = load_splits()
+    names = np.array(sorted(set(splits["train"]["label"])), dtype=object)
+    n_classes = len(names)
+    index = {name: i for i, name in enumerate(names)}
+    y = {s: df["label"].map(index).to_numpy(dtype=np.int64) for s, df in splits.items()}
+
+    t0 = time.perf_counter()
+    emb, emb_key = embeddings(splits)
+    seconds["embedding"] = round(time.perf_counter() - t0, 1)
+    t0 = time.perf_counter()
+    preds, train_seconds = predictions(emb, y["train"], n_classes, emb_key)
+    seconds["training"] = round(time.perf_counter() - t0, 1)
+    seconds["training_when_not_cached"] = train_seconds
+
+    def score_of(p: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+        return {"macro_f1": round(float(macro_f1_rows(truth[None], p[None], n_classes)[0]), 4),
+                "accuracy": round(float(np.mean(p == truth)), 4)}
+
+    models_report = {str(s): {pool: score_of(preds[s][pool][:, 0], y[pool])
+                              for pool in ("val", "test")} for s in RECIPE_SEEDS}
+
+    # Calibration on val (held out from the simulation), one candidate per ordered seed pair.
+    t0 = time.perf_counter()
+    pairs = [(i, j) for i in RECIPE_SEEDS for j in RECIPE_SEEDS if i != j]
+    val_draws = np.random.default_rng([SEED, 1]).integers(
+        0, len(y["val"]), (CALIBRATION_DRAWS, N_RECENT))
+    test_draws = np.random.default_rng([SEED, 2]).integers(
+        0, len(y["test"]), (CALIBRATION_DRAWS, N_RECENT))
+    calibration, candidates = {}, {}
+    for p, (i, j) in enumerate(pairs):
+        cal = calibrate_pair(y["val"], preds[i]["val"][:, 0], preds[j]["val"], val_draws,
+                             n_classes, np.random.default_rng([SEED, 3, p]))
+        cand = scenario_models(preds[j]["test"], y["test"], fix_share=cal["fix_share"],
+                               break_share=cal["break_share"],
+                               rng=np.random.default_rng([SEED, 4, p]))
+        candidates[(i, j)] = cand
+        champ = preds[i]["test"][:, 0]
+        calibration[f"{i}->{j}"] = {
+            "val": {k: round(v, 4) for k, v in cal.items()},
+            "test": {f"{m}_gap": round(mean_gap(y["test"], a, champ, test_draws, n_classes), 4)
+                     for m, a in cand.items()},
+        }
+    seconds["calibration"] = round(time.perf_counter() - t0, 1)
+
+    # The simulation: each case draws its own recent and reference slices from the test pool.
+    t0 = time.perf_counter()
+    decisions: dict[str, dict[str, list[bool]]] = {r: {s: [] for s in SCENARIOS} for r in RULES}
+    gaps = {s: {"recent": [], "reference": []} for s in SCENARIOS}
+    failed: dict[str, Counter] = {s: Counter() for s in SCENARIOS}
+    ratchet_seconds = 0.0
+    domains = splits["test"]["domain"].to_numpy(dtype=object)
+    for s_idx, scenario in enumerate(SCENARIOS):
+        for c in range(cases):
+            i, j = pairs[c % len(pairs)]
+            rec, ref = draw_case(np.random.default_rng([SEED, 5, s_idx, c]), len(y["test"]),
+                                 N_RECENT, N_REFERENCE)
+            champ = preds[i]["test"][:, 0]
+            on_recent, on_reference = (candidates[(i, j)][m] for m in SLICE_MODELS[scenario])
+            f1 = {}
+            for slice_name, rows, cand in (("recent", rec, on_recent),
+                                           ("reference", ref, on_reference)):
+                both = macro_f1_rows(y["test"][rows][None].repeat(2, axis=0),
+                                     np.stack([cand[rows], champ[rows]]), n_classes)
+                f1[slice_name] = both
+                gaps[scenario][slice_name].append(float(both[0] - both[1]))
+            decisions["naive"][scenario].append(naive_rule(*f1["recent"]))
+            decisions["mlflow_threshold"][scenario].append(mlflow_rule(
+                *f1["recent"], min_delta=params.gate.min_delta, floor=params.gate.min_score))
+            if with_ratchet:
+                rows = np.concatenate([rec, ref])
+                frame = pd.DataFrame({
+                    "label": names[y["test"][rows]],
+                    "slice": ["recent"] * len(rec) + ["reference"] * len(ref),
+                    "candidate": names[np.concatenate([on_recent[rec], on_reference[ref]])],
+                    "champion": names[champ[rows]],
+                })
+                if WITH_DOMAIN:
+                    frame["domain"] = domains[rows]
+                r0 = time.perf_counter()
+                promote, failed_checks, _ = ratchet_rule(frame, params)
+                ratchet_seconds += time.perf_counter() - r0
+                decisions["ratchet"][scenario].append(promote)
+                failed[scenario].update(failed_checks)
+        rates = {r: round(float(np.mean(d[scenario])), 3) for r, d in decisions.items()
+                 if d[scenario]}
+        print(f"gate benchmark {scenario}: {rates} "
+              f"(recent gap {_mean_sd(gaps[scenario]['recent'])['mean']:+.4f})", flush=True)
+    seconds["simulation"] = round(time.perf_counter() - t0, 1)
+    seconds["ratchet_rule"] = round(ratchet_seconds, 1)
+    seconds["total"] = round(time.perf_counter() - start, 1)
+
+    result: dict[str, Any] = {
+        rule: {s: round(float(np.mean(d[s])), 4) for s in SCENARIOS}
+        for rule, d in decisions.items() if with_ratchet or rule != "ratchet"
+    }
+    result["targets"] = {"equal": "<= 0.05", "better": ">= 0.80", "forgetting": "<= 0.05"}
+    if with_ratchet:
+        result["ratchet_vs_mlflow_disagreements"] = {
+            s: int(np.sum(np.array(decisions["ratchet"][s])
+                          != np.array(decisions["mlflow_threshold"][s]))) for s in SCENARIOS}
+    result["cases"] = {s: cases for s in SCENARIOS}
+    result["n_recent"], result["n_reference"] = N_RECENT, N_REFERENCE
+    result["mean_gaps"] = {s: {k: _mean_sd(v) for k, v in g.items()} for s, g in gaps.items()}
+    if with_ratchet:
+        result["ratchet_failed_checks"] = {s: dict(sorted(f.items())) for s, f in failed.items()}
+    cal_vals = [c["val"] for c in calibration.values()]
+    result["calibration"] = {
+        "summary": {k: round(float(np.mean([c[k] for c in cal_vals])), 4) for k in cal_vals[0]},
+        "per_pair": calibration,
+    }
+    result["models"] = {
+        "recipe": "frozen packaged MiniLM (minilm-l6) mean-pooled embeddings "
+                  f"(ratchet.embed, max_length {MAX_LENGTH}) + MLP head "
+                  "(LayerNorm, Linear, GELU, Dropout, Linear) trained with ratchet.training's "
+                  "AdamW/warmup-decay/batching on CLINC150 train (150 intents, oos left out)",
+        "head": HEAD,
+        "seeds": list(RECIPE_SEEDS),
+        "scores": models_report,
+        "test_disagreement": {
+            f"{i}-{j}": round(float(np.mean(preds[i]["test"][:, 0] != preds[j]["test"][:, 0])), 4)
+            for i, j in pairs if i < j},
+    }
+    result["params"] = {"gate": params.gate.model_dump(), "evaluate": params.evaluate.model_dump()}
+    result["setup"] = {
+        "data": "CLINC150 by path; val (3000 rows) = calibration pool, test (4500 rows) = "
+                "simulation pool; oos left out",
+        "slices": "recent and reference drawn independently, with replacement, from the test "
+                  "pool, each case with its own seed",
+        "pairs": "champion/candidate = ordered pairs of distinct recipe seeds, cycled over cases",
+        "calibration_draws": CALIBRATION_DRAWS,
+        "target_gain": TARGET_GAIN, "target_forget": TARGET_FORGET, "seed": SEED,
+    }
+    result["seconds"] = seconds
+    return result

@@ -1,0 +1,86 @@
+"""The gate benchmark's case generator, calibration and baseline rules, on synthetic labels."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from benchmarks import gate
+
+CLASSES = 20
+
+
+def noisy(y: np.ndarray, accuracy: float, rng: np.random.Generator) -> np.ndarray:
+    """Predictions right on about `accuracy` of the rows, a random other class elsewhere."""
+    wrong = rng.random(len(y)) > accuracy
+    return np.where(wrong, (y + rng.integers(1, CLASSES, len(y))) % CLASSES, y)
+
+
+def top2_of(pred: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A plausible top-2: the prediction, then the truth when wrong or another class when right."""
+    other = (pred + rng.integers(1, CLASSES, len(pred))) % CLASSES
+    return np.stack([pred, np.where(pred == y, other, y)], axis=1)
+
+
+def test_fix_and_break_change_exactly_the_first_k_rows_in_order():
+    y = np.array([0, 1, 2, 3, 4, 5])
+    pred = np.array([0, 2, 2, 0, 4, 0])  # wrong at 1, 3, 5
+    order = np.array([5, 4, 3, 2, 1, 0])
+    fixed = gate.fix_errors(pred, y, order, 2)
+    assert fixed.tolist() == [0, 2, 2, 3, 4, 5]  # rows 5 then 3: first errors in `order`
+    broken = gate.break_answers(pred, y, np.full(6, 9), order, 2)
+    assert broken.tolist() == [0, 2, 9, 0, 9, 0]  # rows 4 then 2: first right answers
+    assert gate.fix_errors(pred, y, order, 99).tolist() == y.tolist()
+    assert pred.tolist() == [0, 2, 2, 0, 4, 0]  # inputs untouched
+
+
+def test_most_likely_wrong_is_never_the_truth():
+    y = np.array([0, 1, 2])
+    top = np.array([[0, 5], [7, 1], [8, 9]])
+    assert gate.most_likely_wrong(top, y).tolist() == [5, 7, 8]
+
+
+def test_calibration_hits_the_target_gaps_on_a_held_out_pool():
+    rng = np.random.default_rng(0)
+    y_cal, y_sim = rng.integers(0, CLASSES, 3000), rng.integers(0, CLASSES, 3000)
+    champ_cal, champ_sim = noisy(y_cal, 0.9, rng), noisy(y_sim, 0.9, rng)
+    cand_cal = top2_of(noisy(y_cal, 0.9, rng), y_cal, rng)
+    cand_sim = top2_of(noisy(y_sim, 0.9, rng), y_sim, rng)
+    draws = rng.integers(0, 3000, (100, 1000))
+    cal = gate.calibrate_pair(y_cal, champ_cal, cand_cal, draws, CLASSES, rng)
+    assert cal["improved_gap"] == pytest.approx(gate.TARGET_GAIN, abs=0.002)
+    assert cal["degraded_gap"] == pytest.approx(gate.TARGET_FORGET, abs=0.002)
+    assert 0 < cal["fix_share"] < 1 and 0 < cal["break_share"] < 1
+    # The shares carry over to another pool of the same population (up to pool noise).
+    models = gate.scenario_models(cand_sim, y_sim, fix_share=cal["fix_share"],
+                                  break_share=cal["break_share"], rng=rng)
+    base_gap = gate.mean_gap(y_sim, models["trained"], champ_sim, draws, CLASSES)
+    better = gate.mean_gap(y_sim, models["improved"], champ_sim, draws, CLASSES) - base_gap
+    worse = gate.mean_gap(y_sim, models["degraded"], champ_sim, draws, CLASSES) - base_gap
+    assert better == pytest.approx(gate.TARGET_GAIN - cal["trained_gap"], abs=0.01)
+    assert worse == pytest.approx(gate.TARGET_FORGET - cal["trained_gap"], abs=0.01)
+    assert np.sum(models["improved"] == y_sim) > np.sum(models["trained"] == y_sim)
+    assert np.sum(models["degraded"] == y_sim) < np.sum(models["improved"] == y_sim)
+
+
+def test_cases_are_seeded_and_sized():
+    a = gate.draw_case(np.random.default_rng([0, 1]), 50, 30, 20)
+    b = gate.draw_case(np.random.default_rng([0, 1]), 50, 30, 20)
+    c = gate.draw_case(np.random.default_rng([0, 2]), 50, 30, 20)
+    assert [len(x) for x in a] == [30, 20]
+    assert all(np.array_equal(x, z) for x, z in zip(a, b, strict=True))
+    assert not np.array_equal(a[0], c[0])
+    assert all(x.min() >= 0 and x.max() < 50 for x in a)
+
+
+def test_naive_and_mlflow_rules():
+    assert gate.naive_rule(0.901, 0.9) and not gate.naive_rule(0.9, 0.9)
+    # MLflow: candidate >= baseline + min_absolute_change, and >= the absolute threshold.
+    assert gate.mlflow_rule(0.93, 0.90, min_delta=0.01, floor=0.5)
+    assert not gate.mlflow_rule(0.905, 0.90, min_delta=0.01, floor=0.5)
+    assert not gate.mlflow_rule(0.45, 0.40, min_delta=0.01, floor=0.5)
+
+
+def test_skipped_without_the_data(monkeypatch, tmp_path):
+    monkeypatch.setattr(gate, "DATA", tmp_path / "absent")
+    assert "skipped" in gate.run()

@@ -1,0 +1,137 @@
+"""The evaluate and gate stages on real tiny models and a real MLflow store: the metrics and
+reports they write, and compare-and-set when `champion` moves during the run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from ratchet.config import parse_params
+from ratchet.registry import CHALLENGER, CHAMPION, connect, current_champion, log_candidate
+from ratchet.runtime import write_json
+
+LABELS = ["book_flight", "check_balance", "play_music"]
+TEXTS = {
+    "book_flight": ["book a flight to paris", "i need a plane ticket to rome",
+                    "fly me to tokyo on friday", "find flights to berlin tomorrow"],
+    "check_balance": ["what is my checking balance", "how much money is in savings",
+                      "show my account balance", "tell me my balance please"],
+    "play_music": ["play some jazz music", "put on rock songs", "play my workout playlist",
+                   "i want to hear classical music"],
+}
+
+
+def tiny_classifier(path: Path, seed: int, *, touch_unused: bool = False) -> Path:
+    """A random-init tiny BERT classifier; `touch_unused` changes a position embedding that
+    short texts never reach: same predictions, different weights (a different model)."""
+    import torch
+    from transformers import BertForSequenceClassification
+
+    from ratchet.models import load_tokenizer, tiny_config
+
+    tok = load_tokenizer("tiny")
+    torch.manual_seed(seed)
+    cfg = tiny_config(len(tok))
+    cfg.num_labels = len(LABELS)
+    cfg.id2label = dict(enumerate(LABELS))
+    cfg.label2id = {lab: i for i, lab in enumerate(LABELS)}
+    model = BertForSequenceClassification(cfg)
+    if touch_unused:
+        with torch.no_grad():
+            model.bert.embeddings.position_embeddings.weight[-1] += 1.0
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def ws(tmp_path, monkeypatch):
+    """A stage working directory: params, a test split with two slices, reports."""
+    monkeypatch.chdir(tmp_path)
+    params = {"model": {"source": "tiny"}, "evaluate": {"bootstrap_resamples": 200,
+                                                         "latency_examples": 8,
+                                                         "behaviour_rows": 20}}
+    (tmp_path / "params.yaml").write_text(json.dumps(params))
+    rows = [{"text": t, "label": lab, "domain": "travel" if lab == "book_flight" else "home",
+             "slice": "recent" if i % 2 else "reference"}
+            for lab, texts in TEXTS.items() for i, t in enumerate(texts)]
+    pd.DataFrame(rows * 3).to_parquet(tmp_path / "test.parquet")
+    write_json(tmp_path / "validation.json", {"passed": True, "warnings": []})
+    write_json(tmp_path / "drift.json", {"summary": "no drift"})
+    (tmp_path / "probes.yaml").write_text("play_music: [play jazz]\nunknown_label: [hi]\n")
+    return tmp_path
+
+
+def _register(ws: Path, params, model_dir: Path) -> str:
+    connect(params.registry, ws)
+    _, version = log_candidate(model_dir, name=params.registry.model_name, params={},
+                               metrics={}, artifacts=[], run_tags={"fingerprint": model_dir.name})
+    return version
+
+
+def test_gate_reevaluates_when_champion_moves_during_the_run(ws):
+    from ratchet.registry import alias_history, move_alias
+    from ratchet.workspace import fingerprint
+    from tasks import evaluate, gate
+
+    params = parse_params(json.loads((ws / "params.yaml").read_text()))
+    name = params.registry.model_name
+    client = connect(params.registry, ws)
+    v1 = _register(ws, params, tiny_classifier(ws / "m1", seed=1))
+    client.set_model_version_tag(name, v1, "fingerprint", fingerprint(ws / "m1"))
+    move_alias(client, name, CHAMPION, v1, by="cli", reason="first", expected=None)
+    v2 = _register(ws, params, tiny_classifier(ws / "m2", seed=2))
+    client.set_model_version_tag(name, v2, "fingerprint", fingerprint(ws / "m2"))
+    candidate = tiny_classifier(ws / "candidate", seed=2, touch_unused=True)
+    write_json(ws / "champion.json", {"name": name, "version": v1})
+
+    m = evaluate.run(params, candidate=candidate, test=ws / "test.parquet",
+                     champion=ws / "champion.json", metrics=ws / "eval.json",
+                     predictions=ws / "pred.parquet", report=ws / "eval" / "report.json")
+    # Both models on every slice, the candidate's measurements, the report and the plot.
+    for key in ("n/recent", "n/reference", "n/domain:travel", "champion/recent/macro_f1",
+                "diff/recent/macro_f1_low", "test/reference/p_value", "mcnemar/all/p_value",
+                "candidate/all/ece", "candidate/latency/p95_ms_bs1", "candidate/size/parameters",
+                "behaviour/candidate/casing", "behaviour/candidate/probes"):
+        assert key in m, key
+    report = json.loads((ws / "eval" / "report.json").read_text())
+    assert report["behaviour"]["probes"]["not_applicable"] == ["unknown_label"]
+    assert report["new_classes"] == []
+    assert (ws / "eval" / "confusion_candidate.png").read_bytes()[:4] == b"\x89PNG"
+    preds = pd.read_parquet(ws / "pred.parquet")
+    assert {"candidate", "champion", "candidate_score", "champion_score"} <= set(preds.columns)
+
+    # A person moves `champion` to v2 in the MLflow UI while the run is between stages.
+    client.set_registered_model_alias(name, CHAMPION, v2)
+    record = gate.run(params, eval_metrics=ws / "eval.json", eval_report=ws / "eval" /
+                      "report.json", validation=ws / "validation.json", drift=ws / "drift.json",
+                      candidate=candidate, champion=ws / "champion.json", test=ws / "test.parquet",
+                      weights=ws / "absent.parquet", lock=ws / "dvc.lock",
+                      report=ws / "gate.json")
+    # Judged against v2 (whose predictions it shares: no gain), not against v1; v2 stays.
+    assert record["reevaluations"] == [{"from": v1, "to": v2}]
+    assert record["evaluated_against"] == v2
+    assert record["decision"] == "rejected" and record["metrics"]["diff/all/macro_f1"] == 0.0
+    assert current_champion(client, name).version == v2
+    mv = client.get_model_version(name, record["version"])
+    assert mv.tags["compared_with"] == v2 and mv.tags["decision"] == "rejected"
+    assert "| slice | n |" in mv.description and "Gate decision: rejected" in mv.description
+    assert str(client.get_registered_model(name).aliases[CHALLENGER]) == record["version"]
+    card = client.download_artifacts(record["run_id"], "reports/model_card.md", str(ws / "dl"))
+    assert "## Gate decision: rejected" in Path(card).read_text()
+    # The registered model itself carries the card and the label map beside the weights.
+    import mlflow.artifacts
+
+    model_dir = Path(mlflow.artifacts.download_artifacts(
+        f"models:/{name}/{record['version']}", dst_path=str(ws / "model")))
+    assert "## Evaluation" in (model_dir / "artifacts" / "model_card.md").read_text()
+    assert json.loads((model_dir / "artifacts" / "label_map.json").read_text()) == {
+        "labels": LABELS}
+    assert list((model_dir / "artifacts").rglob("model.safetensors"))
+    # The hand move was noticed and recorded as manual before the gate's own record.
+    events = alias_history(client, name)
+    assert [(e["alias"], e["by"]) for e in events] == [
+        (CHAMPION, "cli"), (CHAMPION, "manual"), (CHALLENGER, "gate")]
