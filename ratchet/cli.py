@@ -255,6 +255,21 @@ def _print_move(event: dict[str, Any]) -> None:
     )
 
 
+def _move_champion(client, name: str, version: str, current: str | None, reason: str, *,
+                   rollback: bool = False) -> None:
+    """Move `champion` by hand (compare-and-set against `current`), warning about a version the
+    gate rejected; a no-op when it is already there."""
+    from ratchet.registry import CHAMPION, model_version, move_alias
+
+    mv = model_version(client, name, version)
+    if current == str(mv.version):
+        console.print(f"version {current} is already the champion; nothing changed")
+        return
+    _print_failed(mv)
+    _print_move(move_alias(client, name, CHAMPION, str(mv.version), by="cli", reason=reason,
+                           expected=current, rollback=rollback))
+
+
 @app.command()
 def promote(
     version: Annotated[str, typer.Argument(help="The registered model version to serve.")],
@@ -269,19 +284,11 @@ def promote(
 
     Example: ratchet promote 3 --reason "v4 mislabels refunds in production"
     """
-    from ratchet.registry import CHAMPION, alias_target, model_version, move_alias
+    from ratchet.registry import CHAMPION, alias_target
 
     with user_errors():
         client, name = _registry(workspace_dir)
-        mv = model_version(client, name, version)
-        current = alias_target(client, name, CHAMPION)
-        if current == str(mv.version):
-            console.print(f"version {current} is already the champion; nothing changed")
-            return
-        _print_failed(mv)
-        event = move_alias(client, name, CHAMPION, str(mv.version), by="cli", reason=reason,
-                           expected=current)
-        _print_move(event)
+        _move_champion(client, name, version, alias_target(client, name, CHAMPION), reason)
 
 
 @app.command()
@@ -308,8 +315,6 @@ def rollback(
         alias_history,
         alias_target,
         detect_manual_moves,
-        model_version,
-        move_alias,
         rollback_target,
     )
 
@@ -318,14 +323,7 @@ def rollback(
         detect_manual_moves(client, name)  # the default target is read from a complete history
         current = alias_target(client, name, CHAMPION)
         target = to if to is not None else rollback_target(alias_history(client, name), current)
-        mv = model_version(client, name, target)
-        if current == str(mv.version):
-            console.print(f"version {current} is already the champion; nothing changed")
-            return
-        _print_failed(mv)
-        event = move_alias(client, name, CHAMPION, str(mv.version), by="cli", reason=reason,
-                           expected=current, rollback=True)
-        _print_move(event)
+        _move_champion(client, name, target, current, reason, rollback=True)
 
 
 class AliasChoice(StrEnum):

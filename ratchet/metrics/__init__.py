@@ -47,6 +47,20 @@ def _module(name: str):
     return evaluate.load(str(HERE / name))
 
 
+def f1(average: str, predictions, references, sample_weight=None) -> float:
+    """sklearn's F1 with `average` (macro | micro | weighted) over string labels; NaN if empty.
+
+    The F1 modules differ only in `average`; `sample_weight` weights rows (drift importance
+    weights), None weighs them all alike.
+    """
+    from sklearn.metrics import f1_score
+
+    if not references:
+        return float("nan")
+    return float(f1_score(references, predictions, average=average, zero_division=0,
+                          sample_weight=sample_weight))
+
+
 @cache
 def _combined():
     import evaluate

@@ -2,7 +2,7 @@
 
 import evaluate
 
-from ratchet.metrics import label_metric_info
+from ratchet.metrics import f1, label_metric_info
 
 
 class WeightedF1(evaluate.Metric):
@@ -13,11 +13,4 @@ class WeightedF1(evaluate.Metric):
         )
 
     def _compute(self, predictions, references, sample_weight=None):
-        """`sample_weight`: one weight per row (e.g. drift importance weights); None: all 1."""
-        from sklearn.metrics import f1_score
-
-        if not references:
-            return {"weighted_f1": float("nan")}
-        score = f1_score(references, predictions, average="weighted", zero_division=0,
-                         sample_weight=sample_weight)
-        return {"weighted_f1": float(score)}
+        return {"weighted_f1": f1("weighted", predictions, references, sample_weight)}
