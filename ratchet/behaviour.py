@@ -18,9 +18,16 @@ from ratchet.errors import ConfigError
 Predict = Callable[[list[str]], list[str]]
 
 
-def load_probes(path: Path) -> dict[str, list[str]]:
-    """Read the probes file; absent or empty means no probes. Bad shapes are refused clearly."""
+def load_probes(path: Path, *, required: bool = False) -> dict[str, list[str]]:
+    """Read the probes file; empty means no probes. Bad shapes are refused clearly.
+
+    `required`: a missing file is an error (a configured path with a typo must not silently
+    turn the probes check off); otherwise it means no probes.
+    """
     if not path.is_file():
+        if required:
+            raise ConfigError(f"{path}: the probes file (evaluate.probes) does not exist; "
+                              "make it, even empty (see `ratchet init`), or fix the path")
         return {}
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))

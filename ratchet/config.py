@@ -189,15 +189,16 @@ class EvaluateConfig(_Section):
     )
     seed: int = Field(0)
     behaviour_rows: int = Field(
-        300, ge=0, description="Test texts perturbed (casing, typos) for the invariance checks."
+        300, ge=1, description="Test texts perturbed (casing, typos) for the invariance checks."
     )
     latency_examples: int = Field(
-        64, ge=0, description="Test texts timed at batch 1 and 32 (0: latency not measured)."
+        64, ge=1, description="Test texts timed at batch 1 and 32 (the gate's latency budget "
+        "needs them; raise gate.max_latency_ms to relax it)."
     )
     probes: str = Field(
         "probes.yaml",
         description="Minimum-functionality probes: a YAML mapping of label -> texts that must "
-        "get that label (a path in the workspace; absent or empty: no probes).",
+        "get that label (a file in the workspace, made by `ratchet init`; empty: no probes).",
     )
 
 

@@ -14,9 +14,11 @@ Promote only when, on macro-F1:
   example at batch 1 is within `max_latency_ms`, and the behavioural checks pass (predictions
   invariant to casing and small typos, minimum-functionality probes per class).
 
-Holm's correction runs over the hypotheses the promotion needs (recent, reference, weighted):
-with every one of them required, the chance that any passes by luck stays under `alpha`.
-Any NaN or missing number fails its check: the rule fails closed.
+Holm's correction runs over the hypotheses the promotion needs (recent, reference, weighted).
+Since all of them must pass, each at `alpha` would already bound the chance of a wrong
+promotion; Holm is the conservative choice the project makes, and each check's reason shows
+both the raw and the adjusted p-value. Any NaN or missing number fails its check: the rule
+fails closed.
 """
 
 from __future__ import annotations
@@ -106,7 +108,7 @@ def _basic_checks(inp: GateInputs, cfg: GateConfig) -> list[Check]:
         "min_score",
         floor_ok,
         f"test macro-F1 {inp.candidate_score:.4f} "
-        f"{'>=' if floor_ok else 'is below or not'} the floor {cfg.min_score:.4f}",
+        f"{'>=' if floor_ok else 'is not >='} the floor {cfg.min_score:.4f}",
     ))
     if inp.latency_ms is not None:
         ok = not _bad(inp.latency_ms) and inp.latency_ms <= cfg.max_latency_ms
@@ -135,8 +137,8 @@ def _behaviour_checks(b: dict[str, float | None], cfg: GateConfig) -> list[Check
         ))
     probes = b.get("probes")
     if probes is None:
-        checks.append(Check("probes", True, "no probes apply (none in probes.yaml for the "
-                                             "candidate's classes)"))
+        checks.append(Check("probes", True, "no probes apply (none in the probes file for "
+                                             "the classes the candidate has seen)"))
     else:
         ok = not _bad(probes) and probes >= cfg.min_probe_accuracy
         checks.append(Check(
@@ -184,7 +186,7 @@ def decide(inp: GateInputs, cfg: GateConfig) -> Decision:
 def _recent(c: Comparison | None, p_holm: float, cfg: GateConfig) -> Check:
     if c is None or c.n == 0:
         return Check("recent", False, "no recent test rows: nothing shows the gain")
-    if _bad(c.diff) or _bad(c.p_value):
+    if any(_bad(x) for x in (c.diff, c.p_value, c.candidate, c.champion)):
         return Check("recent", False, "recent difference is undefined (NaN)")
     significant = p_holm < cfg.alpha
     large = c.diff >= cfg.min_delta
@@ -207,7 +209,7 @@ def _non_inferior(name: str, c: Comparison | None, p_holm: float, cfg: GateConfi
                   empty: str) -> Check:
     if c is None or c.n == 0:
         return Check(name, True, empty)
-    if _bad(c.diff) or _bad(c.p_value):
+    if any(_bad(x) for x in (c.diff, c.p_value, c.candidate, c.champion)):
         return Check(name, False, f"{name} difference is undefined (NaN)")
     ok = p_holm < cfg.alpha
     # A failure means non-inferiority was not shown: a real drop, or too little evidence (a
@@ -223,7 +225,7 @@ def _non_inferior(name: str, c: Comparison | None, p_holm: float, cfg: GateConfi
         name,
         ok,
         f"{name} (n={c.n}): {verdict}: {_numbers(c)}; p={_p(c.p_value)}, Holm p={_p(p_holm)} "
-        f"for a drop of more than {_pts(-cfg.max_regression)} (needs < {cfg.alpha})",
+        f"for a drop of more than {cfg.max_regression * 100:.2f} pts (needs < {cfg.alpha})",
     )
 
 
@@ -246,8 +248,8 @@ def _domain_checks(domains: dict[str, Comparison], cfg: GateConfig) -> list[Chec
             f"domain:{d}",
             not harmed,
             f"domain {d} (n={c.n}): {'significantly worse' if harmed else 'not harmed'}: "
-            f"{_numbers(c)}; Holm p={_p(adjusted[d])} for a drop beyond "
-            f"{_pts(-cfg.max_regression)}",
+            f"{_numbers(c)}; Holm p={_p(adjusted[d])} for a drop of less than "
+            f"{cfg.max_regression * 100:.2f} pts",
         ))
     if small:
         checks.append(Check("domains_small", True, f"{len(small)} domain(s) with fewer than "

@@ -158,18 +158,23 @@ def bootstrap(
         type_w = np.asarray(weights, dtype=np.float32)
     draws = rng.multinomial(n, freq / n, size=resamples)
     counts = np.vstack([freq, draws]).astype(np.float32) * type_w[None, :]
-    if metric == "accuracy":
-        if weights is None:  # types are (candidate right, champion right)
-            right_c, right_b = ty.astype(np.float32), tc.astype(np.float32)
-        else:
-            right_c, right_b = (pc == y).astype(np.float32), (pb == y).astype(np.float32)
-        total = counts.sum(axis=1)
-        per_c, per_b = counts @ right_c / total, counts @ right_b / total
-    else:
-        per_c = _macro_f1_counts(counts, ty, tc, n_classes)
-        per_b = _macro_f1_counts(counts, ty, tb, n_classes)
-    dist = (per_c[1:] - per_b[1:]).astype(np.float64)
-    return Bootstrap(n, float(per_c[0]), float(per_b[0]), dist)
+    # Row 0 is the observed sample: its point values in float64, so a gain of exactly
+    # min_delta is not lost to float32 rounding (the resamples only feed quantiles).
+    point = (freq.astype(np.float64) * type_w.astype(np.float64))[None, :]
+    def scores(c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if metric == "accuracy":
+            if weights is None:  # types are (candidate right, champion right)
+                right_c, right_b = ty.astype(c.dtype), tc.astype(c.dtype)
+            else:
+                right_c, right_b = (pc == y).astype(c.dtype), (pb == y).astype(c.dtype)
+            total = c.sum(axis=1)
+            return c @ right_c / total, c @ right_b / total
+        return (_macro_f1_counts(c, ty, tc, n_classes), _macro_f1_counts(c, ty, tb, n_classes))
+
+    per_c, per_b = scores(counts[1:])
+    cand, champ = scores(point)
+    dist = (per_c - per_b).astype(np.float64)
+    return Bootstrap(n, float(cand[0]), float(champ[0]), dist)
 
 
 def paired_bootstrap(

@@ -12,6 +12,7 @@ invariance, minimum-functionality probes). Per-example predictions of both model
 
 from __future__ import annotations
 
+import hashlib
 import re
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,10 @@ def slice_masks(df: pd.DataFrame) -> dict[str, np.ndarray]:
     if DOMAIN in df.columns:
         domains = df[DOMAIN].fillna("").astype(str)
         for d in sorted(set(domains) - {""}):
-            masks[f"domain:{_safe(d)}"] = (domains == d).to_numpy()
+            key = f"domain:{_safe(d)}"
+            if key in masks:  # two names that read alike once made safe: keep both apart
+                key += "-" + hashlib.sha256(d.encode()).hexdigest()[:6]
+            masks[key] = (domains == d).to_numpy()
     return masks
 
 
@@ -77,7 +81,11 @@ def load_test_weights(weights: Path, df: pd.DataFrame) -> np.ndarray:
             f"{weights}: the importance weights are for {len(table)} rows that do not match the "
             f"{len(df)} rows of the test split (re-run the drift stage: `dvc repro drift`)"
         )
-    return table["weight"].to_numpy(dtype=float)
+    w = table["weight"].to_numpy(dtype=float)
+    if not np.all(np.isfinite(w)) or (w < 0).any() or w.sum() <= 0:
+        raise RatchetError(f"{weights}: importance weights must be finite, non-negative and not "
+                           "all zero (re-run the drift stage: `dvc repro drift`)")
+    return w
 
 
 def _model_metrics(out: dict[str, float], df: pd.DataFrame, name: str, mask: np.ndarray,
@@ -197,7 +205,8 @@ def details(df: pd.DataFrame, params: Params, clf, champ, candidate: Path,
     # Probes apply to the classes the candidate has seen data for: its head may also hold
     # declared labels (`data.labels`) that no batch has brought yet.
     seen = sorted(set(clf.labels) & set(df[LABEL].astype(str)))
-    probes = behaviour.probe_results(predict, behaviour.load_probes(Path(cfg.probes)), seen)
+    probe_file = behaviour.load_probes(Path(cfg.probes), required=True)
+    probes = behaviour.probe_results(predict, probe_file, seen)
     flat["behaviour/candidate/casing"] = float(inv["casing"])
     flat["behaviour/candidate/typos"] = float(inv["typos"])
     if probes["worst"] is not None:

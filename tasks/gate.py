@@ -14,7 +14,7 @@ import yaml
 
 from ratchet.config import Params
 from ratchet.data import RECENT, REFERENCE
-from ratchet.gate import Decision, GateInputs, decide
+from ratchet.gate import Check, Decision, GateInputs, decide
 from ratchet.runtime import read_json, write_json, write_text_atomic
 from ratchet.stage import stage_main
 from ratchet.stats import Comparison
@@ -153,8 +153,6 @@ def run(params: Params, *, eval_metrics: Path, eval_report: Path, validation: Pa
         AliasMoved,
         connect,
         current_champion,
-        find_version,
-        log_candidate,
         move_alias,
         tracking_uri,
     )
@@ -183,6 +181,7 @@ def run(params: Params, *, eval_metrics: Path, eval_report: Path, validation: Pa
         "tracking_uri": tracking_uri(params.registry, ws),
         "reevaluations": [],
     }
+    card = eval_report.parent / "model_card.md"
     if before and before.fingerprint == fp:
         decision = decide(gate_inputs(m, evaluated, val, new_classes=new_classes), params.gate)
         record.update(decision="unchanged", promote=False, version=before.version,
@@ -190,34 +189,42 @@ def run(params: Params, *, eval_metrics: Path, eval_report: Path, validation: Pa
                       checks=decision.to_dict()["checks"])
         record["checks"].append({"name": "identity", "passed": True,
                                  "reason": "the candidate is already the champion"})
+        write_text_atomic(card, model_card(params, name, "unchanged", decision, m, val=val,
+                                           drift=drift_report, evaluated=evaluated, lock=lock))
         write_json(report, record)
         return record
 
     weights_path = weights if weights.is_file() else None
     version: str | None = None
     run_id = None
-    label = "rejected"
+    label, decision, extra = "rejected", None, []
     for _attempt in range(3):
         current = current_champion(client, name)
         if (current.version if current else None) != evaluated.get("version"):
             # Compare-and-set: `champion` moved since evaluation began (a person or another run).
-            # Judge the candidate against the champion as it is now, never overwrite blindly.
             moved_from = evaluated.get("version")
-            evaluated = {"name": name, "version": current.version} if current else {}
+            if current is None or current.fingerprint == fp:
+                # Removed (someone stopped serving on purpose) or moved to this very model:
+                # neither is the gate's to undo or judge. Register, decide nothing.
+                decision = decide(gate_inputs(m, evaluated, val, new_classes=new_classes),
+                                  params.gate)
+                label = "deferred"
+                extra = [Check("compare_and_set", False,
+                               f"champion moved from {moved_from} to "
+                               f"{current.version if current else 'nothing (alias removed)'} "
+                               "during the run; not judged against it (re-run to decide)")]
+                break
+            # Judge the candidate against the champion as it is now, never overwrite blindly.
+            evaluated = {"name": name, "version": current.version}
             m, new_classes = reevaluate(params, m, evaluated, candidate=candidate, test=test,
                                         weights=weights_path)
             record["reevaluations"].append({"from": moved_from, "to": evaluated.get("version")})
         decision = decide(gate_inputs(m, evaluated, val, new_classes=new_classes), params.gate)
         label = "promoted" if decision.promote else "rejected"
-        if version is None:
-            version, run_id = _register(client, params, name, fp, label, decision, m,
-                                        evaluated=evaluated, val=val, drift=drift,
-                                        drift_report=drift_report, lock=lock, paths=(
-                                            validation, eval_metrics, eval_report, candidate),
-                                        log_candidate=log_candidate, find_version=find_version)
-        else:
-            _tag(client, params, name, version, label, decision, m, fp=fp, evaluated=evaluated,
-                 val=val, drift_report=drift_report, lock=lock)
+        version, run_id = _register_or_tag(
+            client, params, name, fp, label, decision, m, version=version, run_id=run_id,
+            evaluated=evaluated, val=val, drift=drift, drift_report=drift_report, lock=lock,
+            card=card, paths=(validation, eval_metrics, eval_report, candidate))
         if label != "promoted":
             break
         try:
@@ -230,7 +237,14 @@ def run(params: Params, *, eval_metrics: Path, eval_report: Path, validation: Pa
             continue  # moved between the check and the move: evaluate again
     else:
         label = "deferred"
-        client.set_model_version_tag(name, version, "decision", label)
+        extra = [Check("compare_and_set", False, "champion moved three times while the gate "
+                       "decided; not promoted (re-run to decide)")]
+    if extra:
+        decision = Decision(False, [*decision.checks, *extra])
+        version, run_id = _register_or_tag(
+            client, params, name, fp, label, decision, m, version=version, run_id=run_id,
+            evaluated=evaluated, val=val, drift=drift, drift_report=drift_report, lock=lock,
+            card=card, paths=(validation, eval_metrics, eval_report, candidate))
     challenger = _alias_target(client, name, CHALLENGER)
     if challenger != version:
         # If another candidate took `challenger` meanwhile, it is the latest: keep it.
@@ -239,11 +253,42 @@ def run(params: Params, *, eval_metrics: Path, eval_report: Path, validation: Pa
                        reason="the latest candidate")
     after = current_champion(client, name)
     record.update(decision=label, promote=label == "promoted", version=version, run_id=run_id,
-                  evaluated_against=evaluated.get("version"), metrics=m,
+                  evaluated_against=evaluated.get("version"), metrics=m, new_classes=new_classes,
                   checks=decision.to_dict()["checks"],
                   champion_after=after.version if after else None)
     write_json(report, record)
     return record
+
+
+def _register_or_tag(client, params: Params, name: str, fp: str, label: str, decision: Decision,
+                     m: dict[str, float], *, version: str | None, run_id: str | None,
+                     evaluated: dict, val: dict, drift: Path, drift_report: dict, lock: Path,
+                     card: Path, paths: tuple[Path, ...]) -> tuple[str, str | None]:
+    """Write the model card for this decision, then register the candidate (first time) or
+    bring its tags, description and run up to date (after a re-evaluation or a deferral)."""
+    from ratchet.registry import find_version, log_candidate
+
+    write_text_atomic(card, model_card(params, name, label, decision, m, val=val,
+                                       drift=drift_report, evaluated=evaluated, lock=lock))
+    if version is None:
+        version, run_id = _register(client, params, name, fp, label, decision, m,
+                                    evaluated=evaluated, val=val, drift=drift,
+                                    drift_report=drift_report, lock=lock, card=card, paths=paths,
+                                    log_candidate=log_candidate, find_version=find_version)
+        return version, run_id
+    _tag(client, params, name, version, label, decision, m, fp=fp, evaluated=evaluated,
+         val=val, drift_report=drift_report, lock=lock)
+    if run_id is not None:  # the run logged earlier this call: its numbers and card too
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        client.log_batch(run_id, metrics=[Metric(k, v, now, 1) for k, v in m.items()
+                                          if isinstance(v, float) and not math.isnan(v)])
+        client.set_tag(run_id, "decision", label)
+        client.log_artifact(run_id, str(card))
+    return version, run_id
 
 
 def _alias_target(client, name: str, alias: str) -> str | None:
@@ -267,16 +312,13 @@ def _tag(client, params: Params, name: str, version: str, label: str, decision: 
 
 def _register(client, params: Params, name: str, fp: str, label: str, decision: Decision,
               m: dict[str, float], *, evaluated: dict, val: dict, drift: Path, drift_report: dict,
-              lock: Path, paths: tuple[Path, ...], log_candidate, find_version
+              lock: Path, card: Path, paths: tuple[Path, ...], log_candidate, find_version
               ) -> tuple[str, str | None]:
     """Log and register the candidate (once per model and baseline), then tag it."""
     version = find_version(client, name, fp, str(evaluated.get("version")))
     run_id = None
     if version is None:
         validation, eval_metrics, eval_report, candidate = paths
-        card = eval_report.parent / "model_card.md"
-        write_text_atomic(card, model_card(params, name, label, decision, m, val=val,
-                                           drift=drift_report, evaluated=evaluated, lock=lock))
         flat_params = {f"{k}.{kk}": str(vv)[:500] for k, v in params.model_dump(by_alias=True)
                        .items() for kk, vv in v.items()}
         plots = sorted(eval_report.parent.glob("*.png"))
@@ -306,11 +348,17 @@ def _fmt(x: Any, spec: str = ".4f") -> str:
     return "-" if not isinstance(x, (int, float)) or math.isnan(x) else format(x, spec)
 
 
-def metric_table(m: dict[str, float]) -> str:
-    """One row per slice: rows, both models' macro-F1 and accuracy, the gain and its bounds."""
+def metric_table(m: dict[str, float], *, domains: bool = True) -> str:
+    """One row per slice: rows, both models' macro-F1 and accuracy, the gain and its bounds.
+
+    `p (rule)` is the p-value of the slice's own test: small is good for recent, reference and
+    weighted (evidence of a gain / of no drop), large is good for a domain (no evidence of harm).
+    """
     lines = ["| slice | n | candidate F1 | champion F1 | diff | bounds | p (rule) | "
              "candidate acc | champion acc |", "|---|---|---|---|---|---|---|---|---|"]
     for s in _slice_rows(m):
+        if s.startswith("domain:") and not domains:
+            continue
         lines.append(
             f"| {s} | {_fmt(m.get(f'n/{s}'), '.0f')} | {_fmt(m.get(f'candidate/{s}/macro_f1'))} "
             f"| {_fmt(m.get(f'champion/{s}/macro_f1'))} "
@@ -323,17 +371,36 @@ def metric_table(m: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
+DESCRIPTION_LIMIT = 4900
+"""MLflow stores a version description in a 5000-character column (Postgres/MySQL enforce it)."""
+
+
 def description(label: str, decision: Decision, m: dict[str, float]) -> str:
-    """The version description in the MLflow UI: the decision, every check, the metric table."""
-    lines = [f"**Gate decision: {label}**", "", "| check | passed | reason |", "|---|---|---|"]
-    lines += [f"| {c.name} | {'yes' if c.passed else 'no'} | {c.reason} |" for c in decision.checks]
-    lines += ["", metric_table(m)]
+    """The version description in the MLflow UI: the decision, every check, the metric table.
+
+    Kept under the registry's column size: past it, the measurements go first, then the domain
+    rows, then the check reasons are shortened; reports/gate.json always has everything.
+    """
+    head = [f"**Gate decision: {label}**", "", "| check | passed | reason |", "|---|---|---|"]
     extra = [(k, v) for k, v in sorted(m.items())
              if k.startswith(("candidate/latency", "candidate/size", "behaviour/"))]
-    if extra:
-        lines += ["", "| measurement | value |", "|---|---|"]
-        lines += [f"| {k} | {_fmt(v)} |" for k, v in extra]
-    return "\n".join(lines)[:60000]
+    measurements = ["", "| measurement | value |", "|---|---|", *(f"| {k} | {_fmt(v)} |"
+                                                                   for k, v in extra)]
+    note = ["", "(shortened to fit the registry: see reports/gate.json in the run)"]
+    for reason_len, domains, show_extra in ((None, True, True), (None, True, False),
+                                            (None, False, False), (120, False, False),
+                                            (60, False, False)):
+        rows = [f"| {c.name} | {'yes' if c.passed else 'no'} | "
+                f"{c.reason if reason_len is None else c.reason[:reason_len]} |"
+                for c in decision.checks
+                if domains or not c.name.startswith("domain:") or not c.passed]
+        text = "\n".join([*head, *rows, "", metric_table(m, domains=domains),
+                          *(measurements if show_extra and extra else [])])
+        if (reason_len, domains, show_extra) != (None, True, True):
+            text += "\n".join(note)
+        if len(text) <= DESCRIPTION_LIMIT:
+            return text
+    return text[: DESCRIPTION_LIMIT - 80] + "\n".join(note)
 
 
 def model_card(params: Params, name: str, label: str, decision: Decision, m: dict[str, float], *,

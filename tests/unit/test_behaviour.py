@@ -69,5 +69,7 @@ def test_bad_probe_files_are_refused(tmp_path, content, message):
 
 def test_absent_or_comment_only_probe_file_means_no_probes(tmp_path):
     assert load_probes(tmp_path / "nope.yaml") == {}
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_probes(tmp_path / "nope.yaml", required=True)
     (tmp_path / "p.yaml").write_text("# nothing yet\n")
     assert load_probes(tmp_path / "p.yaml") == {}

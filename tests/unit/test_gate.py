@@ -63,6 +63,9 @@ CASES = [
     ("NaN recent p fails closed", case(recent=cmp(0.05, NAN)), False, ["recent"]),
     ("NaN reference p fails closed", case(reference=cmp(0.0, NAN)), False, ["reference"]),
     ("NaN weighted diff fails closed", case(weighted=cmp(NAN, 0.001)), False, ["weighted"]),
+    ("NaN champion score fails closed", case(reference=Comparison(500, 0.9, NAN, 0.0, -0.02,
+                                                                  0.02, 0.001)),
+     False, ["reference"]),
     ("missing comparisons fail closed", case(recent=None, reference=None, weighted=None), False,
      ["recent"]),
     ("better but below floor", case(candidate_score=0.3), False, ["min_score"]),
@@ -144,3 +147,20 @@ def test_reference_reason_tells_a_drop_from_too_little_evidence():
     unsure = decide(case(reference=cmp(-0.005, 0.2)), CFG)
     assert "regressed (forgetting)" in drop.failed[0].reason
     assert "not shown" in unsure.failed[0].reason and "forgetting" not in unsure.failed[0].reason
+
+
+def test_description_fits_the_registry_column():
+    from ratchet.gate import Check, Decision
+    from tasks.gate import DESCRIPTION_LIMIT, description
+
+    m = {"n/all": 900.0, "candidate/all/macro_f1": 0.9, "champion/all/macro_f1": 0.8,
+         "diff/all/macro_f1": 0.1, "candidate/latency/p95_ms_bs1": 9.0}
+    checks = [Check("recent", True, "recent is better " * 5)]
+    small = description("promoted", Decision(True, checks), m)
+    assert "| all | 900 |" in small and "latency" in small and "shortened" not in small
+    for i in range(60):
+        m[f"n/domain:d{i}"] = 40.0
+        m[f"diff/domain:d{i}/macro_f1"] = -0.01
+        checks.append(Check(f"domain:d{i}", True, f"domain d{i} is fine " * 8))
+    big = description("promoted", Decision(True, checks), m)
+    assert len(big) <= DESCRIPTION_LIMIT and "shortened" in big and "| all | 900 |" in big

@@ -131,7 +131,44 @@ def test_gate_reevaluates_when_champion_moves_during_the_run(ws):
     assert json.loads((model_dir / "artifacts" / "label_map.json").read_text()) == {
         "labels": LABELS}
     assert list((model_dir / "artifacts").rglob("model.safetensors"))
+    # Run again (e.g. `dvc exp run` of the gate alone): the version is found, not registered
+    # twice, and the card (a DVC output) is written again.
+    (ws / "eval" / "model_card.md").unlink()
+    again = gate.run(params, eval_metrics=ws / "eval.json", eval_report=ws / "eval" /
+                     "report.json", validation=ws / "validation.json", drift=ws / "drift.json",
+                     candidate=candidate, champion=ws / "champion.json", test=ws / "test.parquet",
+                     weights=ws / "absent.parquet", lock=ws / "dvc.lock", report=ws / "gate.json")
+    assert again["version"] == record["version"] and again["decision"] == "rejected"
+    assert (ws / "eval" / "model_card.md").is_file()
+    assert len(client.search_model_versions(f"name = '{name}'")) == 3
     # The hand move was noticed and recorded as manual before the gate's own record.
     events = alias_history(client, name)
     assert [(e["alias"], e["by"]) for e in events] == [
         (CHAMPION, "cli"), (CHAMPION, "manual"), (CHALLENGER, "gate")]
+
+    # Someone removes `champion` on purpose (stop serving): the gate does not undo that.
+    client.delete_registered_model_alias(name, CHAMPION)
+    gone = gate.run(params, eval_metrics=ws / "eval.json", eval_report=ws / "eval" /
+                    "report.json", validation=ws / "validation.json", drift=ws / "drift.json",
+                    candidate=candidate, champion=ws / "champion.json", test=ws / "test.parquet",
+                    weights=ws / "absent.parquet", lock=ws / "dvc.lock", report=ws / "gate.json")
+    assert gone["decision"] == "deferred" and gone["champion_after"] is None
+    assert [c["name"] for c in gone["checks"] if not c["passed"]][-1] == "compare_and_set"
+    assert client.get_model_version(name, gone["version"]).tags["decision"] == "deferred"
+
+
+def test_slices_keep_domains_apart_and_weights_are_checked(tmp_path):
+    from ratchet.errors import RatchetError
+    from tasks.evaluate import load_test_weights, slice_masks
+
+    df = pd.DataFrame({"text": ["a", "b", "c"], "label": ["x", "y", "x"],
+                       "slice": ["recent", "reference", "recent"],
+                       "domain": ["home office", "home/office", None]})
+    masks = slice_masks(df)
+    domains = sorted(k for k in masks if k.startswith("domain:"))
+    assert len(domains) == 2 and domains[0] == "domain:home_office"
+    assert [m.sum() for m in (masks["recent"], masks["reference"], masks["all"])] == [2, 1, 3]
+    for bad in ([1.0, float("nan"), 1.0], [0.0, 0.0, 0.0], [1.0, -1.0, 1.0]):
+        pd.DataFrame({"text": df["text"], "weight": bad}).to_parquet(tmp_path / "w.parquet")
+        with pytest.raises(RatchetError, match="finite, non-negative"):
+            load_test_weights(tmp_path / "w.parquet", df)
