@@ -9,14 +9,19 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from ratchet import workspace
 
+# I/O against the registry, git and the DVC remote may fail for a moment (a server restart, a
+# network blip): retried with growing pauses. Stages are not: they are deterministic.
+IO_RETRIES = {"retries": 3, "retry_delay_seconds": [2, 10, 30]}
 
-@task(name="refresh-champion")
+
+@task(name="refresh-champion", **IO_RETRIES)
 def refresh_champion(ws: Path) -> dict:
     return workspace.refresh_champion(ws)
 
@@ -27,12 +32,12 @@ def run_stage(ws: Path, stage: str) -> float:
     return workspace.repro(ws, stage)
 
 
-@task(name="record")
+@task(name="record", **IO_RETRIES)
 def record(ws: Path) -> None:
     workspace.finish_run(ws)
 
 
-@task(name="record-skip")
+@task(name="record-skip", **IO_RETRIES)
 def record_skip(ws: Path, record: dict) -> None:
     workspace.record_skip(ws, record)
 
@@ -96,10 +101,28 @@ def docs_link(gate: dict) -> str:
 
 
 @flow(name="retrain", log_prints=True)
-def retrain(workspace_dir: str = ".") -> dict:
-    """Retrain on the workspace's batches and gate the candidate; returns the gate record."""
+def retrain(workspace_dir: str = ".", batch: str | None = None,
+            overrides: dict[str, dict[str, Any]] | None = None) -> dict:
+    """Retrain on the workspace's batches and gate the candidate; returns the gate record.
+
+    Args:
+        workspace_dir: the ratchet workspace.
+        batch: a file to ingest first (csv/jsonl/parquet); a refused batch fails the run.
+        overrides: params.yaml changes for this and later runs, e.g.
+            `{"finetune": {"epochs": 2}}`; validated, then committed with the run.
+    """
     logger = get_run_logger()
     ws = workspace.require(Path(workspace_dir))
+    with workspace.retrain_lock(ws, on_wait=logger.info):
+        if overrides:
+            workspace.apply_overrides(ws, overrides)
+        if batch:
+            landed = workspace.ingest(ws, Path(batch))
+            logger.info("ingested %s as %s", batch, landed.batch_id)
+        return _retrain(ws, logger)
+
+
+def _retrain(ws: Path, logger) -> dict:
     champion = refresh_champion(ws)
     timings: dict[str, float] = {}
     stages = workspace.stage_names(ws)

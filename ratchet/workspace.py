@@ -10,6 +10,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -19,7 +21,7 @@ import yaml
 
 from ratchet.config import Params, load_params, parse_params
 from ratchet.errors import BatchRefused, WorkspaceError
-from ratchet.runtime import TELEMETRY_OFF, write_json
+from ratchet.runtime import TELEMETRY_OFF, atomic_path, write_json
 
 if TYPE_CHECKING:
     from ratchet.data import ColumnMap
@@ -402,6 +404,69 @@ def finish_run(ws: Path) -> None:
     dvc(ws, "push", "-q")
 
 
+def apply_overrides(ws: Path, overrides: dict[str, dict[str, Any]]) -> None:
+    """Merge `{section: {key: value}}` into the workspace's params.yaml, validated first.
+
+    The new params are committed with the run that uses them, so the version they produce
+    names a commit that reproduces it.
+    """
+    path = ws / "params.yaml"
+    raw = yaml.safe_load(path.read_text()) or {}
+    for section, values in overrides.items():
+        if not isinstance(values, dict):
+            raise WorkspaceError(f"override `{section}` must map keys to values, got {values!r}")
+        raw.setdefault(section, {}).update(values)
+    parse_params(raw, "params overrides")  # refuse a bad key before touching the file
+    with atomic_path(path) as tmp:
+        tmp.write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+@contextmanager
+def retrain_lock(ws: Path, *, timeout: float | None = None,
+                 on_wait: Callable[[str], None] | None = None) -> Iterator[None]:
+    """One retrain at a time per workspace: an exclusive lock on `.ratchet/retrain.lock`.
+
+    A second trigger (a schedule, an event, a person) waits for the first to finish instead of
+    racing it over `dvc.lock`, the models and the aliases. The OS drops the lock when its holder
+    dies, so a killed run never leaves the workspace locked. `timeout` (seconds) turns the wait
+    into an error; None waits as long as it takes.
+    """
+    import fcntl
+
+    path = ws / ".ratchet" / "retrain.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another run"
+            if on_wait is not None:
+                on_wait(f"waiting for the retrain in progress ({holder}) to finish")
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while True:
+                try:
+                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if deadline is not None and time.monotonic() > deadline:
+                        raise WorkspaceError(
+                            f"{ws}: a retrain is still running ({holder}) after {timeout:.0f} s"
+                        ) from None
+                    time.sleep(0.2)
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        fh.flush()
+        try:
+            yield
+        finally:
+            fh.seek(0)
+            fh.truncate()
+            fh.flush()
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def run_pipeline(ws: Path) -> dict[str, Any]:
     """The pipeline through DVC alone (no Prefect): refresh champion, `dvc repro`, record.
 
@@ -409,16 +474,17 @@ def run_pipeline(ws: Path) -> dict[str, Any]:
     """
     ws = require(ws)
     start = time.perf_counter()
-    champion = refresh_champion(ws)
-    repro(ws, "drift", upstream=True)
-    drift = read_drift(ws)
-    if drift.get("retrain", True) is False:
-        stages = stage_names(ws)
-        record = skipped_decision(drift, champion, stages[stages.index("drift") + 1 :])
-        record_skip(ws, record)
-    else:
-        repro(ws)
-        record = read_gate(ws)
-        finish_run(ws)
+    with retrain_lock(ws, on_wait=lambda msg: print(f"ratchet: {msg}", file=sys.stderr)):
+        champion = refresh_champion(ws)
+        repro(ws, "drift", upstream=True)
+        drift = read_drift(ws)
+        if drift.get("retrain", True) is False:
+            stages = stage_names(ws)
+            record = skipped_decision(drift, champion, stages[stages.index("drift") + 1 :])
+            record_skip(ws, record)
+        else:
+            repro(ws)
+            record = read_gate(ws)
+            finish_run(ws)
     record.update(timings={}, wall_s=time.perf_counter() - start)
     return record
