@@ -400,6 +400,42 @@ def _has_model(client, name: str) -> bool:
         return False
 
 
+@app.command()
+def serve(
+    workspace_dir: WorkspaceOpt = Path("."),
+    interval: Annotated[
+        float, typer.Option(min=0.5, help="Seconds between two scans of data/incoming/.")
+    ] = 5.0,
+    cron: Annotated[
+        str,
+        typer.Option(help='Cron schedule (UTC) of the `retrain` deployment; "" for none.'),
+    ] = "0 2 * * *",
+    watch: Annotated[
+        bool,
+        typer.Option("--watch/--no-watch",
+                     help="Watch data/incoming/ and emit `ratchet.batch.landed` per new file."),
+    ] = True,
+) -> None:
+    """Serve the workspace's deployments on a running Prefect server until Ctrl-C.
+
+    `retrain/<workspace name>` runs on the --cron schedule; `on-batch-landed/<workspace name>`
+    runs for each `ratchet.batch.landed` event of this workspace: it ingests the file named in
+    the event, then retrains if the file became a new batch. One run at a time.
+
+    The watcher emits the event for each new file in data/incoming/ once its size stopped
+    changing between two scans; dotfiles and .tmp/.part files are ignored, and emitted files
+    are remembered in .ratchet/watch.json (a restart does not emit them again).
+
+    Needs `prefect server start` and PREFECT_API_URL (e.g. http://127.0.0.1:4200/api).
+
+    Example: ratchet serve -w ws --cron "0 2 * * *" --interval 10
+    """
+    with user_errors():
+        from flows.landed import serve_workspace
+
+        serve_workspace(workspace_dir, cron=cron or None, interval=interval, watch=watch)
+
+
 MARKER = ".ratchet-demo"
 
 
