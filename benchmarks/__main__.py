@@ -1,8 +1,8 @@
 """Run the benchmarks named on the command line (default: all) and write benchmarks/results/*.json.
 
 Each benchmark is a module in this package with a `run() -> dict` function, registered in
-BENCHMARKS: drift and gate so far; the training and orchestration benchmarks arrive with
-their issues.
+BENCHMARKS: drift, gate and orchestration so far; the training benchmark arrives with its
+issue.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ RESULTS = Path(__file__).parent / "results"
 BENCHMARKS: dict[str, str] = {  # name -> module
     "drift": "benchmarks.drift",
     "gate": "benchmarks.gate",
+    "orchestration": "benchmarks.orchestration",
 }
 
 

@@ -126,9 +126,17 @@ def _retrain(ws: Path, logger) -> dict:
     champion = refresh_champion(ws)
     timings: dict[str, float] = {}
     stages = workspace.stage_names(ws)
+    # One `dvc status` instead of a `dvc repro` per stage when inputs did not change; once a
+    # stage has run, the rest go to DVC, which sees what that stage's outputs changed.
+    changed, ran = workspace.changed_stages(ws), False
     for i, stage in enumerate(stages):
-        timings[stage] = run_stage.with_options(name=stage, task_run_name=stage)(ws, stage)
-        logger.info("stage %s: %.1fs", stage, timings[stage])
+        if not ran and stage not in changed:
+            timings[stage] = 0.0
+            logger.info("stage %s: up to date, skipped", stage)
+        else:
+            timings[stage] = run_stage.with_options(name=stage, task_run_name=stage)(ws, stage)
+            ran = True
+            logger.info("stage %s: %.1fs", stage, timings[stage])
         drift = workspace.read_drift(ws) if stage == "drift" else {}
         if drift.get("retrain", True) is False:
             skip = workspace.skipped_decision(drift, champion, stages[i + 1 :])

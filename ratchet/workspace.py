@@ -357,6 +357,20 @@ def repro(ws: Path, stage: str | None = None, *, upstream: bool = False) -> floa
     return time.perf_counter() - start
 
 
+def changed_stages(ws: Path) -> set[str]:
+    """The stages `dvc status` finds out of date (changed deps, params, outs or command).
+
+    Stages downstream of a changed one are not listed until it has run; callers that skip by
+    this set must run everything after the first stage that ran.
+    """
+    out = dvc(ws, "status", "--json")
+    try:
+        status = json.loads(out or "{}")
+    except ValueError as err:
+        raise WorkspaceError(f"`dvc status --json` printed something else: {out[:200]}") from err
+    return {name.split(":")[-1] for name in status}
+
+
 def _report(ws: Path, name: str) -> dict[str, Any]:
     path = ws / "reports" / name
     return json.loads(path.read_text()) if path.is_file() else {}
