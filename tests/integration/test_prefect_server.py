@@ -15,13 +15,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,84 +24,25 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
+from tests.integration.servers import (
+    ServerProcess,
+    free_port,
+    group_alive,
+    start,
+    stop,
+    wait_ready,
+)
 
 START_TIMEOUT = 90.0
 RUN_TIMEOUT = 90.0
-STOP_TIMEOUT = 15.0
 POOL = "ratchet-test-pool"
-OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-@dataclass
-class Proc:
-    name: str
-    popen: subprocess.Popen
-    log: Path
-
-    def tail(self, chars: int = 4000) -> str:
-        text = self.log.read_text(errors="replace") if self.log.exists() else "(no log)"
-        return f"--- {self.name} log ({self.log}) ---\n{text[-chars:]}"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def die_with_parent() -> None:
-    """In the child: SIGTERM it if the test process dies without running its teardown."""
-    import ctypes
-
-    ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-def spawn(name: str, args: list[str], env: dict[str, str], log: Path) -> Proc:
-    with log.open("wb") as out:
-        popen = subprocess.Popen(
-            [str(Path(sys.executable).parent / "prefect"), *args],
-            env=env, cwd=log.parent, stdin=subprocess.DEVNULL, stdout=out,
-            stderr=subprocess.STDOUT, start_new_session=True,
-            preexec_fn=die_with_parent if sys.platform == "linux" else None,
-        )
-    return Proc(name, popen, log)
-
-
-def group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-def stop(proc: Proc) -> None:
-    """SIGTERM the whole process group, SIGKILL what is left after a grace period."""
-    pgid = proc.popen.pid
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        if group_alive(pgid):
-            os.killpg(pgid, sig)
-        deadline = time.monotonic() + STOP_TIMEOUT
-        while time.monotonic() < deadline:
-            if proc.popen.poll() is not None and not group_alive(pgid):
-                return
-            time.sleep(0.2)
-    proc.popen.wait(timeout=STOP_TIMEOUT)
-
-
-def wait_healthy(proc: Proc, api: str) -> None:
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        if proc.popen.poll() is not None:
-            pytest.fail(f"prefect server exited with {proc.popen.returncode}\n{proc.tail()}")
-        try:
-            with OPENER.open(f"{api}/health", timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(0.5)
-    pytest.fail(f"prefect server not healthy after {START_TIMEOUT:.0f} s\n{proc.tail()}")
+def spawn(name: str, args: list[str], env: dict[str, str], log: Path,
+          url: str = "") -> ServerProcess:
+    """`prefect <args>` as a server process of the test (own group, log file, always stopped)."""
+    return start(name, [str(Path(sys.executable).parent / "prefect"), *args], url=url, env=env,
+                 log=log, cwd=log.parent)
 
 
 @dataclass
@@ -114,11 +50,11 @@ class Stack:
     api: str
     env: dict[str, str]
     root: Path
-    procs: list[Proc]
+    procs: list[ServerProcess]
     timings: dict[str, float]
 
     def logs(self) -> str:
-        return "\n".join(p.tail() for p in self.procs)
+        return "\n".join(p.log_tail() for p in self.procs)
 
 
 @pytest.fixture(scope="module")
@@ -144,17 +80,17 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     stack = Stack(api, env, root, [], {})
     start = time.perf_counter()
     server = spawn("server", ["server", "start", "--host", host, "--port", port],
-                   server_env, root / "server.log")
+                   server_env, root / "server.log", url=api.removesuffix("/api"))
     stack.procs.append(server)
     try:
-        wait_healthy(server, api)
+        wait_ready(server, "/api/health", START_TIMEOUT)
         stack.timings["server start"] = time.perf_counter() - start
         with temporary_settings(updates={PREFECT_API_URL: api}):
             yield stack
     finally:
         for proc in reversed(stack.procs):
             stop(proc)
-        left = [p.name for p in stack.procs if group_alive(p.popen.pid)]
+        left = [p.name for p in stack.procs if group_alive(p.proc.pid)]
         print("timings (s):", {k: round(v, 1) for k, v in stack.timings.items()})
         assert not left, f"{left} still running\n{stack.logs()}"
 
@@ -248,29 +184,24 @@ def test_ratchet_serve_watches_schedules_and_runs_the_landed_flow(stack, tmp_pat
     stack.timings["workspace init"] = time.perf_counter() - t
     t = time.perf_counter()
     log = stack.root / "serve.log"
-    with log.open("wb") as out:
-        serve = Proc("ratchet serve", subprocess.Popen(
-            [str(Path(sys.executable).parent / "ratchet"), "serve", "-w", str(ws),
-             "--interval", "0.5", "--cron", "0 2 * * *"],
-            env=stack.env, cwd=stack.root, stdin=subprocess.DEVNULL, stdout=out,
-            stderr=subprocess.STDOUT, start_new_session=True,
-            preexec_fn=die_with_parent if sys.platform == "linux" else None,
-        ), log)
+    serve = start("ratchet serve", [str(Path(sys.executable).parent / "ratchet"), "serve", "-w",
+                                    str(ws), "--interval", "0.5", "--cron", "0 2 * * *"],
+                  url="", env=stack.env, log=log, cwd=stack.root)
     stack.procs.append(serve)
     try:
         with get_client(sync_client=True) as client:
             deadline = time.monotonic() + START_TIMEOUT
             found = {}
             while time.monotonic() < deadline and len(found) < 2:
-                if serve.popen.poll() is not None:
-                    pytest.fail(f"ratchet serve exited with {serve.popen.returncode}\n"
-                                f"{serve.tail()}")
+                if serve.proc.poll() is not None:
+                    pytest.fail(f"ratchet serve exited with {serve.proc.returncode}\n"
+                                f"{serve.log_tail()}")
                 for flow_name in ("retrain", "on-batch-landed"):
                     with contextlib.suppress(ObjectNotFound):  # not registered yet
                         found[flow_name] = client.read_deployment_by_name(
                             f"{flow_name}/{ws.name}")
                 time.sleep(0.5)
-            assert len(found) == 2, f"deployments registered: {list(found)}\n{serve.tail()}"
+            assert len(found) == 2, f"deployments registered: {list(found)}\n{serve.log_tail()}"
             stack.timings["ratchet serve registers"] = time.perf_counter() - t
             scheduled, landed = found["retrain"], found["on-batch-landed"]
             assert [s.schedule.cron for s in scheduled.schedules] == ["0 2 * * *"]
@@ -296,5 +227,5 @@ def test_ratchet_serve_watches_schedules_and_runs_the_landed_flow(stack, tmp_pat
     assert run.parameters == {"workspace_dir": str(ws), "path": str(bad)}
     assert set(json.loads((ws / STATE_FILE).read_text())["emitted"]) == {"notes.txt"}
     quarantined = list((ws / workspace.QUARANTINE).glob("*-notes.txt/notes.txt"))
-    assert len(quarantined) == 1, serve.tail()
+    assert len(quarantined) == 1, serve.log_tail()
     assert not list((ws / workspace.BATCHES).glob("*.parquet"))

@@ -9,15 +9,10 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,24 +20,20 @@ import pytest
 
 from ratchet.config import RegistryConfig
 from ratchet.registry import CHAMPION, connect, log_candidate, tracking_uri
+from tests.integration.servers import (
+    OPENER,
+    ServerProcess,
+    free_port,
+    group_alive,
+    start,
+    stop,
+    wait_ready,
+)
 
 LABELS = ["balance", "booking", "greeting"]
 NAME = "serving-test"
 TEXTS = ["what is my balance", "book a table for two tonight", "hi"]
 START_TIMEOUT = 120.0
-STOP_TIMEOUT = 15.0
-# Loopback only, never through a proxy that the environment may name.
-OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-@dataclass(frozen=True)
-class Server:
-    url: str
-    log: Path
-
-    def log_tail(self, chars: int = 4000) -> str:
-        text = self.log.read_text(errors="replace") if self.log.exists() else "(no log)"
-        return f"--- server log ({self.log}) ---\n{text[-chars:]}"
 
 
 def build_classifier(out: Path) -> Path:
@@ -79,12 +70,6 @@ def register_champion(model_dir: Path, workspace: Path) -> str:
     return tracking_uri(cfg, workspace)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def server_env(uri: str, tmp: Path) -> dict[str, str]:
     """The test's environment plus the store, telemetry off, and the venv first on PATH: the
     CLI starts `uvicorn` by name, and the pyfunc class must import from this environment."""
@@ -102,88 +87,30 @@ def server_env(uri: str, tmp: Path) -> dict[str, str]:
     }
 
 
-def die_with_parent() -> None:
-    """In the child: SIGTERM it if the test process dies without running its teardown."""
-    import ctypes
-
-    ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-def start_server(uri: str, tmp: Path, log: Path) -> tuple[subprocess.Popen, str]:
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    root = tmp_path_factory.mktemp("serving")
+    workspace = root / "ws"
+    workspace.mkdir()
+    uri = register_champion(build_classifier(root / "classifier"), workspace)
     port = free_port()
     cmd = [
         str(Path(sys.executable).parent / "mlflow"), "models", "serve",
         "-m", f"models:/{NAME}@{CHAMPION}", "--env-manager", "local",
         "-h", "127.0.0.1", "-p", str(port),
     ]  # fmt: skip
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            cmd,
-            env=server_env(uri, tmp),
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group, so the uvicorn child is stopped too
-            preexec_fn=die_with_parent if sys.platform == "linux" else None,
-        )
-    return proc, f"http://127.0.0.1:{port}"
-
-
-def wait_ready(proc: subprocess.Popen, server: Server, timeout: float = START_TIMEOUT) -> None:
-    """Poll GET /ping until 200; fail at once, with the log, if the server process exits."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"server exited with {proc.returncode}\n{server.log_tail()}")
-        try:
-            with OPENER.open(f"{server.url}/ping", timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(0.5)
-    pytest.fail(f"server not ready after {timeout:.0f} s\n{server.log_tail()}")
-
-
-def group_alive(pgid: int) -> bool:
+    served = start("mlflow models serve", cmd, url=f"http://127.0.0.1:{port}",
+                   env=server_env(uri, root), log=root / "server.log")
     try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    """SIGTERM the whole process group, SIGKILL what is left after a grace period."""
-    pgid = proc.pid  # start_new_session: the leader's pid is the group id
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        if group_alive(pgid):
-            os.killpg(pgid, sig)
-        deadline = time.monotonic() + STOP_TIMEOUT
-        while time.monotonic() < deadline:
-            if proc.poll() is not None and not group_alive(pgid):
-                return
-            time.sleep(0.2)
-    proc.wait(timeout=STOP_TIMEOUT)
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    root = tmp_path_factory.mktemp("serving")
-    workspace = root / "ws"
-    workspace.mkdir()
-    uri = register_champion(build_classifier(root / "classifier"), workspace)
-    proc, url = start_server(uri, root, root / "server.log")
-    served = Server(url, root / "server.log")
-    try:
-        wait_ready(proc, served)
+        wait_ready(served, "/ping", START_TIMEOUT)
         yield served
     finally:
-        stop_server(proc)
-        assert not group_alive(proc.pid), f"server processes left over\n{served.log_tail()}"
+        stop(served)
+        assert not group_alive(served.proc.pid), (
+            f"server processes left over\n{served.log_tail()}")
 
 
-def post(server: Server, payload: Any) -> tuple[int, dict[str, Any]]:
+def post(server: ServerProcess, payload: Any) -> tuple[int, dict[str, Any]]:
     """POST JSON to /invocations; the status and the decoded body, for errors too."""
     request = urllib.request.Request(
         f"{server.url}/invocations",
@@ -198,7 +125,7 @@ def post(server: Server, payload: Any) -> tuple[int, dict[str, Any]]:
         return err.code, json.loads(err.read() or b"{}")
 
 
-def predictions(server: Server, payload: Any) -> list[dict[str, Any]]:
+def predictions(server: ServerProcess, payload: Any) -> list[dict[str, Any]]:
     status, body = post(server, payload)
     assert status == 200, f"{status}: {body}\n{server.log_tail()}"
     return body["predictions"]
