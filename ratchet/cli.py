@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ratchet.errors import RatchetError
+from ratchet.errors import RatchetError, WorkspaceError
 
 app = typer.Typer(
     help="ratchet: continual fine-tuning of text classifiers that only ever moves forward.",
@@ -55,13 +55,39 @@ def init(
     model: Annotated[
         str | None, typer.Option(help="model.source: minilm-l6, tiny or a path.")
     ] = None,
+    tracking_uri: Annotated[
+        str | None,
+        typer.Option(help="registry.tracking_uri, e.g. http://mlflow:5000 (default: a SQLite "
+                          "store in the workspace)."),
+    ] = None,
+    dvc_remote: Annotated[
+        str | None,
+        typer.Option(help="Default DVC remote, e.g. s3://ratchet/dvc (default: a local folder "
+                          "under .ratchet/)."),
+    ] = None,
+    dvc_endpoint: Annotated[
+        str | None,
+        typer.Option(help="S3 endpoint of --dvc-remote for MinIO or another S3-compatible "
+                          "server, e.g. http://minio:9000."),
+    ] = None,
 ) -> None:
-    """Make a workspace: git + DVC (local remote) + params + MLflow SQLite store."""
+    """Make a workspace: git + DVC (a remote) + params + probes + MLflow store.
+
+    Example: ratchet init /workspace --tracking-uri http://mlflow:5000 \\
+        --dvc-remote s3://ratchet/dvc --dvc-endpoint http://minio:9000
+    """
     from ratchet import workspace
 
     with user_errors():
-        overrides = {"model": {"source": model}} if model else None
-        ws = workspace.init(path, overrides)
+        if dvc_endpoint and not dvc_remote:
+            raise WorkspaceError("--dvc-endpoint needs --dvc-remote")
+        overrides: dict[str, dict[str, Any]] = {}
+        if model:
+            overrides["model"] = {"source": model}
+        if tracking_uri:
+            overrides["registry"] = {"tracking_uri": tracking_uri}
+        ws = workspace.init(path, overrides or None, dvc_remote=dvc_remote,
+                            dvc_endpoint=dvc_endpoint)
         console.print(f"workspace ready at [bold]{ws}[/]; next: `ratchet ingest FILE -w {path}`")
 
 
@@ -436,6 +462,38 @@ def serve(
         serve_workspace(workspace_dir, cron=cron or None, interval=interval, watch=watch)
 
 
+@app.command()
+def watch(
+    workspace_dir: WorkspaceOpt = Path("."),
+    interval: Annotated[
+        float, typer.Option(min=0.5, help="Seconds between two scans of data/incoming/.")
+    ] = 5.0,
+) -> None:
+    """Only the watcher of `ratchet serve`: emit `ratchet.batch.landed` for each new file in
+    data/incoming/, for deployments served by a work pool (`prefect deploy`, infra/).
+
+    Needs PREFECT_API_URL (the server the deployments' triggers live on). Runs until Ctrl-C.
+    """
+    import threading
+
+    from prefect.settings import PREFECT_API_URL
+
+    from ratchet import workspace
+    from ratchet.watch import Watcher
+
+    with user_errors():
+        ws = workspace.require(workspace_dir)
+        if not PREFECT_API_URL.value():
+            raise WorkspaceError("`ratchet watch` sends events to a Prefect server: set "
+                                 "PREFECT_API_URL (e.g. http://127.0.0.1:4200/api)")
+        console.print(f"watching {ws / workspace.INCOMING} every {interval:g} s (Ctrl-C stops)")
+        stop = threading.Event()
+        try:
+            Watcher(ws).run(stop, interval)
+        except KeyboardInterrupt:
+            stop.set()
+
+
 MARKER = ".ratchet-demo"
 
 
@@ -484,7 +542,7 @@ def run_demo(
     """
     from ratchet import workspace
     from ratchet.demo_data import all_labels, demo_batches, demo_probes, write_batch
-    from ratchet.errors import BatchRefused, WorkspaceError
+    from ratchet.errors import BatchRefused
 
     ws = ws.resolve()
     if ws.exists() and any(ws.iterdir()):

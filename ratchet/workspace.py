@@ -117,8 +117,13 @@ def write_probes(ws: Path, probes: dict[str, list[str]] | None = None) -> Path:
 
 
 def init(ws: Path, overrides: dict[str, dict[str, Any]] | None = None, *,
-         probes: dict[str, list[str]] | None = None) -> Path:
-    """Make a workspace: git, DVC with a local remote, params, probes, an empty batch folder."""
+         probes: dict[str, list[str]] | None = None, dvc_remote: str | None = None,
+         dvc_endpoint: str | None = None) -> Path:
+    """Make a workspace: git, DVC with a remote, params, probes, an empty batch folder.
+
+    The DVC remote is `dvc_remote` (e.g. `s3://bucket/ratchet`, with `dvc_endpoint` for MinIO
+    or another S3-compatible server) or, by default, a local folder under `.ratchet/`.
+    """
     ws = ws.resolve()
     if (ws / "dvc.yaml").exists():
         raise WorkspaceError(f"{ws} is already a workspace")
@@ -142,9 +147,14 @@ def init(ws: Path, overrides: dict[str, dict[str, Any]] | None = None, *,
     dvc(ws, "init", "-q")
     dvc(ws, "config", "core.analytics", "false")
     dvc(ws, "config", "core.autostage", "true")
-    remote = ws / ".ratchet" / "dvc-remote"
-    remote.mkdir(parents=True, exist_ok=True)
-    dvc(ws, "remote", "add", "-d", "-f", "local", str(remote))
+    if dvc_remote:
+        dvc(ws, "remote", "add", "-d", "-f", "storage", dvc_remote)
+        if dvc_endpoint:
+            dvc(ws, "remote", "modify", "storage", "endpointurl", dvc_endpoint)
+    else:
+        remote = ws / ".ratchet" / "dvc-remote"
+        remote.mkdir(parents=True, exist_ok=True)
+        dvc(ws, "remote", "add", "-d", "-f", "local", str(remote))
     dvc(ws, "add", "-q", str(BATCHES))
     commit(ws, "ratchet init: empty workspace")
     return ws

@@ -15,7 +15,8 @@ runner = CliRunner()
 
 
 @pytest.mark.parametrize("command", [[], ["init"], ["ingest"], ["run"], ["status"], ["demo"],
-                                     ["promote"], ["rollback"], ["history"]])
+                                     ["promote"], ["rollback"], ["history"], ["serve"],
+                                     ["watch"]])
 def test_help_everywhere(command):
     result = runner.invoke(app, [*command, "--help"])
     assert result.exit_code == 0 and "Usage" in result.output
@@ -34,6 +35,34 @@ def test_commands_outside_a_workspace_say_so(tmp_path):
         assert result.exit_code == 1
         assert "is not a ratchet workspace" in result.output
         assert "Traceback" not in result.output
+
+
+def test_init_points_a_workspace_at_servers(tmp_path):
+    ws = tmp_path / "ws"
+    result = runner.invoke(app, ["init", str(ws), "--model", "tiny", "--tracking-uri",
+                                 "http://mlflow:5000", "--dvc-remote", "s3://ratchet/dvc",
+                                 "--dvc-endpoint", "http://minio:9000"])
+    assert result.exit_code == 0, result.output
+    assert "tracking_uri: http://mlflow:5000" in (ws / "params.yaml").read_text()
+    config = (ws / ".dvc" / "config").read_text()
+    assert "url = s3://ratchet/dvc" in config and "endpointurl = http://minio:9000" in config
+    assert "remote = storage" in config and not (ws / ".ratchet" / "dvc-remote").exists()
+    lone = runner.invoke(app, ["init", str(tmp_path / "b"), "--dvc-endpoint", "http://x:9"])
+    assert lone.exit_code == 1 and "needs --dvc-remote" in lone.output
+
+
+def test_watch_needs_a_prefect_server(tmp_path):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from ratchet.workspace import write_probes
+
+    # A workspace as `require` sees it (no git or DVC needed to reach the check).
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    (tmp_path / ".dvc").mkdir()
+    write_probes(tmp_path)
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        result = runner.invoke(app, ["watch", "-w", str(tmp_path)])
+    assert result.exit_code == 1 and "PREFECT_API_URL" in result.output
 
 
 def test_demo_refuses_to_overwrite_a_folder_it_did_not_make(tmp_path):
