@@ -151,6 +151,7 @@ def run(params: Params, *, eval_metrics: Path, eval_report: Path, validation: Pa
         CHALLENGER,
         CHAMPION,
         AliasMoved,
+        alias_target,
         connect,
         current_champion,
         move_alias,
@@ -245,7 +246,7 @@ def run(params: Params, *, eval_metrics: Path, eval_report: Path, validation: Pa
             client, params, name, fp, label, decision, m, version=version, run_id=run_id,
             evaluated=evaluated, val=val, drift=drift, drift_report=drift_report, lock=lock,
             card=card, paths=(validation, eval_metrics, eval_report, candidate))
-    challenger = _alias_target(client, name, CHALLENGER)
+    challenger = alias_target(client, name, CHALLENGER)
     if challenger != version:
         # If another candidate took `challenger` meanwhile, it is the latest: keep it.
         with contextlib.suppress(AliasMoved):
@@ -264,21 +265,19 @@ def _register_or_tag(client, params: Params, name: str, fp: str, label: str, dec
                      m: dict[str, float], *, version: str | None, run_id: str | None,
                      evaluated: dict, val: dict, drift: Path, drift_report: dict, lock: Path,
                      card: Path, paths: tuple[Path, ...]) -> tuple[str, str | None]:
-    """Write the model card for this decision, then register the candidate (first time) or
-    bring its tags, description and run up to date (after a re-evaluation or a deferral)."""
-    from ratchet.registry import find_version, log_candidate
+    """Write the model card for this decision, register the candidate (once per model and
+    baseline) or bring the run it logged earlier this call up to date (after a re-evaluation or
+    a deferral), then tag the version with the decision."""
+    from ratchet.registry import find_version
 
     write_text_atomic(card, model_card(params, name, label, decision, m, val=val,
                                        drift=drift_report, evaluated=evaluated, lock=lock))
     if version is None:
-        version, run_id = _register(client, params, name, fp, label, decision, m,
-                                    evaluated=evaluated, val=val, drift=drift,
-                                    drift_report=drift_report, lock=lock, card=card, paths=paths,
-                                    log_candidate=log_candidate, find_version=find_version)
-        return version, run_id
-    _tag(client, params, name, version, label, decision, m, fp=fp, evaluated=evaluated,
-         val=val, drift_report=drift_report, lock=lock)
-    if run_id is not None:  # the run logged earlier this call: its numbers and card too
+        version = find_version(client, name, fp, str(evaluated.get("version")))
+        if version is None:
+            run_id, version = _log(params, name, fp, label, m, val=val, drift=drift, card=card,
+                                   paths=paths)
+    elif run_id is not None:  # the run logged earlier this call: its numbers and card too
         import time
 
         from mlflow.entities import Metric
@@ -288,16 +287,9 @@ def _register_or_tag(client, params: Params, name: str, fp: str, label: str, dec
                                           if isinstance(v, float) and not math.isnan(v)])
         client.set_tag(run_id, "decision", label)
         client.log_artifact(run_id, str(card))
+    _tag(client, params, name, version, label, decision, m, fp=fp, evaluated=evaluated,
+         val=val, drift_report=drift_report, lock=lock)
     return version, run_id
-
-
-def _alias_target(client, name: str, alias: str) -> str | None:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return str(client.get_model_version_by_alias(name, alias).version)
-    except MlflowException:
-        return None
 
 
 def _tag(client, params: Params, name: str, version: str, label: str, decision: Decision,
@@ -310,29 +302,23 @@ def _tag(client, params: Params, name: str, version: str, label: str, decision: 
     client.update_model_version(name, version, description=description(label, decision, m))
 
 
-def _register(client, params: Params, name: str, fp: str, label: str, decision: Decision,
-              m: dict[str, float], *, evaluated: dict, val: dict, drift: Path, drift_report: dict,
-              lock: Path, card: Path, paths: tuple[Path, ...], log_candidate, find_version
-              ) -> tuple[str, str | None]:
-    """Log and register the candidate (once per model and baseline), then tag it."""
-    version = find_version(client, name, fp, str(evaluated.get("version")))
-    run_id = None
-    if version is None:
-        validation, eval_metrics, eval_report, candidate = paths
-        flat_params = {f"{k}.{kk}": str(vv)[:500] for k, v in params.model_dump(by_alias=True)
-                       .items() for kk, vv in v.items()}
-        plots = sorted(eval_report.parent.glob("*.png"))
-        run_id, version = log_candidate(
-            candidate, name=name, params=flat_params, metrics=m,
-            artifacts=[drift, drift.with_suffix(".png"), validation, eval_metrics, eval_report,
-                       card, *plots,
-                       *([Path(val["data_docs"]).parent] if val.get("data_docs") else [])],
-            run_tags={"fingerprint": fp, "decision": label},
-            model_card=card,
-        )
-    _tag(client, params, name, version, label, decision, m, fp=fp, evaluated=evaluated,
-         val=val, drift_report=drift_report, lock=lock)
-    return version, run_id
+def _log(params: Params, name: str, fp: str, label: str, m: dict[str, float], *, val: dict,
+         drift: Path, card: Path, paths: tuple[Path, ...]) -> tuple[str, str]:
+    """Log the candidate's run (params, metrics, reports, model card) and register it."""
+    from ratchet.registry import log_candidate
+
+    validation, eval_metrics, eval_report, candidate = paths
+    flat_params = {f"{k}.{kk}": str(vv)[:500] for k, v in params.model_dump(by_alias=True)
+                   .items() for kk, vv in v.items()}
+    plots = sorted(eval_report.parent.glob("*.png"))
+    docs = [Path(val["data_docs"]).parent] if val.get("data_docs") else []
+    return log_candidate(
+        candidate, name=name, params=flat_params, metrics=m,
+        artifacts=[drift, drift.with_suffix(".png"), validation, eval_metrics, eval_report,
+                   card, *plots, *docs],
+        run_tags={"fingerprint": fp, "decision": label},
+        model_card=card,
+    )
 
 
 ROWS = ("all", RECENT, REFERENCE, "weighted")
