@@ -205,17 +205,15 @@ def _wide() -> Console:
 @app.command()
 def status(workspace_dir: WorkspaceOpt = Path(".")) -> None:
     """Show the champion and the gate decisions of every registered version."""
-    from ratchet.registry import CHAMPION, alias_history
+    from ratchet.registry import CHAMPION, alias_history, registered_model
 
     with user_errors():
         client, name = _registry(workspace_dir)
-        versions = (
-            client.search_model_versions(f"name = '{name}'") if _has_model(client, name) else []
-        )
+        model = registered_model(client, name)
+        versions = client.search_model_versions(f"name = '{name}'") if model else []
         aliases: dict[str, list[str]] = {}
-        if versions:
-            for alias, v in client.get_registered_model(name).aliases.items():
-                aliases.setdefault(str(v), []).append(alias)
+        for alias, v in (model.aliases if model else {}).items():
+            aliases.setdefault(str(v), []).append(alias)
         table = Table(title=f"{name}: {len(versions)} version(s)")
         for col in ("version", "aliases", "decision", "vs", "created", "reasons"):
             table.add_column(col, overflow="fold")
@@ -414,16 +412,6 @@ def _deciding(tags: dict[str, str]) -> list[str]:
     reasons = [r for r in tags.get("reasons", "").split(" | ") if r]
     key = [r for r in reasons if r.startswith(("recent", "reference", "weighted", "no champion"))]
     return key or reasons
-
-
-def _has_model(client, name: str) -> bool:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        client.get_registered_model(name)
-        return True
-    except MlflowException:
-        return False
 
 
 @app.command()

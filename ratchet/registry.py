@@ -110,7 +110,8 @@ def _not_found(err: Exception) -> bool:
     return getattr(err, "error_code", None) in {"RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"}
 
 
-def _model_or_none(client, name: str):
+def registered_model(client, name: str):
+    """The registered model, or None before its first registration (other errors raise)."""
     from mlflow.exceptions import MlflowException
 
     try:
@@ -123,7 +124,7 @@ def _model_or_none(client, name: str):
 
 def aliases(client, name: str) -> dict[str, str]:
     """Every alias of the model and the version it points at; {} before the first registration."""
-    model = _model_or_none(client, name)
+    model = registered_model(client, name)
     return {} if model is None else {a: str(v) for a, v in (model.aliases or {}).items()}
 
 
@@ -141,7 +142,7 @@ def model_version(client, name: str, version: str):
     except MlflowException as err:
         if not _not_found(err) and getattr(err, "error_code", None) != "INVALID_PARAMETER_VALUE":
             raise
-    if _model_or_none(client, name) is None:
+    if registered_model(client, name) is None:
         raise RegistryError(f"no model `{name}` is registered yet (a `ratchet run` registers one)")
     known = sorted(int(mv.version) for mv in client.search_model_versions(f"name = '{name}'"))
     listed = ", ".join(map(str, known)) or "none"
@@ -185,7 +186,7 @@ def _events(tags: dict[str, str]) -> list[dict[str, Any]]:
 
 def alias_history(client, name: str) -> list[dict[str, Any]]:
     """Every recorded alias move of the model, oldest first (by seq)."""
-    model = _model_or_none(client, name)
+    model = registered_model(client, name)
     return [] if model is None else _events(model.tags or {})
 
 
@@ -237,7 +238,7 @@ def detect_manual_moves(client, name: str) -> list[dict[str, Any]]:
     ratchet noticed (also in `detected_at`), `actor` is None and `detected_by` says who noticed.
     Running it again finds nothing new: the event it wrote is now the last one.
     """
-    model = _model_or_none(client, name)
+    model = registered_model(client, name)
     if model is None:
         return []
     current = {a: str(v) for a, v in (model.aliases or {}).items()}
