@@ -34,3 +34,32 @@ TINY = {
     "gate": {"max_regression": 0.05, "min_invariance": 0.5, "min_probe_accuracy": 0.0},
 }
 REPO = Path(__file__).resolve().parent.parent
+
+
+def tiny_classifier(labels: list[str] | None = None, *, seed: int = 0,
+                    max_length: int | None = None):
+    """A random-init tiny BERT classifier and the MiniLM tokenizer (no download): (model, tok)."""
+    import torch
+    from transformers import BertForSequenceClassification
+
+    from ratchet.models import load_tokenizer, tiny_config
+
+    tok = load_tokenizer("tiny")
+    config = tiny_config(len(tok))
+    if labels is not None:
+        config.num_labels = len(labels)
+        config.id2label = dict(enumerate(labels))
+        config.label2id = {lab: i for i, lab in enumerate(labels)}
+    if max_length is not None:
+        config.ratchet_max_length = max_length
+    torch.manual_seed(seed)
+    return BertForSequenceClassification(config), tok
+
+
+def save_tiny_classifier(path: Path, labels: list[str] | None = None, *, seed: int = 0,
+                         max_length: int | None = None):
+    """`tiny_classifier` saved like a fine-tune (weights, config, tokenizer); returns the model."""
+    model, tok = tiny_classifier(labels, seed=seed, max_length=max_length)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return model

@@ -20,6 +20,7 @@ import pytest
 
 from ratchet.config import RegistryConfig
 from ratchet.registry import CHAMPION, connect, log_candidate, tracking_uri
+from tests.conftest import save_tiny_classifier
 from tests.integration.servers import (
     OPENER,
     ServerProcess,
@@ -38,19 +39,7 @@ START_TIMEOUT = 120.0
 
 def build_classifier(out: Path) -> Path:
     """A random-init tiny BERT classifier with the MiniLM tokenizer, saved like a fine-tune."""
-    import torch
-    from transformers import BertForSequenceClassification
-
-    from ratchet.models import load_tokenizer, tiny_config
-
-    tok = load_tokenizer("tiny")
-    config = tiny_config(len(tok))
-    config.id2label = dict(enumerate(LABELS))
-    config.label2id = {label: i for i, label in enumerate(LABELS)}
-    config.ratchet_max_length = 32
-    torch.manual_seed(0)
-    BertForSequenceClassification(config).save_pretrained(out)
-    tok.save_pretrained(out)
+    save_tiny_classifier(out, LABELS, max_length=32)
     return out
 
 

@@ -372,16 +372,13 @@ def test_weights_must_belong_to_the_test_rows(tmp_path):
 def test_a_saved_classifier_directory_embeds_with_its_own_encoder(tmp_path):
     """The champion path: the encoder inside a classifier directory, head dropped, same numbers."""
     import torch
-    from transformers import BertForSequenceClassification
 
     from ratchet.embed import embed, load_dir_encoder
-    from ratchet.models import load_tokenizer, tiny_config
+    from ratchet.models import load_tokenizer
+    from tests.conftest import save_tiny_classifier
 
+    clf = save_tiny_classifier(tmp_path)
     tok = load_tokenizer("tiny")
-    torch.manual_seed(0)
-    clf = BertForSequenceClassification(tiny_config(len(tok)))
-    clf.save_pretrained(tmp_path)
-    tok.save_pretrained(tmp_path)
     encoder, tok2 = load_dir_encoder(tmp_path)
     sentences = ["book a flight to paris", "what is my balance", "hi"]
     ours = embed(sentences, encoder, tok2, max_length=16, batch_size=2)

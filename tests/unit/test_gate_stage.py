@@ -12,6 +12,7 @@ import pytest
 from ratchet.config import parse_params
 from ratchet.registry import CHALLENGER, CHAMPION, connect, current_champion, log_candidate
 from ratchet.runtime import write_json
+from tests.conftest import save_tiny_classifier
 
 LABELS = ["book_flight", "check_balance", "play_music"]
 TEXTS = {
@@ -25,25 +26,15 @@ TEXTS = {
 
 
 def tiny_classifier(path: Path, seed: int, *, touch_unused: bool = False) -> Path:
-    """A random-init tiny BERT classifier; `touch_unused` changes a position embedding that
-    short texts never reach: same predictions, different weights (a different model)."""
+    """A random-init tiny classifier; `touch_unused` changes a position embedding that short
+    texts never reach: same predictions, different weights (a different model)."""
     import torch
-    from transformers import BertForSequenceClassification
 
-    from ratchet.models import load_tokenizer, tiny_config
-
-    tok = load_tokenizer("tiny")
-    torch.manual_seed(seed)
-    cfg = tiny_config(len(tok))
-    cfg.num_labels = len(LABELS)
-    cfg.id2label = dict(enumerate(LABELS))
-    cfg.label2id = {lab: i for i, lab in enumerate(LABELS)}
-    model = BertForSequenceClassification(cfg)
+    model = save_tiny_classifier(path, LABELS, seed=seed)
     if touch_unused:
         with torch.no_grad():
             model.bert.embeddings.position_embeddings.weight[-1] += 1.0
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
+        model.save_pretrained(path)
     return path
 
 

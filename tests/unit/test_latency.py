@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from ratchet import latency
+from tests.conftest import tiny_classifier
 
 KEYS = {"latency/p50_ms_bs1", "latency/p95_ms_bs1", "latency/p50_ms_bs32", "latency/p95_ms_bs32"}
 TEXTS = ["book a flight to paris", "what is my balance", "hi", "cancel my order please",
@@ -74,16 +75,7 @@ def test_no_texts_gives_nan(fake):
 
 
 def tiny_classifier_model():
-    import torch
-    from transformers import BertForSequenceClassification
-
-    from ratchet.models import load_tokenizer, tiny_config
-
-    tok = load_tokenizer("tiny")
-    torch.manual_seed(0)
-    config = tiny_config(len(tok))
-    config.num_labels = 3
-    return BertForSequenceClassification(config), tok
+    return tiny_classifier(["a", "b", "c"])
 
 
 def test_latency_of_a_tiny_model():
