@@ -7,6 +7,7 @@ records a `skipped` decision (no model version is registered; the artifact says 
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,10 @@ from ratchet import workspace
 
 # I/O against the registry, git and the DVC remote may fail for a moment (a server restart, a
 # network blip): retried with growing pauses. Stages are not: they are deterministic.
-IO_RETRIES = {"retries": 3, "retry_delay_seconds": [2, 10, 30]}
+# $RATCHET_IO_RETRY_DELAYS (seconds, comma-separated) sets the pauses and so the retry count.
+IO_DELAYS = [float(x) for x in os.environ.get("RATCHET_IO_RETRY_DELAYS", "2,10,30").split(",")
+             if x.strip()]
+IO_RETRIES = {"retries": len(IO_DELAYS), "retry_delay_seconds": IO_DELAYS}
 
 
 @task(name="refresh-champion", **IO_RETRIES)
@@ -83,11 +87,24 @@ def decision_markdown(gate: dict, timings: dict[str, float]) -> str:
         from tasks.gate import metric_table
 
         lines += ["", "## Metrics by slice", "", metric_table(gate["metrics"])]
+    if gate.get("sweep"):
+        lines += ["", "## Sweep", "", sweep_table(gate["sweep"])]
     warnings = gate.get("validation_warnings") or []
     if warnings:
         lines += ["", f"Validation warnings ({len(warnings)}):", ""]
         lines += [f"- {w}" for w in warnings[:20]]
     return "\n".join(lines + timings_table(timings))
+
+
+def sweep_table(sweep: dict) -> str:
+    metric = sweep["metric"]
+    rows = ["| trial | params | " + metric + " | best |", "|---|---|---|---|"]
+    for t in sweep["trials"]:
+        got = (f"{t['stats'][metric]:.4f}" if "stats" in t else f"failed: {t['error'][:80]}")
+        chosen = "yes" if t["index"] == sweep["best"] else ""
+        rows.append(f"| {t['index']} | {t['overrides']} | {got} | {chosen} |")
+    rows.append(f"\nEach trial is a nested MLflow run under run `{sweep['mlflow_parent_run']}`.")
+    return "\n".join(rows)
 
 
 def docs_link(gate: dict) -> str:
@@ -100,7 +117,27 @@ def docs_link(gate: dict) -> str:
     return f"`{docs}` in the workspace{logged}"
 
 
-@flow(name="retrain", log_prints=True)
+def undo_failed(flow, flow_run, state) -> None:
+    """Failure, crash and cancellation hook: undo in the registry what the run left there.
+
+    The flow body already undoes on an exception; this covers a run stopped from outside. If
+    another retrain holds the workspace now, it has already done this at its start.
+    """
+    from ratchet.errors import WorkspaceError
+
+    ws = Path(flow_run.parameters.get("workspace_dir", ".")).resolve()
+    try:
+        with workspace.retrain_lock(ws, timeout=0):
+            undone = workspace.recover(ws, reason=f"flow run {flow_run.name} ended "
+                                                  f"{state.type.value.lower()}")
+    except WorkspaceError:
+        return
+    if undone:
+        print(f"undone in the registry after the failed run: {undone}")
+
+
+@flow(name="retrain", log_prints=True, on_failure=[undo_failed], on_crashed=[undo_failed],
+      on_cancellation=[undo_failed])
 def retrain(workspace_dir: str = ".", batch: str | None = None,
             overrides: dict[str, dict[str, Any]] | None = None) -> dict:
     """Retrain on the workspace's batches and gate the candidate; returns the gate record.
@@ -113,7 +150,8 @@ def retrain(workspace_dir: str = ".", batch: str | None = None,
     """
     logger = get_run_logger()
     ws = workspace.require(Path(workspace_dir))
-    with workspace.retrain_lock(ws, on_wait=logger.info):
+    with workspace.retrain_lock(ws, on_wait=logger.info), \
+            workspace.run_guard(ws, log=logger.warning):
         if overrides:
             workspace.apply_overrides(ws, overrides)
         if batch:
@@ -129,10 +167,18 @@ def _retrain(ws: Path, logger) -> dict:
     # One `dvc status` instead of a `dvc repro` per stage when inputs did not change; once a
     # stage has run, the rest go to DVC, which sees what that stage's outputs changed.
     changed, ran = workspace.changed_stages(ws), False
+    sweep = None
     for i, stage in enumerate(stages):
         if not ran and stage not in changed:
             timings[stage] = 0.0
             logger.info("stage %s: up to date, skipped", stage)
+        elif stage == "finetune" and sweep_grid(ws):
+            from flows.sweep import run_sweep
+
+            sweep = run_sweep(ws)
+            timings[stage], ran = sweep["wall_s"], True
+            logger.info("stage finetune: sweep of %d trials, best %s (%.1fs)",
+                        len(sweep["trials"]), sweep["best_overrides"], timings[stage])
         else:
             timings[stage] = run_stage.with_options(name=stage, task_run_name=stage)(ws, stage)
             ran = True
@@ -148,10 +194,19 @@ def _retrain(ws: Path, logger) -> dict:
             return skip
     gate = workspace.read_gate(ws)
     gate["timings"] = timings
+    if sweep is not None:
+        gate["sweep"] = {k: sweep[k] for k in ("best", "best_overrides", "metric", "trials",
+                                               "mlflow_parent_run")}
     record(ws)
     create_markdown_artifact(key="gate-decision", markdown=decision_markdown(gate, timings),
                              description=f"gate decision: {gate.get('decision')}")
     return gate
+
+
+def sweep_grid(ws: Path) -> dict:
+    from ratchet.config import load_params
+
+    return load_params(ws / "params.yaml").sweep.grid
 
 
 def run_once(ws: Path) -> dict:

@@ -27,6 +27,10 @@ SEQ_WIDTH = 6  # zero-padded, so the tags also sort by name in the MLflow UI
 MAX_TAG_VALUE = 5000
 MANUAL_REASON = "moved outside ratchet (e.g. in the MLflow UI)"
 ACTOR_ENV = "RATCHET_ACTOR"
+# Set by a retrain run for its stages: the gate tags the MLflow run it logs with it, so a failed
+# run can find exactly the versions it registered (see `undo_run`).
+RUN_TOKEN_ENV = "RATCHET_RUN_TOKEN"
+RUN_TOKEN_TAG = "ratchet.run_token"
 Mover = Literal["gate", "cli", "manual"]
 
 
@@ -328,6 +332,58 @@ def rollback_target(events: list[dict[str, Any]], current: str | None) -> str:
                         "name one with `--to VERSION`")
 
 
+def run_versions(client, name: str, token: str) -> list[str]:
+    """The versions of `name` registered from MLflow runs tagged with this retrain's token."""
+    if registered_model(client, name) is None:
+        return []
+    ours = []
+    for mv in client.search_model_versions(f"name = '{name}'"):
+        if not mv.run_id:
+            continue
+        try:
+            tags = client.get_run(mv.run_id).data.tags
+        except Exception:  # noqa: BLE001 - a deleted run is not ours to judge
+            continue
+        if tags.get(RUN_TOKEN_TAG) == token:
+            ours.append(str(mv.version))
+    return sorted(ours, key=int)
+
+
+def undo_run(client, name: str, token: str, before: dict[str, str | None], *,
+             reason: str) -> dict[str, Any]:
+    """Leave the registry as a failed retrain found it: aliases it moved go back, and the versions
+    it registered (fully tagged or half-registered) are deleted; their MLflow runs stay, marked
+    FAILED, for the post-mortem.
+
+    An alias someone moved elsewhere since the run moved it is left alone (their decision), and
+    every restoring move is logged in the alias history with `reason`.
+    """
+    ours = run_versions(client, name, token)
+    restored: dict[str, Any] = {}
+    for alias, was in before.items():
+        now = alias_target(client, name, alias)
+        if now is None or now not in ours or now == was:
+            continue
+        if was is not None and registered_model(client, name) is not None:
+            move_alias(client, name, alias, was, by="gate", expected=now, rollback=True,
+                       reason=f"restored: {reason}"[:2000])
+        else:  # it pointed at nothing before this run: deleting the version removes it
+            client.delete_registered_model_alias(name, alias)
+            _append(client, name, {"time": utc_now(), "alias": alias, "from": now, "to": None,
+                                   "by": "gate", "actor": actor(), "rollback": True,
+                                   "reason": f"removed: {reason}"[:2000]})
+        restored[alias] = {"from": now, "to": was}
+    runs = set()
+    for version in ours:
+        runs.add(client.get_model_version(name, version).run_id)
+        client.delete_model_version(name, version)
+    for run_id in runs:
+        client.set_tag(run_id, "decision", "failed")
+        client.set_tag(run_id, "ratchet.failure", reason[:4900])
+        client.set_terminated(run_id, "FAILED")
+    return {"deleted_versions": ours, "restored_aliases": restored}
+
+
 def log_candidate(
     model_dir: Path,
     *,
@@ -357,7 +413,8 @@ def log_candidate(
                                    ["id2label"].items(), key=lambda kv: int(kv[0]))]
     with (tempfile.TemporaryDirectory(prefix="ratchet-log-") as side_dir,
           mlflow.start_run(run_name=run_tags.get("fingerprint", "candidate")[:12]) as run):
-        mlflow.set_tags(run_tags)
+        token = os.environ.get(RUN_TOKEN_ENV)
+        mlflow.set_tags({**run_tags, **({RUN_TOKEN_TAG: token} if token else {})})
         mlflow.log_params(params)
         mlflow.log_metrics({k: v for k, v in metrics.items() if not math.isnan(v)})
         for path in artifacts:

@@ -30,6 +30,13 @@ BATCHES = Path("data/batches")
 INCOMING = Path("data/incoming")
 QUARANTINE = Path("data/quarantine")
 CHAMPION_FILE = Path("champion.json")
+# What finetune starts from: the champion in continual mode (finetune.init: champion), else
+# {"init": "base"}; apart from champion.json so that a champion move re-trains only when the
+# training starts from it.
+INIT_FILE = Path("finetune-init.json")
+# The run in progress: its token and the aliases it found; removed when the run is recorded.
+INFLIGHT = Path(".ratchet/inflight.json")
+GATE_REPORT = Path("reports/gate.json")
 GITIGNORE = """\
 # ratchet workspace: heavy or local-only files stay out of git
 /mlflow.db
@@ -142,6 +149,7 @@ def init(ws: Path, overrides: dict[str, dict[str, Any]] | None = None, *,
         (ws / d).mkdir(parents=True, exist_ok=True)
     (ws / BATCHES / ".gitkeep").touch()
     write_json(ws / CHAMPION_FILE, {"name": None, "version": None, "fingerprint": None})
+    write_json(ws / INIT_FILE, {"init": "base"})
     if not (ws / ".git").exists():
         git(ws, "init", "-q", "-b", "main")
     dvc(ws, "init", "-q")
@@ -332,9 +340,11 @@ def refresh_champion(ws: Path) -> dict[str, Any]:
         "version": ref.version if ref else None,
         "fingerprint": ref.fingerprint if ref else None,
     }
-    path = ws / CHAMPION_FILE
-    if not path.is_file() or json.loads(path.read_text()) != content:
-        write_json(path, content)
+    init = {"init": "champion", **content} if params.finetune.init == "champion" else {
+        "init": "base"}
+    for path, value in ((ws / CHAMPION_FILE, content), (ws / INIT_FILE, init)):
+        if not path.is_file() or json.loads(path.read_text()) != value:
+            write_json(path, value)
     return content
 
 
@@ -491,6 +501,72 @@ def retrain_lock(ws: Path, *, timeout: float | None = None,
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def recover(ws: Path, *, reason: str) -> dict[str, Any] | None:
+    """Undo what an unfinished run left in the registry (see `registry.undo_run`), if any.
+
+    Called when a run fails, from the flow's failure hooks, and at the start of the next run for
+    a run that was killed before it could clean up. Its gate report goes too, so the gate stage
+    runs again instead of DVC replaying a decision about a version that no longer exists.
+    """
+    from ratchet.registry import connect, undo_run
+
+    path = ws / INFLIGHT
+    if not path.is_file():
+        return None
+    state = json.loads(path.read_text())
+    params = load_params(ws / "params.yaml")
+    client = connect(params.registry, ws)
+    undone = undo_run(client, state["model_name"], state["token"], state["aliases"],
+                      reason=reason)
+    if undone["deleted_versions"] or undone["restored_aliases"]:
+        (ws / GATE_REPORT).unlink(missing_ok=True)
+    path.unlink()
+    return undone
+
+
+@contextmanager
+def run_guard(ws: Path, *, log: Callable[[str], None] = print) -> Iterator[str]:
+    """Bracket a retrain (inside `retrain_lock`): on any failure, including Ctrl-C, the registry
+    is left as the run found it, with no half-registered version and no moved alias.
+
+    Yields the run's token, which the stages inherit in $RATCHET_RUN_TOKEN and the gate tags
+    its MLflow run with.
+    """
+    import uuid
+
+    from ratchet.registry import CHALLENGER, CHAMPION, RUN_TOKEN_ENV, aliases, connect
+
+    leftover = recover(ws, reason="an earlier retrain stopped before it was recorded")
+    if leftover is not None:
+        log(f"an earlier retrain was killed mid-run; undone in the registry: {leftover}")
+    params = load_params(ws / "params.yaml")
+    name = params.registry.model_name
+    found = aliases(connect(params.registry, ws), name)
+    token = uuid.uuid4().hex
+    write_json(ws / INFLIGHT, {"token": token, "model_name": name, "started": time.time(),
+                               "aliases": {a: found.get(a) for a in (CHAMPION, CHALLENGER)}})
+    previous = os.environ.get(RUN_TOKEN_ENV)
+    os.environ[RUN_TOKEN_ENV] = token
+    try:
+        yield token
+    except BaseException as err:
+        why = f"the retrain failed: {type(err).__name__}: {err}"
+        try:
+            undone = recover(ws, reason=why[:1000])
+            log(f"retrain failed; undone in the registry: {undone}")
+        except Exception as undo_err:  # noqa: BLE001 - the run's own error matters more
+            log(f"retrain failed, and undoing it failed too ({undo_err}); "
+                f"the next run retries the undo")
+        raise
+    else:
+        (ws / INFLIGHT).unlink(missing_ok=True)
+    finally:
+        if previous is None:
+            os.environ.pop(RUN_TOKEN_ENV, None)
+        else:
+            os.environ[RUN_TOKEN_ENV] = previous
+
+
 def run_pipeline(ws: Path) -> dict[str, Any]:
     """The pipeline through DVC alone (no Prefect): refresh champion, `dvc repro`, record.
 
@@ -498,7 +574,8 @@ def run_pipeline(ws: Path) -> dict[str, Any]:
     """
     ws = require(ws)
     start = time.perf_counter()
-    with retrain_lock(ws, on_wait=lambda msg: print(f"ratchet: {msg}", file=sys.stderr)):
+    say = lambda msg: print(f"ratchet: {msg}", file=sys.stderr)  # noqa: E731
+    with retrain_lock(ws, on_wait=say), run_guard(ws, log=say):
         champion = refresh_champion(ws)
         repro(ws, "drift", upstream=True)
         drift = read_drift(ws)

@@ -1,0 +1,112 @@
+"""A failed retrain leaves the registry as it found it (real MLflow SQLite store, no torch)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+
+from ratchet.config import RegistryConfig
+from ratchet.registry import (
+    CHALLENGER,
+    CHAMPION,
+    RUN_TOKEN_ENV,
+    RUN_TOKEN_TAG,
+    alias_history,
+    aliases,
+    move_alias,
+)
+from ratchet.workspace import GATE_REPORT, INFLIGHT, run_guard, template
+from tests.unit.test_history import NAME, fresh_store, register
+
+
+@pytest.fixture
+def ws(tmp_path, monkeypatch):
+    """A workspace's registry side: params.yaml and a store with v1 (champion) and v2."""
+    monkeypatch.delenv(RUN_TOKEN_ENV, raising=False)
+    shutil.copyfile(template("params.yaml"), tmp_path / "params.yaml")
+    client = fresh_store(tmp_path)
+    register(client, 2)
+    move_alias(client, NAME, CHAMPION, "1", by="gate", expected=None, reason="first")
+    move_alias(client, NAME, CHALLENGER, "2", by="gate", expected=None, reason="latest")
+    (tmp_path / GATE_REPORT).parent.mkdir()
+    return tmp_path, client
+
+
+def register_as_this_run(client) -> str:
+    """What the gate does: a run tagged with the token from the environment, then a version."""
+    experiment = client.get_experiment_by_name(RegistryConfig().experiment)
+    run = client.create_run(experiment.experiment_id,
+                            tags={RUN_TOKEN_TAG: os.environ[RUN_TOKEN_ENV]})
+    mv = client.create_model_version(NAME, source=f"{run.info.artifact_uri}/model",
+                                     run_id=run.info.run_id)
+    return str(mv.version)
+
+
+def test_a_failure_after_promotion_restores_the_aliases_and_deletes_the_version(ws):
+    path, client = ws
+    with pytest.raises(RuntimeError, match="dvc push"), run_guard(path, log=lambda m: None):
+        assert json.loads((path / INFLIGHT).read_text())["aliases"] == {CHAMPION: "1",
+                                                                        CHALLENGER: "2"}
+        version = register_as_this_run(client)
+        move_alias(client, NAME, CHAMPION, version, by="gate", expected="1", reason="promoted")
+        move_alias(client, NAME, CHALLENGER, version, by="gate", expected="2", reason="latest")
+        (path / GATE_REPORT).write_text("{}")
+        raise RuntimeError("dvc push: remote unreachable")
+
+    assert aliases(client, NAME) == {CHAMPION: "1", CHALLENGER: "2"}
+    kept = {str(mv.version) for mv in client.search_model_versions(f"name = '{NAME}'")}
+    assert kept == {"1", "2"}
+    undo = [e for e in alias_history(client, NAME) if e["rollback"]]
+    assert [(e["alias"], e["from"], e["to"]) for e in undo] == [(CHAMPION, "3", "1"),
+                                                                (CHALLENGER, "3", "2")]
+    assert all("dvc push: remote unreachable" in e["reason"] for e in undo)
+    failed = client.search_runs([client.get_experiment_by_name("ratchet").experiment_id],
+                                filter_string="attributes.status = 'FAILED'")
+    assert [r.data.tags["decision"] for r in failed] == ["failed"]
+    assert not (path / INFLIGHT).exists()
+    assert not (path / GATE_REPORT).exists()  # so the gate runs again instead of replaying
+    assert RUN_TOKEN_ENV not in os.environ
+
+
+def test_an_alias_moved_by_someone_else_since_is_left_alone(ws):
+    path, client = ws
+    with pytest.raises(KeyboardInterrupt), run_guard(path, log=lambda m: None):
+        version = register_as_this_run(client)
+        move_alias(client, NAME, CHAMPION, version, by="gate", expected="1", reason="promoted")
+        move_alias(client, NAME, CHAMPION, "2", by="cli", expected=version, reason="a person")
+        raise KeyboardInterrupt
+    assert aliases(client, NAME)[CHAMPION] == "2"
+    assert "3" not in {str(mv.version) for mv in client.search_model_versions(f"name = '{NAME}'")}
+
+
+def test_a_killed_run_is_undone_when_the_next_run_starts(ws, monkeypatch):
+    path, client = ws
+    killed = run_guard(path, log=lambda m: None)
+    killed.__enter__()  # never exited: the process died here (kept referenced until the end)
+    half = register_as_this_run(client)  # registered, never tagged, no alias moved
+    monkeypatch.delenv(RUN_TOKEN_ENV)
+    (path / GATE_REPORT).write_text("{}")
+    said = []
+    with run_guard(path, log=said.append):
+        assert half not in {str(mv.version) for mv in
+                            client.search_model_versions(f"name = '{NAME}'")}
+        kept = register_as_this_run(client)
+    assert said and "killed" in said[0] and f"'deleted_versions': ['{half}']" in said[0]
+    assert not (path / GATE_REPORT).exists()
+    # A run that ends normally keeps what it registered.
+    assert kept in {str(mv.version) for mv in client.search_model_versions(f"name = '{NAME}'")}
+    assert not (path / INFLIGHT).exists()
+    assert aliases(client, NAME) == {CHAMPION: "1", CHALLENGER: "2"}
+    del killed
+
+
+def test_a_failure_before_the_gate_keeps_the_previous_gate_report(ws):
+    path, client = ws
+    (path / GATE_REPORT).write_text('{"decision": "promoted"}')
+    with pytest.raises(ValueError), run_guard(path, log=lambda m: None):
+        raise ValueError("finetune diverged")
+    assert (path / GATE_REPORT).is_file()
+    assert aliases(client, NAME) == {CHAMPION: "1", CHALLENGER: "2"}
