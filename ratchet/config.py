@@ -167,18 +167,97 @@ class AugmentConfig(_Section):
 
 class PretrainConfig(_Section):
     enabled: bool = Field(True, description="Continue MLM pre-training on the domain's texts.")
-    max_steps: int = Field(30, ge=0, description="Optimizer steps of MLM training.")
+    init: Literal["base", "previous"] = Field(
+        "base", description="base: from model.source each run; previous: continue from the last "
+        "run's pretrained encoder (where there is one)."
+    )
+    max_steps: int = Field(30, ge=0, description="Step budget (optimizer steps).")
+    max_seconds: float = Field(0.0, ge=0, description="Time budget in seconds (0: none).")
     batch_size: int = Field(32, ge=1)
     learning_rate: float = Field(5e-5, gt=0)
     mlm_probability: float = Field(0.15, gt=0, lt=1)
+    whole_word_mask: bool = Field(False, description="Mask every piece of a chosen word.")
+    corpus: str = Field(
+        "data/corpus", description="Unlabeled texts added to the batches' (a .txt, .csv, .jsonl, "
+        ".parquet or a folder of them; absent: none)."
+    )
+    eval_every: int = Field(
+        0, ge=0, description="Held-out perplexity every this many steps (0: only before/after)."
+    )
+    patience: int = Field(
+        2, ge=0, description="Stop after this many evaluations without a lower perplexity."
+    )
+    eval_texts: int = Field(512, ge=1, description="Held-out texts for the perplexity.")
 
 
 class FinetuneConfig(_Section):
+    mode: Literal["full", "lora"] = Field(
+        "full", description="full: train every weight; lora: low-rank adapters on attention "
+        "(peft), merged into the weights for serving."
+    )
+    init: Literal["base", "champion"] = Field(
+        "base", description="base: start from the pretrained encoder with a new head; champion: "
+        "continue from the current champion (continual mode; falls back to base without one)."
+    )
     epochs: float = Field(3.0, gt=0, description="Passes over the training split.")
-    batch_size: int = Field(32, ge=1)
+    batch_size: int = Field(32, ge=1, description="Examples per optimizer step (global).")
+    grad_accumulation: int = Field(
+        1, ge=1, description="Micro-batches per optimizer step (batch_size is split into them)."
+    )
     learning_rate: float = Field(3e-4, gt=0, description="Peak learning rate (after warmup).")
     weight_decay: float = Field(0.01, ge=0)
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    schedule: Literal["linear", "cosine", "constant"] = Field(
+        "linear", description="Decay after warmup."
+    )
+    lora_rank: int = Field(8, ge=1, le=256, description="LoRA rank (mode: lora).")
+    lora_alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator (mode: lora).")
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    adversarial_epsilon: float = Field(
+        0.0, ge=0, description="FGM adversarial training: L2 size of the perturbation of the word "
+        "embeddings (0: off)."
+    )
+    class_weights: Literal["none", "balanced"] = Field(
+        "none", description="balanced: weight the loss by inverse class frequency."
+    )
+    patience: int = Field(
+        2, ge=0, description="Stop after this many epochs without a better validation macro-F1 "
+        "(0: never stop early). The best epoch is kept either way."
+    )
+    replay_mix: float = Field(
+        1.0, ge=0, description="Continual mode: replay rows per new-batch row mixed into the "
+        "training set (capped by the replay buffer)."
+    )
+    deterministic: bool = Field(
+        False, description="torch deterministic algorithms (slower; bitwise repeatable on CPU)."
+    )
+    compile: bool = Field(False, description="torch.compile the model (first steps are slower).")
+    threads: int = Field(0, ge=0, description="Torch threads (0: the cores this process may use).")
+
+
+class SweepConfig(_Section):
+    grid: dict[str, list[Any]] = Field(
+        default_factory=dict, description="finetune keys -> values to try, every combination, "
+        "e.g. {learning_rate: [1.0e-4, 3.0e-4], lora_rank: [4, 8]}; empty: no sweep."
+    )
+    metric: Literal["best_val_macro_f1"] = Field(
+        "best_val_macro_f1", description="What picks the trial that goes to the gate."
+    )
+    address: str | None = Field(
+        None, description="Dask scheduler address (tcp://host:8786); null: a local cluster."
+    )
+    workers: int = Field(2, ge=1, le=64, description="Local cluster: worker processes.")
+
+    @model_validator(mode="after")
+    def _keys(self) -> SweepConfig:
+        unknown = sorted(set(self.grid) - set(FinetuneConfig.model_fields))
+        if unknown:
+            raise ValueError(f"sweep.grid keys must be finetune keys, not {unknown} (known: "
+                             f"{sorted(FinetuneConfig.model_fields)})")
+        empty = sorted(k for k, v in self.grid.items() if not v)
+        if empty:
+            raise ValueError(f"sweep.grid lists no values for {empty}")
+        return self
 
 
 class EvaluateConfig(_Section):
@@ -249,6 +328,7 @@ class Params(_Section):
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    sweep: SweepConfig = Field(default_factory=SweepConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     gate: GateConfig = Field(default_factory=GateConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)

@@ -1,23 +1,33 @@
-"""The shared pieces of the two training stages: batches, optimizer, schedule, progress."""
+"""The shared pieces of the two training stages: batches, optimizer, schedule, progress, memory,
+processes (torchrun), checkpoints."""
 
 from __future__ import annotations
 
 import math
+import os
 import random
+import resource
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 
 @dataclass(frozen=True)
 class Schedule:
     total_steps: int
     warmup_steps: int
+    kind: str = "linear"  # linear | cosine | constant, after the warmup
 
 
 def make_optimizer(model, lr: float, weight_decay: float, schedule: Schedule):
-    """AdamW without decay on biases and norms, with linear warmup then linear decay."""
+    """AdamW without decay on biases and norms, with linear warmup then the schedule's decay."""
     import torch
-    from transformers import get_linear_schedule_with_warmup
+    from transformers import (
+        get_constant_schedule_with_warmup,
+        get_cosine_schedule_with_warmup,
+        get_linear_schedule_with_warmup,
+    )
 
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -30,7 +40,12 @@ def make_optimizer(model, lr: float, weight_decay: float, schedule: Schedule):
         ],
         lr=lr,
     )
-    sched = get_linear_schedule_with_warmup(opt, schedule.warmup_steps, schedule.total_steps)
+    if schedule.kind == "cosine":
+        sched = get_cosine_schedule_with_warmup(opt, schedule.warmup_steps, schedule.total_steps)
+    elif schedule.kind == "constant":
+        sched = get_constant_schedule_with_warmup(opt, schedule.warmup_steps)
+    else:
+        sched = get_linear_schedule_with_warmup(opt, schedule.warmup_steps, schedule.total_steps)
     return opt, sched
 
 
@@ -42,11 +57,117 @@ def epoch_batches(n: int, batch_size: int, rng: random.Random) -> Iterator[list[
         yield idx[start : start + batch_size]
 
 
+def length_grouped_batches(lengths: list[int], batch_size: int, rng: random.Random, *,
+                           pool: int = 50) -> list[list[int]]:
+    """Batches of similar length, in random order: little padding, still shuffled.
+
+    Rows are shuffled, cut into pools of `pool` batches, each pool sorted by length and cut into
+    batches, and the batches shuffled. Every row appears exactly once.
+    """
+    idx = list(range(len(lengths)))
+    rng.shuffle(idx)
+    batches = []
+    span = batch_size * pool
+    for start in range(0, len(idx), span):
+        chunk = sorted(idx[start : start + span], key=lambda i: -lengths[i])
+        batches += [chunk[b : b + batch_size] for b in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
 def steps_for(n: int, batch_size: int, epochs: float) -> int:
     return max(1, math.ceil(math.ceil(n / batch_size) * epochs))
 
 
-def progress(total: int, desc: str):
+def progress(total: int, desc: str, *, initial: int = 0, disable: bool = False):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, mininterval=1.0)
+    return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True,
+                mininterval=1.0, disable=disable)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@dataclass(frozen=True)
+class Dist:
+    """Where this process stands under `torchrun` (rank 0 of 1 without it)."""
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, rows: list[int]) -> list[int]:
+        """This rank's contiguous share of a global batch (length-sorted: similar work)."""
+        per = math.ceil(len(rows) / self.world)
+        return rows[self.rank * per : (self.rank + 1) * per]
+
+
+def init_distributed() -> Dist:
+    """Join the process group torchrun describes (gloo on CPU, nccl on GPUs); else no-op."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size())
+
+
+def all_reduce_grads(params: list, dist_info: Dist) -> None:
+    """Sum the gradients of every rank in one flat all-reduce (losses are already divided by the
+    global batch size, so the sum is the global mean's gradient)."""
+    if dist_info.world <= 1:
+        return
+    import torch
+    import torch.distributed as dist
+
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def all_sum(value: float, dist_info: Dist) -> float:
+    if dist_info.world <= 1:
+        return value
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t.item())
+
+
+def save_checkpoint(folder: Path, state: dict[str, Any]) -> None:
+    """Write the state atomically: a kill mid-write leaves the previous checkpoint intact."""
+    import torch
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / "state.pt.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, folder / "state.pt")
+
+
+def load_checkpoint(folder: Path) -> dict[str, Any] | None:
+    import torch
+
+    path = folder / "state.pt"
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception:  # noqa: BLE001 - unreadable: start over rather than fail the stage
+        return None

@@ -1,95 +1,435 @@
-"""finetune: train the candidate classifier from the pretrained encoder (full fine-tuning)."""
+"""finetune: train the candidate classifier: full or LoRA, optionally adversarial (FGM), from the
+pretrained encoder or (continual mode) from the champion with replay; resumable; runs unchanged
+under `torchrun --nproc_per_node N`."""
 
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
+import math
 import random
 import shutil
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
-from ratchet.config import Params
-from ratchet.data import LABEL, TEXT
+from ratchet.config import FinetuneConfig, Params
+from ratchet.data import BATCH, LABEL, TEXT
+from ratchet.errors import ConfigError
 from ratchet.runtime import write_json
 from ratchet.stage import stage_main
 
+CURVE_FIELDS = ["step", "epoch", "loss", "lr", "val_macro_f1", "val_accuracy"]
+
+
+# --- the training set ----------------------------------------------------------------------------
+
+
+def training_frame(train: pd.DataFrame, replay: pd.DataFrame | None, cfg: FinetuneConfig, *,
+                   continual: bool, seed: int) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Everything (from base), or the newest batch plus replayed older rows (continual)."""
+    if not continual or BATCH not in train.columns:
+        return train, {"train_rows": len(train)}
+    newest = sorted(train[BATCH].dropna().unique())[-1]
+    new = train[train[BATCH] == newest]
+    old = replay[replay[BATCH] != newest] if replay is not None and BATCH in replay else None
+    take = 0 if old is None else min(len(old), math.ceil(cfg.replay_mix * len(new)))
+    mixed = new if take == 0 else pd.concat([new, old.sample(n=take, random_state=seed)],
+                                            ignore_index=True)
+    return mixed.reset_index(drop=True), {"train_rows": len(mixed), "new_rows": len(new),
+                                          "replay_rows": take, "new_batch": str(newest)}
+
+
+# --- the model -----------------------------------------------------------------------------------
+
+
+def grow_head(model, old: list[str], labels: list[str]) -> list[str]:
+    """Give a classifier one output per label of `labels` (a superset of `old`), keeping each old
+    label's trained row; new labels start from small random rows. Returns the added labels."""
+    import torch
+
+    added = [lab for lab in labels if lab not in old]
+    dropped = [lab for lab in old if lab not in labels]
+    if dropped:
+        raise ConfigError(f"the champion knows labels the new label set lacks: {dropped}")
+    head = getattr(model, "classifier", None) or getattr(model, "score", None)
+    if not isinstance(head, torch.nn.Linear):
+        raise ConfigError(f"cannot extend a {type(head).__name__} head (a Linear is expected)")
+    if labels == old:
+        return []
+    new = torch.nn.Linear(head.in_features, len(labels), bias=head.bias is not None)
+    std = getattr(model.config, "initializer_range", 0.02)
+    with torch.no_grad():
+        new.weight.normal_(0.0, std)
+        if new.bias is not None:
+            new.bias.zero_()
+        for i, lab in enumerate(labels):
+            if lab in old:
+                j = old.index(lab)
+                new.weight[i] = head.weight[j]
+                if new.bias is not None:
+                    new.bias[i] = head.bias[j]
+    if hasattr(model, "classifier"):
+        model.classifier = new
+    else:
+        model.score = new
+    model.config.num_labels = len(labels)
+    model.config.id2label = dict(enumerate(labels))
+    model.config.label2id = {lab: i for i, lab in enumerate(labels)}
+    return added
+
+
+def champion_classifier(params: Params, champion: Path | None):
+    """The champion's model and tokenizer (unwrapped from its registered pyfunc), or None."""
+    if champion is None or not champion.is_file():
+        return None
+    ref = json.loads(champion.read_text())
+    if not ref.get("version"):
+        return None
+    from tasks.evaluate import champion_model
+
+    clf = champion_model(params, ref).unwrap_python_model()._clf
+    return clf.model, clf.tokenizer, ref["version"]
+
+
+def with_lora(model, cfg: FinetuneConfig):
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    targets = ["query", "value"] if {"query", "value"} <= names else None  # else peft's default
+    lora = LoraConfig(task_type=TaskType.SEQ_CLS, r=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+                      lora_dropout=cfg.lora_dropout, target_modules=targets)
+    return get_peft_model(model, lora)
+
+
+# --- batches -------------------------------------------------------------------------------------
+
+
+def collate(ids: list[list[int]], rows: list[int], pad_id: int):
+    """Dynamic padding: the batch is as long as its longest row."""
+    import torch
+
+    width = max(len(ids[i]) for i in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, i in enumerate(rows):
+        input_ids[r, : len(ids[i])] = torch.tensor(ids[i])
+        mask[r, : len(ids[i])] = 1
+    return input_ids, mask
+
+
+def evaluate_split(model, ids: list[list[int]], y: list[int], pad_id: int, device,
+                   batch_size: int = 128) -> tuple[float, float]:
+    """(macro-F1, accuracy) on pre-tokenized rows, length-sorted for little padding."""
+    import numpy as np
+    import torch
+
+    from ratchet.stats import macro_f1
+
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    preds = np.zeros(len(ids), dtype=np.int64)
+    was_training = model.training
+    model.eval()
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            input_ids, mask = collate(ids, rows, pad_id)
+            logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
+            preds[rows] = logits.argmax(-1).cpu().numpy()
+    model.train(was_training)
+    truth = np.asarray(y)
+    return macro_f1(truth.tolist(), preds.tolist()), float((preds == truth).mean())
+
+
+# --- run -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class State:
+    """What a checkpoint holds besides the weights and the optimizer."""
+
+    step: int = 0
+    epoch: int = 0
+    samples: int = 0
+    best: float = -1.0
+    best_epoch: int = 0
+    bad_epochs: int = 0
+    seconds: float = 0.0
+    rows: list[dict] = field(default_factory=list)
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for f in files:
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
 
 def run(params: Params, *, train: Path, val: Path, pretrained: Path, out: Path, metrics: Path,
-        curve: Path) -> dict:
+        curve: Path, init: Path | None = None, replay: Path | None = None,
+        checkpoints: Path | None = None) -> dict:
     import copy
 
     import torch
+    import torch.nn.functional as F
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from ratchet.models import Classifier, set_threads
-    from ratchet.stats import macro_f1
-    from ratchet.training import Schedule, epoch_batches, make_optimizer, progress, steps_for
-
-    set_threads()
-    hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected here
-    cfg, mcfg = params.finetune, params.model
-    train_df, val_df = pd.read_parquet(train), pd.read_parquet(val)
-    labels = sorted(set(params.data.labels) | set(train_df[LABEL]))
-    label2id = {lab: i for i, lab in enumerate(labels)}
-    torch.manual_seed(mcfg.seed)
-    tok = AutoTokenizer.from_pretrained(pretrained)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        pretrained, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id=label2id
+    from ratchet.models import set_threads
+    from ratchet.training import (
+        Schedule,
+        all_reduce_grads,
+        all_sum,
+        init_distributed,
+        length_grouped_batches,
+        load_checkpoint,
+        make_optimizer,
+        peak_rss_mb,
+        progress,
+        save_checkpoint,
+        steps_for,
     )
+
+    cfg, mcfg = params.finetune, params.model
+    dist = init_distributed()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    else:
+        set_threads()
+        if dist.world > 1 and not torch.cuda.is_available():  # the ranks share the cores
+            torch.set_num_threads(max(1, torch.get_num_threads() // dist.world))
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True)
+    device = torch.device(f"cuda:{dist.rank % torch.cuda.device_count()}"
+                          if torch.cuda.is_available() else "cpu")
+    hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected here
+
+    train_df, val_df = pd.read_parquet(train), pd.read_parquet(val)
+    replay_df = pd.read_parquet(replay) if replay is not None and replay.is_file() else None
+    torch.manual_seed(mcfg.seed)
+    start_from = champion_classifier(params, init) if cfg.init == "champion" else None
+    data_stats: dict[str, Any]
+    train_df, data_stats = training_frame(train_df, replay_df, cfg,
+                                          continual=start_from is not None, seed=mcfg.seed)
+    labels = sorted(set(params.data.labels) | set(train_df[LABEL]) | set(val_df[LABEL]))
+    added: list[str] = []
+    if start_from is not None:
+        model, tok, champion_version = start_from
+        old = [model.config.id2label[i] for i in range(model.config.num_labels)]
+        labels = sorted(set(labels) | set(old))
+        added = grow_head(model, old, labels)
+        init_used = f"champion v{champion_version}"
+    else:
+        tok = AutoTokenizer.from_pretrained(pretrained)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            pretrained, num_labels=len(labels), id2label=dict(enumerate(labels)),
+            label2id={lab: i for i, lab in enumerate(labels)})
+        init_used = "base" if cfg.init == "base" else "base (there is no champion yet)"
     model.config.ratchet_max_length = mcfg.max_length
-    texts, y = train_df[TEXT].tolist(), [label2id[x] for x in train_df[LABEL]]
-    total = steps_for(len(texts), cfg.batch_size, cfg.epochs)
+    label2id = {lab: i for i, lab in enumerate(labels)}
+    total_params = sum(p.numel() for p in model.parameters())
+    if cfg.mode == "lora":
+        model = with_lora(model, cfg)
+    model.to(device).train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    forward = torch.compile(model) if cfg.compile else model
+
+    def encode(texts: list[str]) -> list[list[int]]:
+        return tok(texts, truncation=True, max_length=mcfg.max_length)["input_ids"]
+
+    ids, y = encode(train_df[TEXT].tolist()), [label2id[x] for x in train_df[LABEL]]
+    val_ids, val_y = encode(val_df[TEXT].tolist()), [label2id[x] for x in val_df[LABEL]]
+    lengths = [len(x) for x in ids]
+    weight = None
+    if cfg.class_weights == "balanced":
+        counts = torch.bincount(torch.tensor(y), minlength=len(labels)).float()
+        weight = (len(y) / (len(labels) * counts.clamp(min=1))).to(device)
+
+    total = steps_for(len(ids), cfg.batch_size, cfg.epochs)
     opt, sched = make_optimizer(model, cfg.learning_rate, cfg.weight_decay,
-                                Schedule(total, int(total * cfg.warmup_ratio)))
+                                Schedule(total, int(total * cfg.warmup_ratio), cfg.schedule))
     rng = random.Random(mcfg.seed)
-    rows, best, best_state, step, epoch = [], -1.0, None, 0, 0
-    start = time.perf_counter()
-    model.train()
-    with progress(total, "finetune") as bar:
-        while step < total:
-            epoch += 1
-            for idx in epoch_batches(len(texts), cfg.batch_size, rng):
-                if step >= total:
+    state = State()
+    best_state = None
+    folder = None
+    resumed_from = 0
+    if checkpoints is not None:
+        key = hashlib.sha256(json.dumps({
+            "finetune": cfg.model_dump(), "model": mcfg.model_dump(), "labels": labels,
+            "train": file_digest(train), "val": file_digest(val), "init": init_used,
+            "pretrained": file_digest(pretrained) if start_from is None else "",
+            "world": dist.world}, sort_keys=True).encode()).hexdigest()[:16]
+        folder = checkpoints / key
+        saved = load_checkpoint(folder)
+        if saved is not None:
+            model.load_state_dict(saved["model"])
+            opt.load_state_dict(saved["optimizer"])
+            sched.load_state_dict(saved["scheduler"])
+            rng.setstate(saved["rng"])
+            torch.set_rng_state(saved["torch_rng"])
+            state, best_state = State(**saved["state"]), saved["best_state"]
+            resumed_from = state.epoch
+    pad_id = tok.pad_token_id or 0
+    amp = (torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported()
+                          else torch.float16) if device.type == "cuda" else None)
+    scaler = (torch.amp.GradScaler("cuda") if device.type == "cuda"
+              and not torch.cuda.is_bf16_supported() else None)
+    embed = model.get_input_embeddings()
+    real_tokens = padded_tokens = 0
+    began = time.perf_counter() - state.seconds
+
+    def loss_of(input_ids, mask, target, n_global: int, delta=None):
+        embeds = embed(input_ids)
+        if delta is not None:
+            embeds = embeds + delta
+        elif cfg.adversarial_epsilon > 0:
+            if not embeds.requires_grad:  # frozen embeddings (LoRA): still need their gradient
+                embeds = embeds.detach().requires_grad_(True)
+            embeds.retain_grad()
+        if amp is not None:
+            with amp:
+                logits = forward(inputs_embeds=embeds, attention_mask=mask).logits
+        else:
+            logits = forward(inputs_embeds=embeds, attention_mask=mask).logits
+        summed = F.cross_entropy(logits.float(), target, weight=weight, reduction="sum")
+        return summed, summed / n_global, embeds
+
+    def backward(loss):
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+
+    with progress(total, "finetune", initial=state.step, disable=not dist.main) as bar:
+        while state.step < total:
+            state.epoch += 1
+            for batch in length_grouped_batches(lengths, cfg.batch_size, rng):
+                if state.step >= total:
                     break
-                enc = tok([texts[i] for i in idx], truncation=True, max_length=mcfg.max_length,
-                          padding=True, return_tensors="pt")
-                loss = model(**enc, labels=torch.tensor([y[i] for i in idx])).loss
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                opt.step()
+                mine = dist.shard(batch)
+                step_loss = 0.0
+                per = max(1, math.ceil(len(mine) / cfg.grad_accumulation))
+                for m in range(0, len(mine), per):
+                    rows = mine[m : m + per]
+                    input_ids, mask = collate(ids, rows, pad_id)
+                    real_tokens += int(mask.sum())
+                    padded_tokens += mask.numel()
+                    input_ids, mask = input_ids.to(device), mask.to(device)
+                    target = torch.tensor([y[i] for i in rows], device=device)
+                    summed, loss, embeds = loss_of(input_ids, mask, target, len(batch))
+                    backward(loss)
+                    step_loss += float(summed.detach())
+                    if cfg.adversarial_epsilon > 0:  # FGM: one step up the loss, then train on it
+                        g = embeds.grad.detach()
+                        norm = g.flatten(1).norm(dim=1).clamp(min=1e-12).view(-1, 1, 1)
+                        delta = cfg.adversarial_epsilon * g / norm
+                        _, adv_loss, _ = loss_of(input_ids, mask, target, len(batch), delta)
+                        backward(adv_loss)
+                all_reduce_grads(trainable, dist)
+                if scaler is not None:
+                    scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+                if scaler is not None:
+                    scaler.step(opt)
+                    scaler.update()
+                else:
+                    opt.step()
                 sched.step()
                 opt.zero_grad(set_to_none=True)
-                step += 1
-                rows.append({"step": step, "epoch": epoch, "loss": float(loss),
-                             "lr": sched.get_last_lr()[0]})
-                bar.set_postfix(epoch=epoch, loss=f"{float(loss):.3f}")
+                state.step += 1
+                state.samples += len(batch)
+                loss_value = all_sum(step_loss, dist) / len(batch)
+                state.rows.append({"step": state.step, "epoch": state.epoch, "loss": loss_value,
+                                   "lr": sched.get_last_lr()[0]})
+                bar.set_postfix(epoch=state.epoch, loss=f"{loss_value:.3f}")
                 bar.update()
-            # Keep the epoch with the best validation macro-F1 (early stopping on val).
-            preds, _ = Classifier(model=model, tokenizer=tok,
-                                  max_length=mcfg.max_length).predict(val_df[TEXT].tolist())
-            score = macro_f1(val_df[LABEL].tolist(), preds)
-            rows[-1]["val_macro_f1"] = score
-            if score > best or best_state is None:
-                best, best_state = score, copy.deepcopy(model.state_dict())
-            model.train()
+            # Keep the epoch with the best validation macro-F1; stop when it stops improving.
+            score, acc = evaluate_split(model, val_ids, val_y, pad_id, device)
+            state.rows[-1].update(val_macro_f1=score, val_accuracy=acc)
+            if score > state.best or best_state is None:
+                state.best, state.best_epoch, state.bad_epochs = score, state.epoch, 0
+                best_state = copy.deepcopy(model.state_dict())
+            else:
+                state.bad_epochs += 1
+            state.seconds = time.perf_counter() - began
+            stop = cfg.patience > 0 and state.bad_epochs >= cfg.patience
+            if folder is not None and dist.main and state.step < total and not stop:
+                save_checkpoint(folder, {
+                    "model": model.state_dict(), "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(), "rng": rng.getstate(),
+                    "torch_rng": torch.get_rng_state(), "state": asdict(state),
+                    "best_state": best_state})
+            if stop:
+                break
+    seconds = time.perf_counter() - began
     model.load_state_dict(best_state)
-    if out.exists():
-        shutil.rmtree(out)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
+    if cfg.mode == "lora":
+        model = model.merge_and_unload()  # plain weights: serving needs no peft
+    stats = {
+        **data_stats, "mode": cfg.mode, "init": init_used, "labels": len(labels),
+        "added_labels": added, "steps": state.step, "epochs": state.epoch,
+        "best_epoch": state.best_epoch, "best_val_macro_f1": state.best,
+        "stopped_early": state.step < total, "resumed_from_epoch": resumed_from,
+        "train_seconds": seconds, "samples": state.samples,
+        "samples_per_s": state.samples / seconds if seconds else float("nan"),
+        "padding_efficiency": real_tokens / padded_tokens if padded_tokens else float("nan"),
+        "trainable_params": sum(p.numel() for p in trainable), "total_params": total_params,
+        "world_size": dist.world, "threads": torch.get_num_threads(),
+        "peak_rss_mb": peak_rss_mb(),
+    }
+    if device.type == "cuda":
+        stats["cuda_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    if dist.main:
+        if out.exists():
+            shutil.rmtree(out)
+        model.save_pretrained(out)
+        tok.save_pretrained(out)
+        write_curve(curve, state.rows)
+        write_json(metrics, stats)
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+    if dist.world > 1:
+        import torch.distributed as tdist
+
+        tdist.barrier()
+        tdist.destroy_process_group()
+    return stats
+
+
+def write_curve(curve: Path, rows: list[dict]) -> None:
+    """The per-step CSV (a DVC plot) and a PNG beside it (logged with the model)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     curve.parent.mkdir(parents=True, exist_ok=True)
     with open(curve, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["step", "epoch", "loss", "lr", "val_macro_f1"])
+        writer = csv.DictWriter(fh, fieldnames=CURVE_FIELDS)
         writer.writeheader()
         writer.writerows(rows)
-    stats = {"steps": step, "epochs": epoch, "train_rows": len(texts), "labels": len(labels),
-             "best_val_macro_f1": best, "train_seconds": time.perf_counter() - start,
-             "samples_per_s": step * cfg.batch_size / (time.perf_counter() - start)}
-    write_json(metrics, stats)
-    return stats
+    fig, (ax_loss, ax_lr) = plt.subplots(1, 2, figsize=(10, 3.5))
+    steps = [r["step"] for r in rows]
+    ax_loss.plot(steps, [r["loss"] for r in rows], lw=1, label="train loss")
+    ax_loss.set_xlabel("step")
+    ax_loss.set_ylabel("loss")
+    evals = [r for r in rows if "val_macro_f1" in r]
+    if evals:
+        ax_f1 = ax_loss.twinx()
+        ax_f1.plot([r["step"] for r in evals], [r["val_macro_f1"] for r in evals], "o-",
+                   color="tab:green", label="val macro-F1")
+        ax_f1.set_ylabel("val macro-F1")
+        ax_f1.set_ylim(0, 1)
+    ax_loss.set_title("training loss and validation macro-F1")
+    ax_lr.plot(steps, [r["lr"] for r in rows], color="tab:orange")
+    ax_lr.set_xlabel("step")
+    ax_lr.set_title("learning rate")
+    fig.tight_layout()
+    fig.savefig(curve.with_suffix(".png"), dpi=100)
+    plt.close(fig)
 
 
 def main() -> None:
@@ -97,9 +437,12 @@ def main() -> None:
         "train": "augmented train split (parquet)",
         "val": "prepared val split (parquet), for early stopping",
         "pretrained": "folder of the pretrained encoder",
+        "init": "finetune-init.json: the champion to start from (finetune.init: champion)",
+        "replay": "replay buffer (parquet), mixed in by continual mode",
+        "checkpoints": "folder for per-epoch checkpoints (a killed run resumes from them)",
         "out": "folder for the candidate model",
         "metrics": "finetune metrics JSON to write",
-        "curve": "training curve CSV to write (DVC plot)",
+        "curve": "training curve CSV to write (DVC plot; a PNG is written beside it)",
     }, run)
 
 
