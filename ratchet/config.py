@@ -177,10 +177,6 @@ class PretrainConfig(_Section):
     learning_rate: float = Field(5e-5, gt=0)
     mlm_probability: float = Field(0.15, gt=0, lt=1)
     whole_word_mask: bool = Field(False, description="Mask every piece of a chosen word.")
-    corpus: str = Field(
-        "data/corpus", description="Unlabeled texts added to the batches' (a .txt, .csv, .jsonl, "
-        ".parquet or a folder of them; absent: none)."
-    )
     eval_every: int = Field(
         0, ge=0, description="Held-out perplexity every this many steps (0: only before/after)."
     )
@@ -210,6 +206,9 @@ class FinetuneConfig(_Section):
     schedule: Literal["linear", "cosine", "constant"] = Field(
         "linear", description="Decay after warmup."
     )
+    lora_learning_rate: float = Field(
+        2e-3, gt=0, description="Peak learning rate in mode lora (adapters want a larger one)."
+    )
     lora_rank: int = Field(8, ge=1, le=256, description="LoRA rank (mode: lora).")
     lora_alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator (mode: lora).")
     lora_dropout: float = Field(0.05, ge=0, lt=1)
@@ -238,7 +237,7 @@ class FinetuneConfig(_Section):
 class SweepConfig(_Section):
     grid: dict[str, list[Any]] = Field(
         default_factory=dict, description="finetune keys -> values to try, every combination, "
-        "e.g. {learning_rate: [1.0e-4, 3.0e-4], lora_rank: [4, 8]}; empty: no sweep."
+        "e.g. {lora_rank: [4, 8], lora_learning_rate: [1.0e-3, 3.0e-3]}; empty: no sweep."
     )
     metric: Literal["best_val_macro_f1"] = Field(
         "best_val_macro_f1", description="What picks the trial that goes to the gate."

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from ratchet.data import ColumnMap
 
 BATCHES = Path("data/batches")
+CORPUS = Path("data/corpus")  # optional unlabeled texts for pretrain (a DVC dependency)
 INCOMING = Path("data/incoming")
 QUARANTINE = Path("data/quarantine")
 CHAMPION_FILE = Path("champion.json")
@@ -148,6 +149,10 @@ def init(ws: Path, overrides: dict[str, dict[str, Any]] | None = None, *,
     for d in (BATCHES, INCOMING):
         (ws / d).mkdir(parents=True, exist_ok=True)
     (ws / BATCHES / ".gitkeep").touch()
+    (ws / CORPUS).mkdir(parents=True, exist_ok=True)
+    (ws / CORPUS / "README.md").write_text(
+        "Unlabeled texts for MLM pre-training (pretrain.corpus): .txt files (one text per line)\n"
+        "or .csv/.jsonl/.parquet files with a `text` column. Version big files with `dvc add`.\n")
     write_json(ws / CHAMPION_FILE, {"name": None, "version": None, "fingerprint": None})
     write_json(ws / INIT_FILE, {"init": "base"})
     if not (ws / ".git").exists():

@@ -1,10 +1,13 @@
-"""pretrain: continue masked-language-model training of the base model on the domain's texts."""
+"""pretrain: continue masked-language-model training of the encoder on the domain's texts (every
+batch's train split plus an optional unlabeled corpus), within a step and time budget, stopping
+when held-out perplexity stops improving; runs unchanged under `torchrun`."""
 
 from __future__ import annotations
 
 import math
 import random
 import shutil
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -14,77 +17,203 @@ from ratchet.data import TEXT
 from ratchet.runtime import write_json
 from ratchet.stage import stage_main
 
+CORPUS_SUFFIXES = (".txt", ".csv", ".jsonl", ".parquet")
 
-def perplexity(model, tok, texts: list[str], max_length: int, mlm_probability: float) -> float:
+
+def encode(tok, texts: list[str], max_length: int, whole_word: bool) -> list[dict]:
+    """Token ids and the groups of positions masked together: each word's pieces (whole-word
+    masking) or each token; special tokens are never masked."""
+    enc = tok(texts, truncation=True, max_length=max_length)
+    examples = []
+    for i, ids in enumerate(enc["input_ids"]):
+        words = enc.word_ids(i)
+        groups: dict = {}
+        for pos, word in enumerate(words):
+            if word is not None:
+                groups.setdefault(word if whole_word else pos, []).append(pos)
+        examples.append({"input_ids": ids, "groups": list(groups.values())})
+    return examples
+
+
+class Masker:
+    """BERT's masking, by group: each group is chosen with probability p; a chosen group is
+    [MASK]ed (80%), replaced by random tokens (10%) or kept (10%), and predicted."""
+
+    def __init__(self, tok, p: float, seed: int):
+        import torch
+
+        self.tok, self.p = tok, p
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def __call__(self, examples: list[dict]) -> dict:
+        import torch
+
+        width = max(len(e["input_ids"]) for e in examples)
+        ids = torch.full((len(examples), width), self.tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        labels = torch.full_like(ids, -100)
+        for r, e in enumerate(examples):
+            n = len(e["input_ids"])
+            ids[r, :n] = torch.tensor(e["input_ids"])
+            mask[r, :n] = 1
+            draws = torch.rand(len(e["groups"]), 2, generator=self.gen)
+            for group, (pick, how) in zip(e["groups"], draws.tolist(), strict=True):
+                if pick >= self.p:
+                    continue
+                labels[r, group] = ids[r, group]
+                if how < 0.8:
+                    ids[r, group] = self.tok.mask_token_id
+                elif how < 0.9:
+                    ids[r, group] = torch.randint(len(self.tok), (len(group),),
+                                                  generator=self.gen)
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def perplexity(model, tok, texts: list[str], max_length: int, mlm_probability: float,
+               whole_word: bool = False) -> float:
     """Masked-token perplexity with fixed masks (seeded), comparable before and after training."""
     import torch
-    from transformers import DataCollatorForLanguageModeling
 
     if not texts:
         return float("nan")
-    collator = DataCollatorForLanguageModeling(tok, mlm_probability=mlm_probability)
+    collate = Masker(tok, mlm_probability, seed=1234)  # the same masks every time
+    was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    state = torch.random.get_rng_state()
-    torch.manual_seed(1234)
     with torch.inference_mode():
         for start in range(0, len(texts), 64):
-            enc = tok(texts[start : start + 64], truncation=True, max_length=max_length)
-            batch = collator([{"input_ids": ids} for ids in enc["input_ids"]])
+            batch = collate(encode(tok, texts[start : start + 64], max_length, whole_word))
             n = int((batch["labels"] != -100).sum())
             if n:
                 total += float(model(**batch).loss) * n
                 count += n
-    torch.random.set_rng_state(state)
-    model.train()
+    model.train(was_training)
     return math.exp(total / count) if count else float("nan")
 
 
-def run(params: Params, *, train: Path, val: Path, out: Path, metrics: Path) -> dict:
+def read_corpus(path: Path) -> list[str]:
+    """Unlabeled texts: a .txt (one per line), a table with a `text` column, or a folder of them."""
+    from ratchet.data import read_table
+
+    if not path.exists():
+        return []
+    files = [path] if path.is_file() else sorted(
+        p for p in path.rglob("*") if p.is_file() and p.suffix in CORPUS_SUFFIXES)
+    texts: list[str] = []
+    for f in files:
+        if f.suffix == ".txt":
+            texts += [line.strip() for line in f.read_text(errors="replace").splitlines()]
+        else:
+            df = read_table(f)
+            if TEXT in df.columns:
+                texts += df[TEXT].dropna().astype(str).tolist()
+    return [t for t in texts if t]
+
+
+def start_model(params: Params, out: Path):
+    """The base model, or (`pretrain.init: previous`) the last run's output where there is one."""
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    from ratchet.models import load_base_mlm
+
+    if params.pretrain.init == "previous" and (out / "config.json").is_file():
+        return AutoModelForMaskedLM.from_pretrained(out), AutoTokenizer.from_pretrained(out), \
+            "previous"
+    model, tok = load_base_mlm(params.model.source, params.model.seed)
+    return model, tok, "base"
+
+
+def run(params: Params, *, train: Path, val: Path, corpus: Path, out: Path,
+        metrics: Path) -> dict:
     import torch
-    from transformers import DataCollatorForLanguageModeling
 
-    from ratchet.models import load_base_mlm, set_threads
-    from ratchet.training import Schedule, make_optimizer, progress
+    from ratchet.models import set_threads
+    from ratchet.training import (
+        Schedule,
+        all_reduce_grads,
+        init_distributed,
+        make_optimizer,
+        peak_rss_mb,
+        progress,
+    )
 
-    set_threads()
     cfg, mcfg = params.pretrain, params.model
-    model, tok = load_base_mlm(mcfg.source, mcfg.seed)
+    dist = init_distributed()
+    set_threads()
+    if dist.world > 1 and not torch.cuda.is_available():
+        torch.set_num_threads(max(1, torch.get_num_threads() // dist.world))
+    model, tok, init = start_model(params, out)
     texts = pd.read_parquet(train)[TEXT].tolist()
+    extra = read_corpus(corpus) if cfg.enabled else []
     val_texts = pd.read_parquet(val)[TEXT].tolist()
-    stats: dict = {"enabled": int(cfg.enabled), "steps": 0, "texts": len(texts)}
+    stats: dict = {"enabled": int(cfg.enabled), "steps": 0, "texts": len(texts),
+                   "corpus_texts": len(extra), "init": init, "whole_word_mask": cfg.whole_word_mask}
+    texts += extra
     if cfg.enabled and cfg.max_steps > 0 and texts:
-        stats["perplexity_before"] = perplexity(model, tok, val_texts, mcfg.max_length,
-                                                cfg.mlm_probability)
+        ww = cfg.whole_word_mask
+        held_out = val_texts[: cfg.eval_texts]
+        before = perplexity(model, tok, held_out, mcfg.max_length, cfg.mlm_probability, ww)
+        stats["perplexity_before"] = before
         torch.manual_seed(mcfg.seed)
         rng = random.Random(mcfg.seed)
-        collator = DataCollatorForLanguageModeling(tok, mlm_probability=cfg.mlm_probability)
+        collate = Masker(tok, cfg.mlm_probability, mcfg.seed + dist.rank)
+        examples = encode(tok, texts, mcfg.max_length, ww)
         opt, sched = make_optimizer(model, cfg.learning_rate, 0.01,
                                     Schedule(cfg.max_steps, cfg.max_steps // 10))
+        trainable = [p for p in model.parameters() if p.requires_grad]
         model.train()
-        losses = []
-        with progress(cfg.max_steps, "pretrain (MLM)") as bar:
-            for _ in range(cfg.max_steps):
-                batch_texts = rng.sample(texts, min(cfg.batch_size, len(texts)))
-                enc = tok(batch_texts, truncation=True, max_length=mcfg.max_length)
-                batch = collator([{"input_ids": ids} for ids in enc["input_ids"]])
-                loss = model(**batch).loss
+        losses, evals = [], [{"step": 0, "perplexity": before}]
+        best, bad, stop_reason = before, 0, "max_steps"
+        start = time.perf_counter()
+        with progress(cfg.max_steps, "pretrain (MLM)", disable=not dist.main) as bar:
+            for step in range(1, cfg.max_steps + 1):
+                rows = dist.shard(rng.sample(range(len(examples)),
+                                             min(cfg.batch_size, len(examples))))
+                loss = model(**collate([examples[i] for i in rows])).loss / dist.world
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                all_reduce_grads(trainable, dist)
+                torch.nn.utils.clip_grad_norm_(trainable, 1.0)
                 opt.step()
                 sched.step()
                 opt.zero_grad(set_to_none=True)
-                losses.append(float(loss))
+                losses.append(float(loss.detach()) * dist.world)
+                stats["steps"] = step
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")
                 bar.update()
-        stats.update(steps=cfg.max_steps, final_loss=sum(losses[-5:]) / len(losses[-5:]))
-        stats["perplexity_after"] = perplexity(model, tok, val_texts, mcfg.max_length,
-                                               cfg.mlm_probability)
-    if out.exists():
-        shutil.rmtree(out)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    write_json(metrics, stats)
+                if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
+                    ppl = perplexity(model, tok, held_out, mcfg.max_length,
+                                     cfg.mlm_probability, ww)
+                    evals.append({"step": step, "perplexity": ppl})
+                    best, bad = (ppl, 0) if ppl < best else (best, bad + 1)
+                    if cfg.patience and bad >= cfg.patience:
+                        stop_reason = f"perplexity did not improve for {bad} evaluations"
+                        break
+                if cfg.max_seconds and time.perf_counter() - start > cfg.max_seconds:
+                    stop_reason = f"time budget of {cfg.max_seconds:.0f}s reached"
+                    break
+        stats.update(final_loss=sum(losses[-5:]) / len(losses[-5:]), stop_reason=stop_reason,
+                     train_seconds=time.perf_counter() - start)
+        stats["perplexity_after"] = perplexity(model, tok, held_out, mcfg.max_length,
+                                               cfg.mlm_probability, ww)
+        stats["perplexity_curve"] = evals + [{"step": stats["steps"],
+                                              "perplexity": stats["perplexity_after"]}]
+    else:
+        stats["skipped"] = ("pretrain.enabled is false" if not cfg.enabled
+                            else "no steps or no texts")
+    stats["peak_rss_mb"] = peak_rss_mb()
+    if dist.main:
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+        write_json(metrics, stats)
+    if dist.world > 1:
+        import torch.distributed as tdist
+
+        tdist.barrier()
+        tdist.destroy_process_group()
     return stats
 
 
@@ -92,7 +221,8 @@ def main() -> None:
     stage_main("pretrain", __doc__, {
         "train": "prepared train split (parquet); its texts are the MLM corpus",
         "val": "prepared val split (parquet); held-out perplexity",
-        "out": "folder for the pretrained model",
+        "corpus": "optional unlabeled texts: a .txt/.csv/.jsonl/.parquet file or a folder",
+        "out": "folder for the pretrained model (also the start with pretrain.init: previous)",
         "metrics": "pretrain metrics JSON to write",
     }, run)
 
