@@ -159,6 +159,7 @@ class State:
     best_epoch: int = 0
     bad_epochs: int = 0
     seconds: float = 0.0
+    val_seconds: float = 0.0
     rows: list[dict] = field(default_factory=list)
 
 
@@ -252,7 +253,8 @@ def run(params: Params, *, train: Path, val: Path, pretrained: Path, out: Path, 
         weight = (len(y) / (len(labels) * counts.clamp(min=1))).to(device)
 
     total = steps_for(len(ids), cfg.batch_size, cfg.epochs)
-    opt, sched = make_optimizer(model, cfg.learning_rate, cfg.weight_decay,
+    lr = cfg.lora_learning_rate if cfg.mode == "lora" else cfg.learning_rate
+    opt, sched = make_optimizer(model, lr, cfg.weight_decay,
                                 Schedule(total, int(total * cfg.warmup_ratio), cfg.schedule))
     rng = random.Random(mcfg.seed)
     state = State()
@@ -347,7 +349,9 @@ def run(params: Params, *, train: Path, val: Path, pretrained: Path, out: Path, 
                 bar.set_postfix(epoch=state.epoch, loss=f"{loss_value:.3f}")
                 bar.update()
             # Keep the epoch with the best validation macro-F1; stop when it stops improving.
+            val_start = time.perf_counter()
             score, acc = evaluate_split(model, val_ids, val_y, pad_id, device)
+            state.val_seconds += time.perf_counter() - val_start
             state.rows[-1].update(val_macro_f1=score, val_accuracy=acc)
             if score > state.best or best_state is None:
                 state.best, state.best_epoch, state.bad_epochs = score, state.epoch, 0
@@ -373,8 +377,11 @@ def run(params: Params, *, train: Path, val: Path, pretrained: Path, out: Path, 
         "added_labels": added, "steps": state.step, "epochs": state.epoch,
         "best_epoch": state.best_epoch, "best_val_macro_f1": state.best,
         "stopped_early": state.step < total, "resumed_from_epoch": resumed_from,
-        "train_seconds": seconds, "samples": state.samples,
-        "samples_per_s": state.samples / seconds if seconds else float("nan"),
+        # Training steps only; the validation passes (early stopping) are timed apart.
+        "train_seconds": seconds - state.val_seconds, "val_seconds": state.val_seconds,
+        "samples": state.samples,
+        "samples_per_s": state.samples / (seconds - state.val_seconds) if seconds else float(
+            "nan"),
         "padding_efficiency": real_tokens / padded_tokens if padded_tokens else float("nan"),
         "trainable_params": sum(p.numel() for p in trainable), "total_params": total_params,
         "world_size": dist.world, "threads": torch.get_num_threads(),

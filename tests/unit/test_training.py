@@ -92,7 +92,7 @@ def test_full_finetuning_learns_and_reports(data, tmp_path):
 def test_lora_trains_adapters_only_and_saves_merged_weights(data, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
-    stats = train(data, tmp_path, params(mode="lora", lora_rank=4, learning_rate=0.02))
+    stats = train(data, tmp_path, params(mode="lora", lora_rank=4, lora_learning_rate=0.02))
     assert stats["trainable_params"] < stats["total_params"] / 2
     saved = weights(tmp_path / "model")
     assert not [k for k in saved if "lora" in k]  # merged: serving needs no peft
@@ -248,3 +248,124 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# --- pretrain ------------------------------------------------------------------------------------
+
+
+def pretrain_params(**overrides):
+    pt = {"max_steps": 12, "batch_size": 16, "learning_rate": 0.001, **overrides}
+    return parse_params({"model": {"source": "tiny", "max_length": 32}, "pretrain": pt}, "test")
+
+
+def pretrain(data, out: Path, p, corpus: Path | None = None) -> dict:
+    from tasks import pretrain as stage
+
+    return stage.run(p, train=data["train"], val=data["val"], corpus=corpus or out / "none",
+                     out=out / "model", metrics=out / "metrics.json")
+
+
+def test_pretrain_lowers_held_out_perplexity_with_whole_word_masks_and_a_corpus(data, tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "extra.txt").write_text("my card was stolen yesterday\n\nwhat is the forecast\n")
+    pd.DataFrame({TEXT: ["hello there", None]}).to_parquet(corpus / "more.parquet")
+    (corpus / "README.md").write_text("not a corpus file")
+    stats = pretrain(data, tmp_path, pretrain_params(whole_word_mask=True, max_steps=40,
+                                                      learning_rate=0.003), corpus)
+    assert stats["corpus_texts"] == 3 and stats["texts"] == 160
+    assert stats["steps"] == 40 and stats["stop_reason"] == "max_steps"
+    assert stats["perplexity_after"] < stats["perplexity_before"]
+    assert (tmp_path / "model" / "config.json").is_file()
+
+
+def test_whole_word_masking_masks_every_piece_of_a_word():
+    from ratchet.models import load_tokenizer
+    from tasks.pretrain import Masker, encode
+
+    tok = load_tokenizer("tiny")
+    text = "unbelievably photosynthesis antidisestablishmentarianism"
+    examples = encode(tok, [text] * 64, 32, True)
+    batch = Masker(tok, 0.3, seed=0)(examples)
+    assert (batch["labels"] != -100).any()
+    pieces = tok(text)["input_ids"]
+    words = [tok.convert_ids_to_tokens(i) for i in pieces]
+    starts = [i for i, w in enumerate(words) if not w.startswith("##")]
+    for row in batch["labels"]:
+        masked = (row[: len(pieces)] != -100).tolist()
+        for a, b in zip(starts, starts[1:] + [len(pieces)], strict=True):
+            assert len(set(masked[a:b])) == 1  # a word is masked whole or not at all
+
+
+def test_pretrain_stops_early_and_on_its_time_budget(data, tmp_path):
+    early = pretrain(data, tmp_path / "early", pretrain_params(
+        max_steps=200, eval_every=2, patience=1, learning_rate=0.5))
+    assert early["steps"] < 200 and "did not improve" in early["stop_reason"]
+    timed = pretrain(data, tmp_path / "timed", pretrain_params(max_steps=100000,
+                                                               max_seconds=1.0))
+    assert timed["steps"] < 100000 and "time budget" in timed["stop_reason"]
+
+
+def test_pretrain_disabled_passes_the_base_model_on(data, tmp_path):
+    stats = pretrain(data, tmp_path, pretrain_params(enabled=False))
+    assert stats["steps"] == 0 and stats["skipped"] == "pretrain.enabled is false"
+    assert "perplexity_after" not in stats and (tmp_path / "model" / "config.json").is_file()
+
+
+def test_pretrain_can_continue_from_the_previous_encoder(data, tmp_path):
+    from safetensors.torch import load_file
+
+    first = pretrain(data, tmp_path, pretrain_params(max_steps=5))
+    before = load_file(tmp_path / "model" / "model.safetensors")
+    second = pretrain(data, tmp_path, pretrain_params(max_steps=5, init="previous"))
+    assert first["init"] == "base" and second["init"] == "previous"
+    assert second["perplexity_before"] == pytest.approx(first["perplexity_after"], rel=1e-4)
+    assert any(not torch.equal(before[k], v) for k, v in
+               load_file(tmp_path / "model" / "model.safetensors").items())
+
+
+# --- continual mode through the registry --------------------------------------------------------
+
+
+def test_continual_mode_starts_from_the_registered_champion_and_grows_its_head(data, tmp_path,
+                                                                              monkeypatch):
+    """The champion (a real registered pyfunc) knows 3 labels; the new batch brings a 4th."""
+    from ratchet.registry import connect, log_candidate
+    from tests.conftest import save_tiny_classifier
+
+    monkeypatch.chdir(tmp_path)
+    p = params(init="champion", epochs=3.0, replay_mix=1.0)
+    old_labels = LABELS[:3]
+    champion_dir = tmp_path / "champion"
+    champ = save_tiny_classifier(champion_dir, old_labels, seed=3, max_length=32)
+    connect(p.registry, tmp_path)
+    _, version = log_candidate(champion_dir, name=p.registry.model_name, params={}, metrics={},
+                               artifacts=[], run_tags={"fingerprint": "champ"})
+    (tmp_path / "init.json").write_text(json.dumps(
+        {"init": "champion", "name": p.registry.model_name, "version": version}))
+    old = frame(120, 0, labels=old_labels, batch="0001-a")
+    new = frame(40, 1, labels=LABELS, batch="0002-b")
+    pd.concat([old, new]).to_parquet(tmp_path / "train.parquet")
+    old.to_parquet(tmp_path / "replay.parquet")
+
+    stats = train(data, tmp_path / "out", p, train=tmp_path / "train.parquet",
+                  init=tmp_path / "init.json", replay=tmp_path / "replay.parquet")
+    assert stats["init"] == f"champion v{version}"
+    assert stats["added_labels"] == ["weather"] and stats["labels"] == 4
+    assert stats["new_rows"] == 40 and stats["replay_rows"] == 40 and stats["train_rows"] == 80
+    from transformers import AutoModelForSequenceClassification
+
+    grown = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out" / "model")
+    assert [grown.config.id2label[i] for i in range(4)] == LABELS
+    # It continued from the champion's encoder, not from the pretrained one.
+    start = champ.bert.embeddings.position_embeddings.weight
+    moved = grown.bert.embeddings.position_embeddings.weight
+    pretrained = weights(data["pretrained"])["bert.embeddings.position_embeddings.weight"]
+    assert (moved - start).abs().mean() < (moved - pretrained).abs().mean()
+
+
+def test_continual_mode_without_a_champion_trains_from_the_base(data, tmp_path):
+    (tmp_path / "init.json").write_text('{"init": "champion", "name": null, "version": null}')
+    stats = train(data, tmp_path, params(init="champion", epochs=1.0),
+                  init=tmp_path / "init.json")
+    assert stats["init"] == "base (there is no champion yet)" and stats["train_rows"] == 160
