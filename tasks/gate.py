@@ -146,7 +146,7 @@ def reevaluate(params: Params, m: dict[str, float], champion: dict, *, candidate
 
 def run(params: Params, *, eval_metrics: Path, eval_report: Path, validation: Path, drift: Path,
         candidate: Path, champion: Path, test: Path, weights: Path, lock: Path,
-        report: Path) -> dict[str, Any]:
+        report: Path, curve: Path | None = None) -> dict[str, Any]:
     from ratchet.registry import (
         CHALLENGER,
         CHAMPION,
@@ -225,7 +225,7 @@ def run(params: Params, *, eval_metrics: Path, eval_report: Path, validation: Pa
         version, run_id = _register_or_tag(
             client, params, name, fp, label, decision, m, version=version, run_id=run_id,
             evaluated=evaluated, val=val, drift=drift, drift_report=drift_report, lock=lock,
-            card=card, paths=(validation, eval_metrics, eval_report, candidate))
+            card=card, paths=(validation, eval_metrics, eval_report, candidate, curve))
         if label != "promoted":
             break
         try:
@@ -245,7 +245,7 @@ def run(params: Params, *, eval_metrics: Path, eval_report: Path, validation: Pa
         version, run_id = _register_or_tag(
             client, params, name, fp, label, decision, m, version=version, run_id=run_id,
             evaluated=evaluated, val=val, drift=drift, drift_report=drift_report, lock=lock,
-            card=card, paths=(validation, eval_metrics, eval_report, candidate))
+            card=card, paths=(validation, eval_metrics, eval_report, candidate, curve))
     challenger = alias_target(client, name, CHALLENGER)
     if challenger != version:
         # If another candidate took `challenger` meanwhile, it is the latest: keep it.
@@ -307,18 +307,44 @@ def _log(params: Params, name: str, fp: str, label: str, m: dict[str, float], *,
     """Log the candidate's run (params, metrics, reports, model card) and register it."""
     from ratchet.registry import log_candidate
 
-    validation, eval_metrics, eval_report, candidate = paths
+    validation, eval_metrics, eval_report, candidate, curve = paths
     flat_params = {f"{k}.{kk}": str(vv)[:500] for k, v in params.model_dump(by_alias=True)
                    .items() for kk, vv in v.items()}
     plots = sorted(eval_report.parent.glob("*.png"))
     docs = [Path(val["data_docs"]).parent] if val.get("data_docs") else []
-    return log_candidate(
+    training = [curve, curve.with_suffix(".png")] if curve is not None else []
+    run_id, version = log_candidate(
         candidate, name=name, params=flat_params, metrics=m,
         artifacts=[drift, drift.with_suffix(".png"), validation, eval_metrics, eval_report,
-                   card, *plots, *docs],
+                   card, *plots, *docs, *training],
         run_tags={"fingerprint": fp, "decision": label},
         model_card=card,
     )
+    if curve is not None and curve.is_file():
+        log_curve(run_id, curve)
+    return run_id, version
+
+
+def log_curve(run_id: str, curve: Path) -> None:
+    """The training curve as MLflow metric histories (train/loss, train/lr per step; val/*
+    per epoch), so the run's charts show how the candidate trained."""
+    import time
+
+    import pandas as pd
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    rows = pd.read_csv(curve)
+    now = int(time.time() * 1000)
+    metrics = []
+    for column, key in (("loss", "train/loss"), ("lr", "train/lr"),
+                        ("val_macro_f1", "val/macro_f1"), ("val_accuracy", "val/accuracy")):
+        if column in rows:
+            metrics += [Metric(key, float(v), now, int(step)) for step, v in
+                        zip(rows["step"], rows[column], strict=True) if pd.notna(v)]
+    client = MlflowClient()
+    for start in range(0, len(metrics), 1000):  # the API takes at most 1000 per batch
+        client.log_batch(run_id, metrics=metrics[start : start + 1000])
 
 
 ROWS = ("all", RECENT, REFERENCE, "weighted")
@@ -441,6 +467,7 @@ def main() -> None:
         "test": "prepared test split (to re-evaluate if `champion` moves during the run)",
         "weights": "importance weights of the test rows (idem)",
         "lock": "dvc.lock, for the data hashes (read, not a dependency)",
+        "curve": "finetune's training curve CSV (logged as the run's metric history)",
         "report": "gate decision JSON to write",
     }, run)
 

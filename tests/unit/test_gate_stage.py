@@ -97,11 +97,19 @@ def test_gate_reevaluates_when_champion_moves_during_the_run(ws):
 
     # A person moves `champion` to v2 in the MLflow UI while the run is between stages.
     client.set_registered_model_alias(name, CHAMPION, v2)
+    curve = ws / "curve.csv"
+    pd.DataFrame({"step": [1, 2, 3], "epoch": [1, 1, 2], "loss": [1.5, 1.0, 0.7],
+                  "lr": [1e-4, 2e-4, 1e-4], "val_macro_f1": [None, 0.6, 0.8]}).to_csv(curve,
+                                                                                  index=False)
     record = gate.run(params, eval_metrics=ws / "eval.json", eval_report=ws / "eval" /
                       "report.json", validation=ws / "validation.json", drift=ws / "drift.json",
                       candidate=candidate, champion=ws / "champion.json", test=ws / "test.parquet",
                       weights=ws / "absent.parquet", lock=ws / "dvc.lock",
-                      report=ws / "gate.json")
+                      report=ws / "gate.json", curve=curve)
+    # The training curve is the run's metric history (the UI charts it per step).
+    history = client.get_metric_history(record["run_id"], "train/loss")
+    assert [(h.step, h.value) for h in history] == [(1, 1.5), (2, 1.0), (3, 0.7)]
+    assert [h.step for h in client.get_metric_history(record["run_id"], "val/macro_f1")] == [2, 3]
     # Judged against v2 (whose predictions it shares: no gain), not against v1; v2 stays.
     assert record["reevaluations"] == [{"from": v1, "to": v2}]
     assert record["evaluated_against"] == v2
