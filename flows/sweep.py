@@ -16,6 +16,8 @@ import os
 import shlex
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -94,7 +96,8 @@ def run_sweep(ws: Path) -> dict[str, Any]:
     root = ws / SWEEP_DIR / time.strftime("%Y%m%d-%H%M%S")
     sweep_flow = _sweep.with_options(task_runner=task_runner(cfg.address, workers))
     start = time.perf_counter()
-    results = sweep_flow(str(ws), combos, str(root), threads)
+    with shared_api():
+        results = sweep_flow(str(ws), combos, str(root), threads)
     done = [r for r in results if "stats" in r]
     if not done:
         raise WorkspaceError("every sweep trial failed: "
@@ -109,6 +112,34 @@ def run_sweep(ws: Path) -> dict[str, Any]:
     write_json(ws / REPORT, report)
     shutil.rmtree(root, ignore_errors=True)
     return report
+
+
+@contextmanager
+def shared_api() -> Iterator[None]:
+    """Worker processes report their task runs to this process's Prefect API.
+
+    Without a PREFECT_API_URL Prefect runs an ephemeral server for this process; a Dask worker
+    process would start one of its own on the same SQLite file (slow, and it locks). So its
+    address goes into the environment the local cluster's workers are spawned with.
+    """
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():
+        yield
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()  # the same instance this process's client uses
+    server.start()
+    before = os.environ.get("PREFECT_API_URL")
+    os.environ["PREFECT_API_URL"] = server.api_url
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("PREFECT_API_URL", None)
+        else:
+            os.environ["PREFECT_API_URL"] = before
 
 
 def _score(value: Any) -> float:

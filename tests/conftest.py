@@ -15,6 +15,8 @@ os.environ.update(
         # Tests run on two xdist workers: one thread per process keeps the 2 cores from being
         # oversubscribed (stage subprocesses inherit this).
         "OMP_NUM_THREADS": "1",
+        # The retrain flow's I/O retries: once, at once (a refused commit should fail fast).
+        "RATCHET_IO_RETRY_DELAYS": "0",
     }
 )
 from ratchet.runtime import setup  # noqa: E402

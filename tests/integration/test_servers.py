@@ -5,8 +5,10 @@ in the same bucket.
 Once for the module: a fresh PostgreSQL database (dropped afterwards), `moto_server` with one
 bucket, and `mlflow server --artifacts-destination s3://<bucket>/mlflow`. A tiny-model workspace
 whose `registry.tracking_uri` is the server's URL ingests the first demo batch and runs the
-pipeline through DVC; the tests then read the outcome back over HTTP, from the bucket and from the
-database, and push/pull the workspace's data through an S3 remote. Each phase's seconds are
+Prefect flow `retrain` twice: first with a git hook that makes the run fail after its gate
+promoted (the registry must be left as found), then successfully. The
+tests read the outcome back over HTTP, from the bucket and from the database, and push/pull the
+workspace's data through an S3 remote. Each phase's seconds are
 printed at the end of the module; every failure message carries the servers' logs.
 """
 
@@ -260,11 +262,18 @@ def stack(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureReque
 
 @pytest.fixture(scope="module")
 def pipeline(stack: Stack) -> dict[str, Any]:
-    """A tiny-model workspace on the server: one demo batch ingested and the pipeline run
-    through DVC. Returns the gate's record, with `ws` added."""
+    """A tiny-model workspace on the server, one demo batch ingested, and two runs of the Prefect
+    flow `retrain`:
+
+    1. a git hook refuses the run's commit after the gate promoted its version: the run fails
+       and must leave the registry as it found it;
+    2. with the hook gone, the run succeeds.
+
+    Returns the second gate record, with `ws` and `failed` (the state after run 1) added."""
+    from flows.retrain import retrain
     from ratchet import workspace
     from ratchet.demo_data import all_labels, demo_batches, demo_probes, write_batch
-    from ratchet.errors import WorkspaceError
+    from ratchet.registry import alias_history, aliases, connect
 
     ws = stack.root / "ws"
     overrides = {section: dict(values) for section, values in TINY.items()}
@@ -279,13 +288,31 @@ def pipeline(stack: Stack) -> dict[str, Any]:
     # Started by `stack`: it was migrating the database meanwhile.
     stack.phases["then mlflow server ready"] = servers.wait_ready(stack.mlflow, "/health",
                                                                   START_TIMEOUT)
+    hook = ws / ".git" / "hooks" / "pre-commit"
+    hook.write_text("#!/bin/sh\necho 'policy: no commits during the freeze' >&2\nexit 1\n")
+    hook.chmod(0o755)
+    t = time.perf_counter()
+    with pytest.raises(Exception) as refused:
+        retrain(str(ws))
+    stack.phases["failing run (gate promoted, commit refused)"] = time.perf_counter() - t
+    from ratchet.config import load_params
+
+    client = connect(load_params(ws / "params.yaml").registry, ws)
+    name = load_params(ws / "params.yaml").registry.model_name
+    failed = {"error": str(refused.value), "aliases": aliases(client, name),
+              "versions": [str(mv.version) for mv in
+                           client.search_model_versions(f"name = '{name}'")],
+              "history": alias_history(client, name),
+              "inflight": (ws / ".ratchet" / "inflight.json").exists(),
+              "gate_report": (ws / "reports" / "gate.json").exists()}
+    hook.unlink()
     t = time.perf_counter()
     try:
-        record = workspace.run_pipeline(ws)
-    except WorkspaceError as err:
+        record = retrain(str(ws))
+    except Exception as err:  # noqa: BLE001 - the servers' logs say more than the traceback
         pytest.fail(f"the pipeline failed against the server: {err}\n{stack.logs()}")
-    stack.phases["pipeline"] = time.perf_counter() - t
-    return {**record, "ws": ws}
+    stack.phases["second run (gate, commit, push)"] = time.perf_counter() - t
+    return {**record, "ws": ws, "failed": failed}
 
 
 def sha256(path: Path) -> str:
@@ -323,9 +350,13 @@ def test_the_run_registers_tags_and_promotes_a_version_over_http(stack, pipeline
     aliases = {a: str(v) for a, v in client.get_registered_model(name).aliases.items()}
     assert aliases == {CHAMPION: version, CHALLENGER: version}, aliases
     assert str(client.get_model_version_by_alias(name, CHAMPION).version) == version
-    moves = [(e["alias"], e["from"], e["to"], e["by"]) for e in alias_history(client, name)]
-    assert (CHAMPION, None, version, "gate") in moves, moves
-    assert [m for m in moves if m[0] == CHAMPION] == [(CHAMPION, None, version, "gate")]
+    moves = [(e["alias"], e["from"], e["to"], e["by"], e["rollback"])
+             for e in alias_history(client, name)]
+    # The failed run promoted version 1, its failure undid that, the second run promoted 2.
+    assert [m for m in moves if m[0] == CHAMPION] == [
+        (CHAMPION, None, "1", "gate", False), (CHAMPION, "1", None, "gate", True),
+        (CHAMPION, None, version, "gate", False)], moves
+    assert version == "2"
 
 
 def test_the_artifacts_go_through_the_server_into_the_bucket(stack, pipeline, tmp_path):
@@ -372,7 +403,9 @@ def test_the_registry_rows_are_in_postgresql(stack, pipeline):
 
     name = load_params(pipeline["ws"] / "params.yaml").registry.model_name
     version = int(pipeline["version"])
-    assert stack.query("SELECT version FROM model_versions WHERE name = %s", name) == [(version,)]
+    # The failed run's version 1 is deleted (MLflow keeps the row, marked deleted).
+    assert sorted(stack.query("SELECT version, current_stage FROM model_versions WHERE name = %s",
+                              name)) == [(1, "Deleted_Internal"), (version, "None")]
     assert sorted(stack.query("SELECT alias, version FROM registered_model_aliases "
                               "WHERE name = %s", name)) == [("challenger", version),
                                                             ("champion", version)]
@@ -380,6 +413,39 @@ def test_the_registry_rows_are_in_postgresql(stack, pipeline):
                        "AND key = 'decision'", name, version) == [("promoted",)]
     assert stack.query("SELECT count(*) FROM runs WHERE run_uuid = %s",
                        pipeline["run_id"]) == [(1,)]
+
+
+# --- the failed run, on the server -------------------------------------------------------------
+
+
+def test_the_failed_run_reported_why_and_left_no_version_and_no_alias(stack, pipeline):
+    failed = pipeline["failed"]
+    assert "no commits during the freeze" in failed["error"]
+    assert failed["versions"] == [] and failed["aliases"] == {}, stack.logs()
+    moves = [(e["alias"], e["to"], e["rollback"]) for e in failed["history"]]
+    assert ("champion", "1", False) in moves and ("champion", None, True) in moves
+    undo = next(e for e in failed["history"] if e["rollback"] and e["alias"] == "champion")
+    assert "no commits during the freeze" in undo["reason"]
+    assert not failed["inflight"] and not failed["gate_report"]
+
+
+def test_the_failed_runs_mlflow_run_stays_marked_failed(stack, pipeline):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(stack.mlflow.url, stack.mlflow.url)
+    exp = client.get_experiment_by_name("ratchet").experiment_id
+    runs = client.search_runs([exp], filter_string="tags.decision = 'failed'")
+    assert len(runs) == 1 and runs[0].info.status == "FAILED"
+    assert "no commits during the freeze" in runs[0].data.tags["ratchet.failure"]
+
+
+def test_after_the_second_run_the_workspace_is_clean(stack, pipeline):
+    from ratchet import workspace
+
+    ws = pipeline["ws"]
+    assert not (ws / ".ratchet" / "inflight.json").exists()
+    assert workspace.changed_stages(ws) == set()
+    assert workspace.git(ws, "status", "--porcelain").strip() == ""
 
 
 # --- (b) a DVC S3 remote on the same endpoint ----------------------------------------------------
