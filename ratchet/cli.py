@@ -154,12 +154,13 @@ def ingest(
 
 
 def _run(ws: Path, engine: Engine) -> dict[str, Any]:
+    from ratchet import workspace
+
+    ws = workspace.require(ws)  # before a Prefect server starts for nothing
     if engine is Engine.prefect:
         from flows.retrain import run_once
 
         return run_once(ws)
-    from ratchet import workspace
-
     return workspace.run_pipeline(ws)
 
 
