@@ -18,6 +18,7 @@ BENCHMARKS: dict[str, str] = {  # name -> module
     "drift": "benchmarks.drift",
     "gate": "benchmarks.gate",
     "orchestration": "benchmarks.orchestration",
+    "training": "benchmarks.training",
 }
 
 
