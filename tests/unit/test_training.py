@@ -189,13 +189,19 @@ def run_in_process(data, out: Path, params_file: Path) -> None:
                  metrics=out / "metrics.json", curve=out / "curve.csv")
 
 
-def test_a_killed_run_resumes_from_its_checkpoint_to_the_same_result(data, tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(Path(finetune.__file__).parent.parent)}
-    p = write_params(tmp_path / "params.yaml", epochs=4.0)
-    whole, killed = tmp_path / "whole", tmp_path / "killed"
-    for d in (whole, killed):
+def two_runs(tmp_path: Path, names: tuple[str, str], epochs: float):
+    """The environment, params file and folders of two runs of the stage to compare."""
+    env = {**os.environ, "PYTHONPATH": str(Path(finetune.__file__).parent.parent),
+           "OMP_NUM_THREADS": "1"}
+    folders = [tmp_path / name for name in names]
+    for d in folders:
         d.mkdir()
         (d / "init.json").write_text('{"init": "base"}')
+    return env, write_params(tmp_path / "params.yaml", epochs=epochs), *folders
+
+
+def test_a_killed_run_resumes_from_its_checkpoint_to_the_same_result(data, tmp_path):
+    env, p, whole, killed = two_runs(tmp_path, ("whole", "killed"), epochs=4.0)
     run_in_process(data, whole, p)
     assert not list((whole / "ckpt").glob("*")), "a finished run removes its checkpoint"
 
@@ -220,13 +226,7 @@ def test_a_killed_run_resumes_from_its_checkpoint_to_the_same_result(data, tmp_p
 
 
 def test_two_gloo_processes_match_one_with_the_same_global_batch(data, tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(Path(finetune.__file__).parent.parent),
-           "OMP_NUM_THREADS": "1"}
-    p = write_params(tmp_path / "params.yaml", epochs=2.0)
-    one, two = tmp_path / "one", tmp_path / "two"
-    for d in (one, two):
-        d.mkdir()
-        (d / "init.json").write_text('{"init": "base"}')
+    env, p, one, two = two_runs(tmp_path, ("one", "two"), epochs=2.0)
     run_in_process(data, one, p)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                 "--master_port", str(_free_port())]
