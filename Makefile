@@ -16,9 +16,8 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first and exact: a range would pull a multi-GB CUDA build on a CPU machine.
-	# --no-compile: bytecode is written on first import, for the modules used (halves set-up).
-	$(BIN)/python -m pip install -q --no-compile $(TORCH_PIP_ARGS) torch==2.13.0
-	$(BIN)/python -m pip install -q --no-compile -e ".[dev]"
+	$(BIN)/python -m pip install -q $(TORCH_PIP_ARGS) torch==2.13.0
+	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
 demo: setup
