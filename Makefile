@@ -7,6 +7,9 @@ STAMP := $(VENV)/.ratchet-installed
 TORCH_PIP_ARGS ?=
 export DO_NOT_TRACK=true PREFECT_SERVER_ANALYTICS_ENABLED=false MLFLOW_DISABLE_TELEMETRY=true
 export DVC_NO_ANALYTICS=1 GX_ANALYTICS_ENABLED=False HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
+# Bytecode is cached on first import (set-up skips compiling all of site-packages, see below);
+# some machines set PYTHONDONTWRITEBYTECODE, which would make every process compile torch anew.
+export PYTHONDONTWRITEBYTECODE :=
 
 .PHONY: setup demo test test-all lint bench clean
 
@@ -16,8 +19,9 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first and exact: a range would pull a multi-GB CUDA build on a CPU machine.
-	$(BIN)/python -m pip install -q $(TORCH_PIP_ARGS) torch==2.13.0
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	# --no-compile: bytecode for the modules actually imported is written on first use instead.
+	$(BIN)/python -m pip install -q --no-compile $(TORCH_PIP_ARGS) torch==2.13.0
+	$(BIN)/python -m pip install -q --no-compile -e ".[dev]"
 	touch $(STAMP)
 
 demo: setup
