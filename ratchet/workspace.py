@@ -151,8 +151,9 @@ def init(ws: Path, overrides: dict[str, dict[str, Any]] | None = None, *,
     (ws / BATCHES / ".gitkeep").touch()
     (ws / CORPUS).mkdir(parents=True, exist_ok=True)
     (ws / CORPUS / "README.md").write_text(
-        "Unlabeled texts for MLM pre-training (pretrain.corpus): .txt files (one text per line)\n"
-        "or .csv/.jsonl/.parquet files with a `text` column. Version big files with `dvc add`.\n")
+        "Unlabeled texts for the pretrain stage's MLM training, beside the batches' texts:\n"
+        ".txt files (one text per line) or .csv/.jsonl/.parquet files with a `text` column.\n"
+        "Version big files with `dvc add`.\n")
     write_json(ws / CHAMPION_FILE, {"name": None, "version": None, "fingerprint": None})
     write_json(ws / INIT_FILE, {"init": "base"})
     if not (ws / ".git").exists():
