@@ -332,11 +332,12 @@ def rollback_target(events: list[dict[str, Any]], current: str | None) -> str:
                         "name one with `--to VERSION`")
 
 
-def run_versions(client, name: str, token: str) -> list[str]:
-    """The versions of `name` registered from MLflow runs tagged with this retrain's token."""
+def run_versions(client, name: str, token: str) -> dict[str, str]:
+    """The versions of `name` registered from MLflow runs tagged with this retrain's token, and
+    their runs: {version: run_id}, oldest first."""
     if registered_model(client, name) is None:
-        return []
-    ours = []
+        return {}
+    ours = {}
     for mv in client.search_model_versions(f"name = '{name}'"):
         if not mv.run_id:
             continue
@@ -345,8 +346,8 @@ def run_versions(client, name: str, token: str) -> list[str]:
         except Exception:  # noqa: BLE001 - a deleted run is not ours to judge
             continue
         if tags.get(RUN_TOKEN_TAG) == token:
-            ours.append(str(mv.version))
-    return sorted(ours, key=int)
+            ours[str(mv.version)] = mv.run_id
+    return dict(sorted(ours.items(), key=lambda kv: int(kv[0])))
 
 
 def undo_run(client, name: str, token: str, before: dict[str, str | None], *,
@@ -359,12 +360,13 @@ def undo_run(client, name: str, token: str, before: dict[str, str | None], *,
     every restoring move is logged in the alias history with `reason`.
     """
     ours = run_versions(client, name, token)
+    current = aliases(client, name)
     restored: dict[str, Any] = {}
     for alias, was in before.items():
-        now = alias_target(client, name, alias)
+        now = current.get(alias)
         if now is None or now not in ours or now == was:
             continue
-        if was is not None and registered_model(client, name) is not None:
+        if was is not None:
             move_alias(client, name, alias, was, by="gate", expected=now, rollback=True,
                        reason=f"restored: {reason}"[:2000])
         else:  # it pointed at nothing before this run: deleting the version removes it
@@ -373,15 +375,13 @@ def undo_run(client, name: str, token: str, before: dict[str, str | None], *,
                                    "by": "gate", "actor": actor(), "rollback": True,
                                    "reason": f"removed: {reason}"[:2000]})
         restored[alias] = {"from": now, "to": was}
-    runs = set()
     for version in ours:
-        runs.add(client.get_model_version(name, version).run_id)
         client.delete_model_version(name, version)
-    for run_id in runs:
+    for run_id in set(ours.values()):
         client.set_tag(run_id, "decision", "failed")
         client.set_tag(run_id, "ratchet.failure", reason[:4900])
         client.set_terminated(run_id, "FAILED")
-    return {"deleted_versions": ours, "restored_aliases": restored}
+    return {"deleted_versions": list(ours), "restored_aliases": restored}
 
 
 def log_candidate(
