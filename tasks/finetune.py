@@ -164,11 +164,14 @@ class State:
 
 
 def file_digest(path: Path) -> str:
+    """Content hash of a file or a folder's files, read in chunks (model weights can be GBs)."""
     h = hashlib.sha256()
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     for f in files:
         h.update(f.name.encode())
-        h.update(f.read_bytes())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda fh=fh: fh.read(1 << 20), b""):
+                h.update(chunk)
     return h.hexdigest()
 
 
