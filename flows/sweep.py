@@ -96,21 +96,23 @@ def run_sweep(ws: Path) -> dict[str, Any]:
     root = ws / SWEEP_DIR / time.strftime("%Y%m%d-%H%M%S")
     sweep_flow = _sweep.with_options(task_runner=task_runner(cfg.address, workers))
     start = time.perf_counter()
-    with shared_api():
-        results = sweep_flow(str(ws), combos, str(root), threads)
-    done = [r for r in results if "stats" in r]
-    if not done:
-        raise WorkspaceError("every sweep trial failed: "
-                                       + "; ".join(r["error"] for r in results))
-    best = max(done, key=lambda r: _score(r["stats"].get(cfg.metric)))
-    report = {"metric": cfg.metric, "grid": cfg.grid, "best": best["index"],
-              "best_overrides": best["overrides"], "wall_s": time.perf_counter() - start,
-              "workers": workers, "address": cfg.address,
-              "trials": [{k: v for k, v in r.items() if k != "dir"} for r in results]}
-    report["mlflow_parent_run"] = log_trials(ws, params, results, report)
-    adopt(ws, best)
-    write_json(ws / REPORT, report)
-    shutil.rmtree(root, ignore_errors=True)
+    try:
+        with shared_api():
+            results = sweep_flow(str(ws), combos, str(root), threads)
+        done = [r for r in results if "stats" in r]
+        if not done:
+            raise WorkspaceError("every sweep trial failed: "
+                                 + "; ".join(r["error"] for r in results))
+        best = max(done, key=lambda r: _score(r["stats"].get(cfg.metric)))
+        report = {"metric": cfg.metric, "grid": cfg.grid, "best": best["index"],
+                  "best_overrides": best["overrides"], "wall_s": time.perf_counter() - start,
+                  "workers": workers, "address": cfg.address,
+                  "trials": [{k: v for k, v in r.items() if k != "dir"} for r in results]}
+        report["mlflow_parent_run"] = log_trials(ws, params, results, report)
+        adopt(ws, best)
+        write_json(ws / REPORT, report)
+    finally:  # the trials' models are copies: none is kept, whatever happened
+        shutil.rmtree(root, ignore_errors=True)
     return report
 
 
