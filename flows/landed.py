@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +110,23 @@ def deployments(ws: Path, cron: str | None) -> list[Any]:
     return [scheduled, landed]
 
 
+def trigger_ready(ws: Path) -> Callable[[], bool]:
+    """True once the server holds the `on-batch-landed` deployment of `ws` and its trigger
+    (an automation, created just after the deployment): the watcher waits for it."""
+    def ready() -> bool:
+        from prefect.client.orchestration import get_client
+        from prefect.exceptions import ObjectNotFound
+
+        with get_client(sync_client=True) as client:
+            try:
+                deployment = client.read_deployment_by_name(f"{on_batch_landed.name}/{ws.name}")
+            except ObjectNotFound:
+                return False
+            return bool(client.read_resource_related_automations(
+                f"prefect.deployment.{deployment.id}"))
+    return ready
+
+
 def serve_workspace(ws: Path, *, cron: str | None, interval: float, watch: bool) -> None:
     """Serve both deployments (one run at a time: they share the workspace) and, unless
     `watch` is off, run the watcher in a thread; blocks until interrupted."""
@@ -126,7 +144,7 @@ def serve_workspace(ws: Path, *, cron: str | None, interval: float, watch: bool)
             "PREFECT_API_URL=http://127.0.0.1:4200/api")
     stop = None
     if watch:
-        _, stop = Watcher(ws).start(interval)
+        _, stop = Watcher(ws).start(interval, ready=trigger_ready(ws))
     try:
         serve(*deployments(ws, cron), limit=1)
     finally:

@@ -159,8 +159,22 @@ class Watcher:
             self._save()
         return emitted
 
-    def run(self, stop: threading.Event, interval: float = 5.0) -> None:
-        """Scan every `interval` seconds until `stop` is set; errors are logged, not raised."""
+    def run(self, stop: threading.Event, interval: float = 5.0,
+            ready: Callable[[], bool] | None = None) -> None:
+        """Scan every `interval` seconds until `stop` is set; errors are logged, not raised.
+
+        With `ready`, scanning starts only once it returns true (polled at the same interval):
+        an event emitted before the trigger that reacts to it exists would be lost."""
+        waiting = ready is not None
+        if waiting:
+            log.info("waiting for the %s trigger before watching %s", EVENT, self.incoming)
+        while waiting and not stop.is_set():
+            try:
+                waiting = not ready()
+            except Exception as err:  # noqa: BLE001 - the server may not answer yet
+                log.debug("trigger not ready: %s", err)
+            if waiting:
+                stop.wait(interval)
         while not stop.is_set():
             try:
                 self.scan()
@@ -168,10 +182,11 @@ class Watcher:
                 log.exception("scan of %s failed", self.incoming)
             stop.wait(interval)
 
-    def start(self, interval: float = 5.0) -> tuple[threading.Thread, threading.Event]:
+    def start(self, interval: float = 5.0, ready: Callable[[], bool] | None = None
+              ) -> tuple[threading.Thread, threading.Event]:
         """Run in a daemon thread; set the returned event to stop it."""
         stop = threading.Event()
-        thread = threading.Thread(target=self.run, args=(stop, interval),
+        thread = threading.Thread(target=self.run, args=(stop, interval, ready),
                                   name="ratchet-watch", daemon=True)
         thread.start()
         return thread, stop

@@ -176,6 +176,7 @@ def test_ratchet_serve_watches_schedules_and_runs_the_landed_flow(stack, tmp_pat
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
 
+    from flows.landed import trigger_ready
     from ratchet import workspace
     from ratchet.watch import EVENT, STATE_FILE, resource_id
 
@@ -207,6 +208,11 @@ def test_ratchet_serve_watches_schedules_and_runs_the_landed_flow(stack, tmp_pat
             assert [s.schedule.cron for s in scheduled.schedules] == ["0 2 * * *"]
             assert scheduled.parameters == {"workspace_dir": str(ws)}
             assert landed.schedules == []
+            # The trigger (an automation) is created just after its deployment; the watcher
+            # waits for it before emitting (flows.landed.trigger_ready), and so does this test.
+            ready, deadline = trigger_ready(ws), time.monotonic() + START_TIMEOUT
+            while not ready() and time.monotonic() < deadline:
+                time.sleep(0.5)
             automations = client.read_resource_related_automations(
                 f"prefect.deployment.{landed.id}")
             assert len(automations) == 1, automations

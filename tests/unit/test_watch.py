@@ -167,3 +167,29 @@ def test_run_in_a_thread_emits_and_stops(ws):
         thread.join(timeout=5)
     assert not thread.is_alive()
     assert rec.names == ["a.csv"]
+
+
+def test_the_thread_emits_nothing_until_its_trigger_is_ready(ws):
+    """`ratchet serve` starts the watcher before its trigger exists on the server; a file already
+    waiting must not be emitted into the void (and marked emitted) in that gap."""
+    rec, polls = Recorder(), []
+
+    def ready() -> bool:
+        polls.append(len(rec.calls))
+        if len(polls) == 2:
+            raise ConnectionError("server not answering yet")
+        return len(polls) >= 5
+
+    drop(ws, "a.csv")
+    thread, stop = Watcher(ws, emit=rec).start(interval=0.02, ready=ready)
+    try:
+        for _ in range(250):
+            if rec.calls:
+                break
+            stop.wait(0.02)
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+    assert polls == [0, 0, 0, 0, 0]  # polled until ready, through the error, then never again
+    assert rec.names == ["a.csv"]
+    assert "a.csv" in json.loads((ws / STATE_FILE).read_text())["emitted"]
