@@ -1,8 +1,7 @@
 """Run the benchmarks named on the command line (default: all) and write benchmarks/results/*.json.
 
 Each benchmark is a module in this package with a `run() -> dict` function, registered in
-BENCHMARKS: drift, gate and orchestration so far; the training benchmark arrives with its
-issue.
+BENCHMARKS: drift, gate, orchestration and training.
 """
 
 from __future__ import annotations

@@ -66,6 +66,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ratchet.config import FinetuneConfig
+
 DATA = Path(__file__).resolve().parents[2] / "shared/data/clinc150"
 SPLITS = ("train", "val", "test")
 OOS = "oos"
@@ -79,7 +81,8 @@ EPOCHS = 2.0
 BATCH_SIZE = 32  # the baseline's per-device batch and ratchet's finetune.batch_size
 SEED = 13  # ratchet's default model.seed, also the baseline's Trainer seed
 NEW_DOMAIN = "work"  # the last of the ten domains alphabetically
-REPLAY_MIX = 1.0  # replay rows per new-domain row (ratchet's finetune.replay_mix default)
+# Replay rows per new-domain row: ratchet's finetune.replay_mix default.
+REPLAY_MIX = FinetuneConfig.model_fields["replay_mix"].default
 MATMUL_N = 2048
 ARMS = ("baseline", "full", "lora", "champion", "replay")
 
