@@ -14,6 +14,7 @@ import pandas as pd
 
 from ratchet.config import Params
 from ratchet.data import TEXT
+from ratchet.errors import RatchetError
 from ratchet.runtime import write_json
 from ratchet.stage import stage_main
 
@@ -67,6 +68,23 @@ class Masker:
                     ids[r, group] = torch.randint(len(self.tok), (len(group),),
                                                   generator=self.gen)
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def shard_loss(model, batch: dict, dist):
+    """This rank's part of the global batch's mean masked-token loss: the cross-entropy summed
+    over its share of the rows, divided by the masked tokens of the whole batch (so the ranks'
+    gradients add up to the 1-process gradient; a share with no masked token adds zero)."""
+    import torch
+
+    masked = int((batch["labels"] != -100).sum())
+    mine = dist.shard(list(range(len(batch["labels"]))))
+    part = {k: v[mine[0] : mine[-1] + 1] for k, v in batch.items()}
+    width = int(part["attention_mask"].sum(1).max())
+    part = {k: v[:, :width] for k, v in part.items()}
+    logits = model(input_ids=part["input_ids"], attention_mask=part["attention_mask"]).logits
+    total = torch.nn.functional.cross_entropy(logits.flatten(0, 1), part["labels"].flatten(),
+                                              ignore_index=-100, reduction="sum")
+    return total / max(masked, 1)
 
 
 def perplexity(model, tok, texts: list[str], max_length: int, mlm_probability: float,
@@ -131,6 +149,7 @@ def run(params: Params, *, train: Path, val: Path, corpus: Path, out: Path,
     from ratchet.training import (
         Schedule,
         all_reduce_grads,
+        all_sum,
         init_distributed,
         make_optimizer,
         peak_rss_mb,
@@ -156,8 +175,14 @@ def run(params: Params, *, train: Path, val: Path, corpus: Path, out: Path,
         stats["perplexity_before"] = before
         torch.manual_seed(mcfg.seed)
         rng = random.Random(mcfg.seed)
-        collate = Masker(tok, cfg.mlm_probability, mcfg.seed + dist.rank)
+        # Every rank draws and masks the same global batch, then trains on its share: N
+        # processes follow the 1-process run (up to float summation order; dropout aside).
+        collate = Masker(tok, cfg.mlm_probability, mcfg.seed)
         examples = encode(tok, texts, mcfg.max_length, ww)
+        if min(cfg.batch_size, len(examples)) < dist.world:
+            raise RatchetError(
+                f"pretrain: a batch of {min(cfg.batch_size, len(examples))} rows cannot be shared "
+                f"by {dist.world} processes; raise pretrain.batch_size or use fewer processes")
         opt, sched = make_optimizer(model, cfg.learning_rate, 0.01,
                                     Schedule(cfg.max_steps, cfg.max_steps // 10))
         trainable = [p for p in model.parameters() if p.requires_grad]
@@ -167,16 +192,15 @@ def run(params: Params, *, train: Path, val: Path, corpus: Path, out: Path,
         start = time.perf_counter()
         with progress(cfg.max_steps, "pretrain (MLM)", disable=not dist.main) as bar:
             for step in range(1, cfg.max_steps + 1):
-                rows = dist.shard(rng.sample(range(len(examples)),
-                                             min(cfg.batch_size, len(examples))))
-                loss = model(**collate([examples[i] for i in rows])).loss / dist.world
+                rows = rng.sample(range(len(examples)), min(cfg.batch_size, len(examples)))
+                loss = shard_loss(model, collate([examples[i] for i in rows]), dist)
                 loss.backward()
                 all_reduce_grads(trainable, dist)
                 torch.nn.utils.clip_grad_norm_(trainable, 1.0)
                 opt.step()
                 sched.step()
                 opt.zero_grad(set_to_none=True)
-                losses.append(float(loss.detach()) * dist.world)
+                losses.append(all_sum(float(loss.detach()), dist))  # the global batch's loss
                 stats["steps"] = step
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")
                 bar.update()
@@ -188,7 +212,10 @@ def run(params: Params, *, train: Path, val: Path, corpus: Path, out: Path,
                     if cfg.patience and bad >= cfg.patience:
                         stop_reason = f"perplexity did not improve for {bad} evaluations"
                         break
-                if cfg.max_seconds and time.perf_counter() - start > cfg.max_seconds:
+                # Ranks agree on the time budget (rank 0's clock alone could stop one rank a
+                # step before the others, which would then wait in the all-reduce forever).
+                if cfg.max_seconds and all_sum(float(
+                        time.perf_counter() - start > cfg.max_seconds), dist):
                     stop_reason = f"time budget of {cfg.max_seconds:.0f}s reached"
                     break
         stats.update(final_loss=sum(losses[-5:]) / len(losses[-5:]), stop_reason=stop_reason,

@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import torch
 
-from ratchet.config import parse_params
+from ratchet.config import load_params, parse_params
 from ratchet.data import BATCH, LABEL, TEXT
 from ratchet.training import length_grouped_batches
 from tasks import finetune
@@ -277,6 +277,41 @@ def test_pretrain_lowers_held_out_perplexity_with_whole_word_masks_and_a_corpus(
     assert stats["steps"] == 40 and stats["stop_reason"] == "max_steps"
     assert stats["perplexity_after"] < stats["perplexity_before"]
     assert (tmp_path / "model" / "config.json").is_file()
+
+
+def test_pretrain_under_two_gloo_processes_matches_one(data, tmp_path):
+    """Every rank masks the same global batch and divides by its masked-token count, so two
+    processes follow one. Both continue (`init: previous`) the fixture's encoder, whose dropout
+    is off: dropout draws its masks per rank."""
+    import shutil
+
+    import yaml
+
+    p = tmp_path / "params.yaml"
+    p.write_text(yaml.safe_dump({"model": {"source": "tiny", "max_length": 32},
+                                 "pretrain": {"max_steps": 8, "batch_size": 16, "init": "previous",
+                                              "learning_rate": 0.003, "eval_every": 4}}))
+    for name in ("one", "two"):
+        shutil.copytree(data["pretrained"], tmp_path / name / "model")
+    one = pretrain(data, tmp_path / "one", load_params(p))
+    assert one["init"] == "previous"
+    env = {**os.environ, "PYTHONPATH": str(Path(finetune.__file__).parent.parent),
+           "OMP_NUM_THREADS": "1"}
+    two = tmp_path / "two"
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         "--master_port", str(_free_port()), "-m", "tasks.pretrain", "--train", str(data["train"]),
+         "--val", str(data["val"]), "--corpus", str(tmp_path / "none"), "--out", str(two / "model"),
+         "--metrics", str(two / "metrics.json"), "--params", str(p)],
+        env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    stats = json.loads((two / "metrics.json").read_text())
+    assert stats["steps"] == one["steps"] == 8
+    assert stats["final_loss"] == pytest.approx(one["final_loss"], rel=1e-3)
+    a, b = weights(tmp_path / "one" / "model"), weights(two / "model")
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert stats["perplexity_after"] == pytest.approx(one["perplexity_after"], rel=1e-3)
+    assert worst < 1e-4, f"largest weight difference {worst}"
 
 
 def test_whole_word_masking_masks_every_piece_of_a_word():
