@@ -175,9 +175,22 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def run(params: Params, *, train: Path, val: Path, pretrained: Path, out: Path, metrics: Path,
-        curve: Path, init: Path | None = None, replay: Path | None = None,
-        checkpoints: Path | None = None) -> dict:
+def run(params: Params, **paths: Path | None) -> dict:
+    """Fine-tune (see `train_classifier` for the paths); torch's deterministic-algorithms switch
+    is put back afterwards, so a process that trains again (a sweep's Dask worker, a benchmark)
+    does not inherit it."""
+    import torch
+
+    was = torch.are_deterministic_algorithms_enabled()
+    try:
+        return train_classifier(params, **paths)
+    finally:
+        torch.use_deterministic_algorithms(was)
+
+
+def train_classifier(params: Params, *, train: Path, val: Path, pretrained: Path, out: Path,
+                     metrics: Path, curve: Path, init: Path | None = None,
+                     replay: Path | None = None, checkpoints: Path | None = None) -> dict:
     import copy
 
     import torch

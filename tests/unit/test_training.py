@@ -1,5 +1,6 @@
-"""The finetune stage on the tiny model, for real steps: modes, FGM, label growth, resume after a
-kill, and 2 processes under torchrun (gloo) against 1."""
+"""The training stages on the tiny model, for real steps: finetune's modes, FGM, class weights,
+deterministic mode, label growth, resume after a kill; pretrain's masking, budgets and
+continuation; both stages under torchrun (2 gloo processes) against 1. torch.compile is `slow`."""
 
 from __future__ import annotations
 
@@ -117,6 +118,39 @@ def test_early_stopping_keeps_the_best_epoch(data, tmp_path):
     stats = train(data, tmp_path, params(epochs=8.0, patience=1, learning_rate=0.05))
     assert stats["stopped_early"] and stats["epochs"] < 8
     assert stats["best_epoch"] == stats["epochs"] - 1
+
+
+def test_balanced_class_weights_keep_the_minority_labels(data, tmp_path):
+    f = frame(400, 0)
+    skew = pd.concat([f[f[LABEL] == "balance"].head(100),
+                      f[f[LABEL] != "balance"].groupby(LABEL).head(10)])  # 100 : 10 : 10 : 10
+    skew.to_parquet(tmp_path / "skew.parquet")
+    plain = train(data, tmp_path / "plain", params(epochs=3.0), train=tmp_path / "skew.parquet")
+    weighted = train(data, tmp_path / "weighted", params(epochs=3.0, class_weights="balanced"),
+                     train=tmp_path / "skew.parquet")
+    # Unweighted, every val row (10 per label) goes to the majority label: macro-F1 0.1.
+    assert plain["best_val_macro_f1"] < 0.3
+    assert weighted["best_val_macro_f1"] > plain["best_val_macro_f1"] + 0.4
+
+
+def test_deterministic_mode_repeats_bit_for_bit_and_is_switched_off_after(data, tmp_path):
+    p = params(epochs=2.0, deterministic=True, adversarial_epsilon=0.5)
+    train(data, tmp_path / "a", p)
+    train(data, tmp_path / "b", p)
+    a, b = weights(tmp_path / "a" / "model"), weights(tmp_path / "b" / "model")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # A process that trains again (a sweep's Dask worker) does not inherit the switch.
+    assert not torch.are_deterministic_algorithms_enabled()
+
+
+@pytest.mark.slow  # compiling the tiny model takes ~40 s on 2 cores
+def test_compiled_training_follows_eager(data, tmp_path):
+    eager = train(data, tmp_path / "eager", params(epochs=2.0))
+    compiled = train(data, tmp_path / "compiled", params(epochs=2.0, compile=True))
+    assert compiled["steps"] == eager["steps"]
+    a, b = weights(tmp_path / "eager" / "model"), weights(tmp_path / "compiled" / "model")
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert worst < 1e-3, f"largest weight difference {worst}"
 
 
 def test_grow_head_keeps_the_old_rows(data):
