@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -153,19 +154,24 @@ def test_the_event_names_the_workspace_and_the_file(ws):
                                 "name": "a.csv", "size": path.stat().st_size}
 
 
-def test_run_in_a_thread_emits_and_stops(ws):
-    rec = Recorder()
-    drop(ws, "a.csv")
-    thread, stop = Watcher(ws, emit=rec).start(interval=0.05)
+def run_until_emitted(ws: Path, rec: Recorder, interval: float, **kw) -> bool:
+    """Run the watcher in its thread until it has emitted (10 s at most), stop it; whether the
+    thread is still alive after the stop."""
+    thread, stop = Watcher(ws, emit=rec).start(interval=interval, **kw)
     try:
-        for _ in range(200):
-            if rec.calls:
-                break
-            stop.wait(0.05)
+        deadline = time.monotonic() + 10
+        while not rec.calls and time.monotonic() < deadline:
+            stop.wait(interval)
     finally:
         stop.set()
         thread.join(timeout=5)
-    assert not thread.is_alive()
+    return thread.is_alive()
+
+
+def test_run_in_a_thread_emits_and_stops(ws):
+    rec = Recorder()
+    drop(ws, "a.csv")
+    assert not run_until_emitted(ws, rec, 0.05)
     assert rec.names == ["a.csv"]
 
 
@@ -181,15 +187,7 @@ def test_the_thread_emits_nothing_until_its_trigger_is_ready(ws):
         return len(polls) >= 5
 
     drop(ws, "a.csv")
-    thread, stop = Watcher(ws, emit=rec).start(interval=0.02, ready=ready)
-    try:
-        for _ in range(250):
-            if rec.calls:
-                break
-            stop.wait(0.02)
-    finally:
-        stop.set()
-        thread.join(timeout=5)
+    assert not run_until_emitted(ws, rec, 0.02, ready=ready)
     assert polls == [0, 0, 0, 0, 0]  # polled until ready, through the error, then never again
     assert rec.names == ["a.csv"]
     assert "a.csv" in json.loads((ws / STATE_FILE).read_text())["emitted"]
