@@ -98,10 +98,20 @@ class Dist:
 
     rank: int = 0
     world: int = 1
+    local_rank: int = 0  # the rank on this machine: which GPU it takes
 
     @property
     def main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def device(self):
+        """This rank's GPU (`LOCAL_RANK` modulo the GPUs) where there is one, else the CPU."""
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.device(f"cuda:{self.local_rank % torch.cuda.device_count()}")
+        return torch.device("cpu")
 
     def shard(self, rows: list[int]) -> list[int]:
         """This rank's contiguous share of a global batch (length-sorted: similar work)."""
@@ -117,9 +127,26 @@ def init_distributed() -> Dist:
     import torch
     import torch.distributed as dist
 
+    info = Dist(0, world, int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(info.device)  # before NCCL, so each rank talks from its GPU
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return Dist(dist.get_rank(), dist.get_world_size())
+    return Dist(dist.get_rank(), dist.get_world_size(), info.local_rank)
+
+
+def mixed_precision(device):
+    """(autocast context, GradScaler or None) for a training step on `device`: bf16 autocast on
+    a GPU that has bf16, else fp16 with loss scaling; on the CPU, fp32 (a no-op context)."""
+    import contextlib
+
+    import torch
+
+    if device.type != "cuda":
+        return contextlib.nullcontext(), None
+    if torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16), None
+    return torch.autocast("cuda", dtype=torch.float16), torch.amp.GradScaler("cuda")
 
 
 def all_reduce_grads(params: list, dist_info: Dist) -> None:
@@ -141,13 +168,29 @@ def all_reduce_grads(params: list, dist_info: Dist) -> None:
         offset += g.numel()
 
 
+def optimizer_step(opt, scaler, params: list, dist_info: Dist, max_norm: float = 1.0) -> None:
+    """Sum the ranks' gradients, clip their norm, step (through the fp16 loss scaler if any)."""
+    import torch
+
+    all_reduce_grads(params, dist_info)
+    if scaler is not None:
+        scaler.unscale_(opt)
+    torch.nn.utils.clip_grad_norm_(params, max_norm)
+    if scaler is not None:
+        scaler.step(opt)
+        scaler.update()
+    else:
+        opt.step()
+
+
 def all_sum(value: float, dist_info: Dist) -> float:
+    """`value` summed over the ranks (NCCL reduces GPU tensors only: it goes through the GPU)."""
     if dist_info.world <= 1:
         return value
     import torch
     import torch.distributed as dist
 
-    t = torch.tensor([value], dtype=torch.float64)
+    t = torch.tensor([value], dtype=torch.float64, device=dist_info.device)
     dist.all_reduce(t)
     return float(t.item())
 

@@ -201,12 +201,13 @@ def train_classifier(params: Params, *, train: Path, val: Path, pretrained: Path
     from ratchet.models import set_threads
     from ratchet.training import (
         Schedule,
-        all_reduce_grads,
         all_sum,
         init_distributed,
         length_grouped_batches,
         load_checkpoint,
         make_optimizer,
+        mixed_precision,
+        optimizer_step,
         peak_rss_mb,
         progress,
         save_checkpoint,
@@ -223,8 +224,7 @@ def train_classifier(params: Params, *, train: Path, val: Path, pretrained: Path
             torch.set_num_threads(max(1, torch.get_num_threads() // dist.world))
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
-    device = torch.device(f"cuda:{dist.rank % torch.cuda.device_count()}"
-                          if torch.cuda.is_available() else "cpu")
+    device = dist.device
     hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected here
 
     train_df, val_df = pd.read_parquet(train), pd.read_parquet(val)
@@ -294,10 +294,7 @@ def train_classifier(params: Params, *, train: Path, val: Path, pretrained: Path
             state, best_state = State(**saved["state"]), saved["best_state"]
             resumed_from = state.epoch
     pad_id = tok.pad_token_id or 0
-    amp = (torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported()
-                          else torch.float16) if device.type == "cuda" else None)
-    scaler = (torch.amp.GradScaler("cuda") if device.type == "cuda"
-              and not torch.cuda.is_bf16_supported() else None)
+    amp, scaler = mixed_precision(device)
     embed = model.get_input_embeddings()
     real_tokens = padded_tokens = 0
     began = time.perf_counter() - state.seconds
@@ -310,10 +307,7 @@ def train_classifier(params: Params, *, train: Path, val: Path, pretrained: Path
             if not embeds.requires_grad:  # frozen embeddings (LoRA): still need their gradient
                 embeds = embeds.detach().requires_grad_(True)
             embeds.retain_grad()
-        if amp is not None:
-            with amp:
-                logits = forward(inputs_embeds=embeds, attention_mask=mask).logits
-        else:
+        with amp:
             logits = forward(inputs_embeds=embeds, attention_mask=mask).logits
         summed = F.cross_entropy(logits.float(), target, weight=weight, reduction="sum")
         return summed, summed / n_global, embeds
@@ -346,15 +340,7 @@ def train_classifier(params: Params, *, train: Path, val: Path, pretrained: Path
                         delta = cfg.adversarial_epsilon * g / norm
                         _, adv_loss, _ = loss_of(input_ids, mask, target, len(batch), delta)
                         backward(adv_loss)
-                all_reduce_grads(trainable, dist)
-                if scaler is not None:
-                    scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-                if scaler is not None:
-                    scaler.step(opt)
-                    scaler.update()
-                else:
-                    opt.step()
+                optimizer_step(opt, scaler, trainable, dist)
                 sched.step()
                 opt.zero_grad(set_to_none=True)
                 state.step += 1

@@ -70,7 +70,7 @@ class Masker:
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def shard_loss(model, batch: dict, dist):
+def shard_loss(model, batch: dict, dist, amp):
     """This rank's part of the global batch's mean masked-token loss: the cross-entropy summed
     over its share of the rows, divided by the masked tokens of the whole batch (so the ranks'
     gradients add up to the 1-process gradient; a share with no masked token adds zero)."""
@@ -80,10 +80,12 @@ def shard_loss(model, batch: dict, dist):
     mine = dist.shard(list(range(len(batch["labels"]))))
     part = {k: v[mine[0] : mine[-1] + 1] for k, v in batch.items()}
     width = int(part["attention_mask"].sum(1).max())
-    part = {k: v[:, :width] for k, v in part.items()}
-    logits = model(input_ids=part["input_ids"], attention_mask=part["attention_mask"]).logits
-    total = torch.nn.functional.cross_entropy(logits.flatten(0, 1), part["labels"].flatten(),
-                                              ignore_index=-100, reduction="sum")
+    part = {k: v[:, :width].to(dist.device) for k, v in part.items()}
+    with amp:
+        logits = model(input_ids=part["input_ids"], attention_mask=part["attention_mask"]).logits
+    total = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1),
+                                              part["labels"].flatten(), ignore_index=-100,
+                                              reduction="sum")
     return total / max(masked, 1)
 
 
@@ -98,9 +100,11 @@ def perplexity(model, tok, texts: list[str], max_length: int, mlm_probability: f
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
+    device = next(model.parameters()).device
     with torch.inference_mode():
         for start in range(0, len(texts), 64):
             batch = collate(encode(tok, texts[start : start + 64], max_length, whole_word))
+            batch = {k: v.to(device) for k, v in batch.items()}
             n = int((batch["labels"] != -100).sum())
             if n:
                 total += float(model(**batch).loss) * n
@@ -148,10 +152,11 @@ def run(params: Params, *, train: Path, val: Path, corpus: Path, out: Path,
     from ratchet.models import set_threads
     from ratchet.training import (
         Schedule,
-        all_reduce_grads,
         all_sum,
         init_distributed,
         make_optimizer,
+        mixed_precision,
+        optimizer_step,
         peak_rss_mb,
         progress,
     )
@@ -162,6 +167,8 @@ def run(params: Params, *, train: Path, val: Path, corpus: Path, out: Path,
     if dist.world > 1 and not torch.cuda.is_available():
         torch.set_num_threads(max(1, torch.get_num_threads() // dist.world))
     model, tok, init = start_model(params, out)
+    model.to(dist.device)
+    amp, scaler = mixed_precision(dist.device)
     texts = pd.read_parquet(train)[TEXT].tolist()
     extra = read_corpus(corpus) if cfg.enabled else []
     val_texts = pd.read_parquet(val)[TEXT].tolist()
@@ -193,11 +200,9 @@ def run(params: Params, *, train: Path, val: Path, corpus: Path, out: Path,
         with progress(cfg.max_steps, "pretrain (MLM)", disable=not dist.main) as bar:
             for step in range(1, cfg.max_steps + 1):
                 rows = rng.sample(range(len(examples)), min(cfg.batch_size, len(examples)))
-                loss = shard_loss(model, collate([examples[i] for i in rows]), dist)
-                loss.backward()
-                all_reduce_grads(trainable, dist)
-                torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-                opt.step()
+                loss = shard_loss(model, collate([examples[i] for i in rows]), dist, amp)
+                (scaler.scale(loss) if scaler is not None else loss).backward()
+                optimizer_step(opt, scaler, trainable, dist)
                 sched.step()
                 opt.zero_grad(set_to_none=True)
                 losses.append(all_sum(float(loss.detach()), dist))  # the global batch's loss
@@ -228,6 +233,8 @@ def run(params: Params, *, train: Path, val: Path, corpus: Path, out: Path,
         stats["skipped"] = ("pretrain.enabled is false" if not cfg.enabled
                             else "no steps or no texts")
     stats["peak_rss_mb"] = peak_rss_mb()
+    if dist.device.type == "cuda":
+        stats["cuda_peak_mb"] = torch.cuda.max_memory_allocated(dist.device) / 2**20
     if dist.main:
         tmp = out.with_name(out.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
