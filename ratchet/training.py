@@ -215,3 +215,46 @@ def load_checkpoint(folder: Path) -> dict[str, Any] | None:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception:  # noqa: BLE001 - unreadable: start over rather than fail the stage
         return None
+
+
+def write_curve(curve: Path, rows: list[dict], fields: list[str], *, evaluated: str,
+                evaluated_label: str, unit_range: bool = False) -> None:
+    """A training curve as a per-step CSV (a DVC plot) and a PNG beside it, each written whole
+    (to a temporary file, then renamed): the loss per step with `evaluated` (a column set on the
+    evaluation steps) on a second axis, and the learning rate."""
+    import csv
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curve.parent.mkdir(parents=True, exist_ok=True)
+    tmp = curve.with_name(curve.name + ".tmp")
+    with open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, curve)
+    fig, (ax_loss, ax_lr) = plt.subplots(1, 2, figsize=(10, 3.5))
+    steps = [r["step"] for r in rows]
+    ax_loss.plot(steps, [r["loss"] for r in rows], lw=1, label="train loss")
+    ax_loss.set_xlabel("step")
+    ax_loss.set_ylabel("loss")
+    evals = [r for r in rows if r.get(evaluated) is not None]
+    if evals:
+        ax_eval = ax_loss.twinx()
+        ax_eval.plot([r["step"] for r in evals], [r[evaluated] for r in evals], "o-",
+                     color="tab:green", label=evaluated_label)
+        ax_eval.set_ylabel(evaluated_label)
+        if unit_range:
+            ax_eval.set_ylim(0, 1)
+    ax_loss.set_title(f"training loss and {evaluated_label}" if rows else "no training steps")
+    ax_lr.plot(steps, [r["lr"] for r in rows], color="tab:orange")
+    ax_lr.set_xlabel("step")
+    ax_lr.set_title("learning rate")
+    fig.tight_layout()
+    png = curve.with_suffix(".png")
+    fig.savefig(png.with_name(png.name + ".tmp"), dpi=100, format="png")
+    plt.close(fig)
+    os.replace(png.with_name(png.name + ".tmp"), png)

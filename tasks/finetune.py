@@ -4,7 +4,6 @@ under `torchrun --nproc_per_node N`."""
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import math
@@ -212,6 +211,7 @@ def train_classifier(params: Params, *, train: Path, val: Path, pretrained: Path
         progress,
         save_checkpoint,
         steps_for,
+        write_curve,
     )
 
     cfg, mcfg = params.finetune, params.model
@@ -396,7 +396,8 @@ def train_classifier(params: Params, *, train: Path, val: Path, pretrained: Path
             shutil.rmtree(out)
         model.save_pretrained(out)
         tok.save_pretrained(out)
-        write_curve(curve, state.rows)
+        write_curve(curve, state.rows, CURVE_FIELDS, evaluated="val_macro_f1",
+                    evaluated_label="val macro-F1", unit_range=True)
         write_json(metrics, stats)
         if folder is not None:
             shutil.rmtree(folder, ignore_errors=True)
@@ -406,39 +407,6 @@ def train_classifier(params: Params, *, train: Path, val: Path, pretrained: Path
         tdist.barrier()
         tdist.destroy_process_group()
     return stats
-
-
-def write_curve(curve: Path, rows: list[dict]) -> None:
-    """The per-step CSV (a DVC plot) and a PNG beside it (logged with the model)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    curve.parent.mkdir(parents=True, exist_ok=True)
-    with open(curve, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=CURVE_FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
-    fig, (ax_loss, ax_lr) = plt.subplots(1, 2, figsize=(10, 3.5))
-    steps = [r["step"] for r in rows]
-    ax_loss.plot(steps, [r["loss"] for r in rows], lw=1, label="train loss")
-    ax_loss.set_xlabel("step")
-    ax_loss.set_ylabel("loss")
-    evals = [r for r in rows if "val_macro_f1" in r]
-    if evals:
-        ax_f1 = ax_loss.twinx()
-        ax_f1.plot([r["step"] for r in evals], [r["val_macro_f1"] for r in evals], "o-",
-                   color="tab:green", label="val macro-F1")
-        ax_f1.set_ylabel("val macro-F1")
-        ax_f1.set_ylim(0, 1)
-    ax_loss.set_title("training loss and validation macro-F1")
-    ax_lr.plot(steps, [r["lr"] for r in rows], color="tab:orange")
-    ax_lr.set_xlabel("step")
-    ax_lr.set_title("learning rate")
-    fig.tight_layout()
-    fig.savefig(curve.with_suffix(".png"), dpi=100)
-    plt.close(fig)
 
 
 def main() -> None:

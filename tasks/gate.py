@@ -146,7 +146,9 @@ def reevaluate(params: Params, m: dict[str, float], champion: dict, *, candidate
 
 def run(params: Params, *, eval_metrics: Path, eval_report: Path, validation: Path, drift: Path,
         candidate: Path, champion: Path, test: Path, weights: Path, lock: Path,
-        report: Path, curve: Path | None = None) -> dict[str, Any]:
+        report: Path, curve: Path | None = None, pretrain_curve: Path | None = None,
+        finetune_metrics: Path | None = None, pretrain_metrics: Path | None = None
+        ) -> dict[str, Any]:
     from ratchet.registry import (
         CHALLENGER,
         CHAMPION,
@@ -164,6 +166,8 @@ def run(params: Params, *, eval_metrics: Path, eval_report: Path, validation: Pa
     new_classes = details.get("new_classes", [])
     evaluated = read_json(champion)
     val, drift_report = read_json(validation), read_json(drift)
+    paths = (validation, eval_metrics, eval_report, candidate, curve, pretrain_curve,
+             finetune_metrics, pretrain_metrics)  # what the candidate's run logs
     ws = Path.cwd()
     name = params.registry.model_name
     client = connect(params.registry, ws)
@@ -225,7 +229,7 @@ def run(params: Params, *, eval_metrics: Path, eval_report: Path, validation: Pa
         version, run_id = _register_or_tag(
             client, params, name, fp, label, decision, m, version=version, run_id=run_id,
             evaluated=evaluated, val=val, drift=drift, drift_report=drift_report, lock=lock,
-            card=card, paths=(validation, eval_metrics, eval_report, candidate, curve))
+            card=card, paths=paths)
         if label != "promoted":
             break
         try:
@@ -245,7 +249,7 @@ def run(params: Params, *, eval_metrics: Path, eval_report: Path, validation: Pa
         version, run_id = _register_or_tag(
             client, params, name, fp, label, decision, m, version=version, run_id=run_id,
             evaluated=evaluated, val=val, drift=drift, drift_report=drift_report, lock=lock,
-            card=card, paths=(validation, eval_metrics, eval_report, candidate, curve))
+            card=card, paths=paths)
     challenger = alias_target(client, name, CHALLENGER)
     if challenger != version:
         # If another candidate took `challenger` meanwhile, it is the latest: keep it.
@@ -307,12 +311,14 @@ def _log(params: Params, name: str, fp: str, label: str, m: dict[str, float], *,
     """Log the candidate's run (params, metrics, reports, model card) and register it."""
     from ratchet.registry import log_candidate
 
-    validation, eval_metrics, eval_report, candidate, curve = paths
+    (validation, eval_metrics, eval_report, candidate, curve, pretrain_curve, finetune_metrics,
+     pretrain_metrics) = paths
     flat_params = {f"{k}.{kk}": str(vv)[:500] for k, v in params.model_dump(by_alias=True)
                    .items() for kk, vv in v.items()}
     plots = sorted(eval_report.parent.glob("*.png"))
     docs = [Path(val["data_docs"]).parent] if val.get("data_docs") else []
-    training = [curve, curve.with_suffix(".png")] if curve is not None else []
+    training = [c for path in (curve, pretrain_curve) if path is not None
+                for c in (path, path.with_suffix(".png"))]
     run_id, version = log_candidate(
         candidate, name=name, params=flat_params, metrics=m,
         artifacts=[drift, drift.with_suffix(".png"), validation, eval_metrics, eval_report,
@@ -320,28 +326,49 @@ def _log(params: Params, name: str, fp: str, label: str, m: dict[str, float], *,
         run_tags={"fingerprint": fp, "decision": label},
         model_card=card,
     )
-    if curve is not None and curve.is_file():
-        log_curve(run_id, curve)
+    log_training(run_id, curve=curve, pretrain_curve=pretrain_curve,
+                 finetune_metrics=finetune_metrics, pretrain_metrics=pretrain_metrics)
     return run_id, version
 
 
-def log_curve(run_id: str, curve: Path) -> None:
-    """The training curve as MLflow metric histories (train/loss, train/lr per step; val/*
-    per epoch), so the run's charts show how the candidate trained."""
+CURVE_KEYS = {  # curve CSV column -> MLflow metric key
+    "finetune": (("loss", "train/loss"), ("lr", "train/lr"), ("val_macro_f1", "val/macro_f1"),
+                 ("val_accuracy", "val/accuracy")),
+    "pretrain": (("loss", "pretrain/loss"), ("lr", "pretrain/lr"),
+                 ("perplexity", "pretrain/perplexity")),
+}
+
+
+def log_training(run_id: str, *, curve: Path | None = None, pretrain_curve: Path | None = None,
+                 finetune_metrics: Path | None = None, pretrain_metrics: Path | None = None
+                 ) -> None:
+    """How the candidate trained, on its run: each curve as metric histories (the run's charts:
+    train/loss, train/lr per step, val/* per epoch; pretrain/loss, pretrain/lr per step,
+    pretrain/perplexity when measured) and the stages' numeric measurements as `finetune/*`
+    and `pretrain/*` metrics (samples/s, peak memory, perplexity before and after, ...)."""
     import time
 
     import pandas as pd
     from mlflow import MlflowClient
     from mlflow.entities import Metric
 
-    rows = pd.read_csv(curve)
     now = int(time.time() * 1000)
     metrics = []
-    for column, key in (("loss", "train/loss"), ("lr", "train/lr"),
-                        ("val_macro_f1", "val/macro_f1"), ("val_accuracy", "val/accuracy")):
-        if column in rows:
-            metrics += [Metric(key, float(v), now, int(step)) for step, v in
-                        zip(rows["step"], rows[column], strict=True) if pd.notna(v)]
+    for stage, path in (("finetune", curve), ("pretrain", pretrain_curve)):
+        if path is None or not path.is_file():
+            continue
+        rows = pd.read_csv(path)
+        for column, key in CURVE_KEYS[stage]:
+            if column in rows:
+                metrics += [Metric(key, float(v), now, int(step)) for step, v in
+                            zip(rows["step"], rows[column], strict=True) if pd.notna(v)]
+    for stage, path in (("finetune", finetune_metrics), ("pretrain", pretrain_metrics)):
+        stats = read_json(path) if path is not None and path.is_file() else {}
+        metrics += [Metric(f"{stage}/{k}", float(v), now, 0) for k, v in stats.items()
+                    if isinstance(v, int | float) and not isinstance(v, bool)
+                    and math.isfinite(v)]
+    if not metrics:
+        return
     client = MlflowClient()
     for start in range(0, len(metrics), 1000):  # the API takes at most 1000 per batch
         client.log_batch(run_id, metrics=metrics[start : start + 1000])
@@ -468,6 +495,9 @@ def main() -> None:
         "weights": "importance weights of the test rows (idem)",
         "lock": "dvc.lock, for the data hashes (read, not a dependency)",
         "curve": "finetune's training curve CSV (logged as the run's metric history)",
+        "pretrain_curve": "pretrain's training curve CSV (idem)",
+        "finetune_metrics": "finetune's measurements JSON (logged as finetune/* metrics)",
+        "pretrain_metrics": "pretrain's measurements JSON (logged as pretrain/* metrics)",
         "report": "gate decision JSON to write",
     }, run)
 

@@ -145,8 +145,11 @@ def start_model(params: Params, out: Path):
     return model, tok, "base"
 
 
+CURVE_FIELDS = ["step", "loss", "lr", "perplexity"]
+
+
 def run(params: Params, *, train: Path, val: Path, corpus: Path, out: Path,
-        metrics: Path) -> dict:
+        metrics: Path, curve: Path | None = None) -> dict:
     import torch
 
     from ratchet.models import set_threads
@@ -159,6 +162,7 @@ def run(params: Params, *, train: Path, val: Path, corpus: Path, out: Path,
         optimizer_step,
         peak_rss_mb,
         progress,
+        write_curve,
     )
 
     cfg, mcfg = params.pretrain, params.model
@@ -175,6 +179,7 @@ def run(params: Params, *, train: Path, val: Path, corpus: Path, out: Path,
     stats: dict = {"enabled": int(cfg.enabled), "steps": 0, "texts": len(texts),
                    "corpus_texts": len(extra), "init": init, "whole_word_mask": cfg.whole_word_mask}
     texts += extra
+    points: list[dict] = []  # the curve: loss and learning rate per step, perplexity when measured
     if cfg.enabled and cfg.max_steps > 0 and texts:
         ww = cfg.whole_word_mask
         held_out = val_texts[: cfg.eval_texts]
@@ -206,6 +211,7 @@ def run(params: Params, *, train: Path, val: Path, corpus: Path, out: Path,
                 sched.step()
                 opt.zero_grad(set_to_none=True)
                 losses.append(all_sum(float(loss.detach()), dist))  # the global batch's loss
+                points.append({"step": step, "loss": losses[-1], "lr": sched.get_last_lr()[0]})
                 stats["steps"] = step
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")
                 bar.update()
@@ -213,6 +219,7 @@ def run(params: Params, *, train: Path, val: Path, corpus: Path, out: Path,
                     ppl = perplexity(model, tok, held_out, mcfg.max_length,
                                      cfg.mlm_probability, ww)
                     evals.append({"step": step, "perplexity": ppl})
+                    points[-1]["perplexity"] = ppl
                     best, bad = (ppl, 0) if ppl < best else (best, bad + 1)
                     if cfg.patience and bad >= cfg.patience:
                         stop_reason = f"perplexity did not improve for {bad} evaluations"
@@ -229,6 +236,7 @@ def run(params: Params, *, train: Path, val: Path, corpus: Path, out: Path,
                                                cfg.mlm_probability, ww)
         stats["perplexity_curve"] = evals + [{"step": stats["steps"],
                                               "perplexity": stats["perplexity_after"]}]
+        points[-1]["perplexity"] = stats["perplexity_after"]
     else:
         stats["skipped"] = ("pretrain.enabled is false" if not cfg.enabled
                             else "no steps or no texts")
@@ -236,6 +244,9 @@ def run(params: Params, *, train: Path, val: Path, corpus: Path, out: Path,
     if dist.device.type == "cuda":
         stats["cuda_peak_mb"] = torch.cuda.max_memory_allocated(dist.device) / 2**20
     if dist.main:
+        if curve is not None:  # empty when skipped: DVC expects the plot either way
+            write_curve(curve, points, CURVE_FIELDS,
+                        evaluated="perplexity", evaluated_label="held-out perplexity")
         tmp = out.with_name(out.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp)
@@ -258,6 +269,7 @@ def main() -> None:
         "corpus": "optional unlabeled texts: a .txt/.csv/.jsonl/.parquet file or a folder",
         "out": "folder for the pretrained model (also the start with pretrain.init: previous)",
         "metrics": "pretrain metrics JSON to write",
+        "curve": "training curve CSV to write (DVC plot; a PNG is written beside it)",
     }, run)
 
 

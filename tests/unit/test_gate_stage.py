@@ -101,15 +101,29 @@ def test_gate_reevaluates_when_champion_moves_during_the_run(ws):
     pd.DataFrame({"step": [1, 2, 3], "epoch": [1, 1, 2], "loss": [1.5, 1.0, 0.7],
                   "lr": [1e-4, 2e-4, 1e-4], "val_macro_f1": [None, 0.6, 0.8]}).to_csv(curve,
                                                                                   index=False)
+    pretrain_curve = ws / "pretrain_curve.csv"
+    pd.DataFrame({"step": [1, 2], "loss": [9.0, 8.5], "lr": [1e-3, 5e-4],
+                  "perplexity": [None, 40.0]}).to_csv(pretrain_curve, index=False)
+    (ws / "finetune.json").write_text(json.dumps({"samples_per_s": 120.5, "init": "base",
+                                                  "stopped_early": False}))
+    (ws / "pretrain.json").write_text('{"perplexity_before": NaN, "perplexity_after": 40.0}')
     record = gate.run(params, eval_metrics=ws / "eval.json", eval_report=ws / "eval" /
                       "report.json", validation=ws / "validation.json", drift=ws / "drift.json",
                       candidate=candidate, champion=ws / "champion.json", test=ws / "test.parquet",
                       weights=ws / "absent.parquet", lock=ws / "dvc.lock",
-                      report=ws / "gate.json", curve=curve)
-    # The training curve is the run's metric history (the UI charts it per step).
+                      report=ws / "gate.json", curve=curve, pretrain_curve=pretrain_curve,
+                      finetune_metrics=ws / "finetune.json", pretrain_metrics=ws / "pretrain.json")
+    # The training curves are the run's metric histories (the UI charts them per step).
     history = client.get_metric_history(record["run_id"], "train/loss")
     assert [(h.step, h.value) for h in history] == [(1, 1.5), (2, 1.0), (3, 0.7)]
     assert [h.step for h in client.get_metric_history(record["run_id"], "val/macro_f1")] == [2, 3]
+    assert [(h.step, h.value) for h in client.get_metric_history(
+        record["run_id"], "pretrain/perplexity")] == [(2, 40.0)]
+    # ... and the stages' numeric measurements its metrics (not text, flags or NaN).
+    logged = client.get_run(record["run_id"]).data.metrics
+    assert logged["finetune/samples_per_s"] == 120.5 and logged["pretrain/perplexity_after"] == 40.0
+    skipped = {"finetune/init", "finetune/stopped_early", "pretrain/perplexity_before"}
+    assert not skipped & set(logged)
     # Judged against v2 (whose predictions it shares: no gain), not against v1; v2 stays.
     assert record["reevaluations"] == [{"from": v1, "to": v2}]
     assert record["evaluated_against"] == v2

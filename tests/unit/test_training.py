@@ -296,7 +296,7 @@ def pretrain(data, out: Path, p, corpus: Path | None = None) -> dict:
     from tasks import pretrain as stage
 
     return stage.run(p, train=data["train"], val=data["val"], corpus=corpus or out / "none",
-                     out=out / "model", metrics=out / "metrics.json")
+                     out=out / "model", metrics=out / "metrics.json", curve=out / "curve.csv")
 
 
 def test_pretrain_lowers_held_out_perplexity_with_whole_word_masks_and_a_corpus(data, tmp_path):
@@ -306,11 +306,18 @@ def test_pretrain_lowers_held_out_perplexity_with_whole_word_masks_and_a_corpus(
     pd.DataFrame({TEXT: ["hello there", None]}).to_parquet(corpus / "more.parquet")
     (corpus / "README.md").write_text("not a corpus file")
     stats = pretrain(data, tmp_path, pretrain_params(whole_word_mask=True, max_steps=40,
-                                                      learning_rate=0.003), corpus)
+                                                      learning_rate=0.003, eval_every=15), corpus)
     assert stats["corpus_texts"] == 3 and stats["texts"] == 160
     assert stats["steps"] == 40 and stats["stop_reason"] == "max_steps"
     assert stats["perplexity_after"] < stats["perplexity_before"]
     assert (tmp_path / "model" / "config.json").is_file()
+    # The curve: loss and learning rate each step, perplexity where it was measured.
+    curve = pd.read_csv(tmp_path / "curve.csv")
+    assert curve["step"].tolist() == list(range(1, 41)) and curve["loss"].notna().all()
+    measured = curve.dropna(subset=["perplexity"])
+    assert measured["step"].tolist() == [15, 30, 40]
+    assert measured["perplexity"].iloc[-1] == pytest.approx(stats["perplexity_after"])
+    assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_pretrain_under_two_gloo_processes_matches_one(data, tmp_path):
@@ -336,7 +343,8 @@ def test_pretrain_under_two_gloo_processes_matches_one(data, tmp_path):
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
          "--master_port", str(_free_port()), "-m", "tasks.pretrain", "--train", str(data["train"]),
          "--val", str(data["val"]), "--corpus", str(tmp_path / "none"), "--out", str(two / "model"),
-         "--metrics", str(two / "metrics.json"), "--params", str(p)],
+         "--metrics", str(two / "metrics.json"), "--curve", str(two / "curve.csv"),
+         "--params", str(p)],
         env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     stats = json.loads((two / "metrics.json").read_text())
@@ -378,6 +386,8 @@ def test_pretrain_stops_early_and_on_its_time_budget(data, tmp_path):
 def test_pretrain_disabled_passes_the_base_model_on(data, tmp_path):
     stats = pretrain(data, tmp_path, pretrain_params(enabled=False))
     assert stats["steps"] == 0 and stats["skipped"] == "pretrain.enabled is false"
+    assert pd.read_csv(tmp_path / "curve.csv").empty  # DVC's plot exists, with no steps
+    assert (tmp_path / "curve.png").is_file()
     assert "perplexity_after" not in stats and (tmp_path / "model" / "config.json").is_file()
 
 
