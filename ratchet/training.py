@@ -218,7 +218,8 @@ def load_checkpoint(folder: Path) -> dict[str, Any] | None:
 
 
 def write_curve(curve: Path, rows: list[dict], fields: list[str], *, evaluated: str,
-                evaluated_label: str, unit_range: bool = False) -> None:
+                evaluated_label: str, unit_range: bool = False, log_scale: bool = False
+                ) -> None:
     """A training curve as a per-step CSV (a DVC plot) and a PNG beside it, each written whole
     (to a temporary file, then renamed): the loss per step with `evaluated` (a column set on the
     evaluation steps) on a second axis, and the learning rate."""
@@ -249,6 +250,8 @@ def write_curve(curve: Path, rows: list[dict], fields: list[str], *, evaluated: 
         ax_eval.set_ylabel(evaluated_label)
         if unit_range:
             ax_eval.set_ylim(0, 1)
+        if log_scale:  # perplexity: the exponential of a loss
+            ax_eval.set_yscale("log")
     ax_loss.set_title(f"training loss and {evaluated_label}" if rows else "no training steps")
     ax_lr.plot(steps, [r["lr"] for r in rows], color="tab:orange")
     ax_lr.set_xlabel("step")

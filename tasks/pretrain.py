@@ -246,7 +246,8 @@ def run(params: Params, *, train: Path, val: Path, corpus: Path, out: Path,
     if dist.main:
         if curve is not None:  # empty when skipped: DVC expects the plot either way
             write_curve(curve, points, CURVE_FIELDS,
-                        evaluated="perplexity", evaluated_label="held-out perplexity")
+                        evaluated="perplexity", evaluated_label="held-out perplexity",
+                        log_scale=True)
         tmp = out.with_name(out.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp)
