@@ -273,6 +273,7 @@ def train_classifier(params: Params, *, train: Path, val: Path, pretrained: Path
     opt, sched = make_optimizer(model, lr, cfg.weight_decay,
                                 Schedule(total, int(total * cfg.warmup_ratio), cfg.schedule))
     rng = random.Random(mcfg.seed)
+    amp, scaler = mixed_precision(device)
     state = State()
     best_state = None
     folder = None
@@ -291,10 +292,13 @@ def train_classifier(params: Params, *, train: Path, val: Path, pretrained: Path
             sched.load_state_dict(saved["scheduler"])
             rng.setstate(saved["rng"])
             torch.set_rng_state(saved["torch_rng"])
+            if saved.get("cuda_rng") is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(saved["cuda_rng"])  # dropout on the GPU
+            if saved.get("scaler") is not None and scaler is not None:
+                scaler.load_state_dict(saved["scaler"])
             state, best_state = State(**saved["state"]), saved["best_state"]
             resumed_from = state.epoch
     pad_id = tok.pad_token_id or 0
-    amp, scaler = mixed_precision(device)
     embed = model.get_input_embeddings()
     real_tokens = padded_tokens = 0
     began = time.perf_counter() - state.seconds
@@ -367,6 +371,9 @@ def train_classifier(params: Params, *, train: Path, val: Path, pretrained: Path
                     "model": model.state_dict(), "optimizer": opt.state_dict(),
                     "scheduler": sched.state_dict(), "rng": rng.getstate(),
                     "torch_rng": torch.get_rng_state(), "state": asdict(state),
+                    "cuda_rng": (torch.cuda.get_rng_state_all() if torch.cuda.is_available()
+                                 else None),
+                    "scaler": scaler.state_dict() if scaler is not None else None,
                     "best_state": best_state})
             if stop:
                 break
