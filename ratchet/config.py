@@ -184,6 +184,10 @@ class PretrainConfig(_Section):
         2, ge=0, description="Stop after this many evaluations without a lower perplexity."
     )
     eval_texts: int = Field(512, ge=1, description="Held-out texts for the perplexity.")
+    checkpoint_every: int = Field(
+        200, ge=0, description="Save a checkpoint every this many steps (0: never); a killed run "
+        "resumes from the last one to the same result."
+    )
 
 
 class FinetuneConfig(_Section):

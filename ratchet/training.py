@@ -3,6 +3,8 @@ processes (torchrun), checkpoints."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import random
@@ -193,6 +195,25 @@ def all_sum(value: float, dist_info: Dist) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=dist_info.device)
     dist.all_reduce(t)
     return float(t.item())
+
+
+def file_digest(path: Path) -> str:
+    """Content hash of a file or a folder's files, read in chunks (model weights can be GBs);
+    of nothing for a path that does not exist."""
+    h = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for f in files:
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda fh=fh: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def checkpoint_key(parts: dict[str, Any]) -> str:
+    """A checkpoint's folder name: a hash of everything that decides the run (params, input
+    digests, start model, world size), so a run resumes only its own checkpoint."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def save_checkpoint(folder: Path, state: dict[str, Any]) -> None:

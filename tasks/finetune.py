@@ -4,7 +4,6 @@ under `torchrun --nproc_per_node N`."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import random
@@ -162,18 +161,6 @@ class State:
     rows: list[dict] = field(default_factory=list)
 
 
-def file_digest(path: Path) -> str:
-    """Content hash of a file or a folder's files, read in chunks (model weights can be GBs)."""
-    h = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    for f in files:
-        h.update(f.name.encode())
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda fh=fh: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
-
-
 def run(params: Params, **paths: Path | None) -> dict:
     """Fine-tune (see `train_classifier` for the paths); torch's deterministic-algorithms switch
     is put back afterwards, so a process that trains again (a sweep's Dask worker, a benchmark)
@@ -201,6 +188,8 @@ def train_classifier(params: Params, *, train: Path, val: Path, pretrained: Path
     from ratchet.training import (
         Schedule,
         all_sum,
+        checkpoint_key,
+        file_digest,
         init_distributed,
         length_grouped_batches,
         load_checkpoint,
@@ -279,12 +268,11 @@ def train_classifier(params: Params, *, train: Path, val: Path, pretrained: Path
     folder = None
     resumed_from = 0
     if checkpoints is not None:
-        key = hashlib.sha256(json.dumps({
+        folder = checkpoints / checkpoint_key({
             "finetune": cfg.model_dump(), "model": mcfg.model_dump(), "labels": labels,
             "train": file_digest(train), "val": file_digest(val), "init": init_used,
             "pretrained": file_digest(pretrained) if start_from is None else "",
-            "world": dist.world}, sort_keys=True).encode()).hexdigest()[:16]
-        folder = checkpoints / key
+            "world": dist.world})
         saved = load_checkpoint(folder)
         if saved is not None:
             model.load_state_dict(saved["model"])

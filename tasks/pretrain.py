@@ -149,19 +149,23 @@ CURVE_FIELDS = ["step", "loss", "lr", "perplexity"]
 
 
 def run(params: Params, *, train: Path, val: Path, corpus: Path, out: Path,
-        metrics: Path, curve: Path | None = None) -> dict:
+        metrics: Path, curve: Path | None = None, checkpoints: Path | None = None) -> dict:
     import torch
 
     from ratchet.models import set_threads
     from ratchet.training import (
         Schedule,
         all_sum,
+        checkpoint_key,
+        file_digest,
         init_distributed,
+        load_checkpoint,
         make_optimizer,
         mixed_precision,
         optimizer_step,
         peak_rss_mb,
         progress,
+        save_checkpoint,
         write_curve,
     )
 
@@ -180,6 +184,7 @@ def run(params: Params, *, train: Path, val: Path, corpus: Path, out: Path,
                    "corpus_texts": len(extra), "init": init, "whole_word_mask": cfg.whole_word_mask}
     texts += extra
     points: list[dict] = []  # the curve: loss and learning rate per step, perplexity when measured
+    folder = None  # this run's checkpoint folder, when it keeps one
     if cfg.enabled and cfg.max_steps > 0 and texts:
         ww = cfg.whole_word_mask
         held_out = val_texts[: cfg.eval_texts]
@@ -201,9 +206,33 @@ def run(params: Params, *, train: Path, val: Path, corpus: Path, out: Path,
         model.train()
         losses, evals = [], [{"step": 0, "perplexity": before}]
         best, bad, stop_reason = before, 0, "max_steps"
-        start = time.perf_counter()
-        with progress(cfg.max_steps, "pretrain (MLM)", disable=not dist.main) as bar:
-            for step in range(1, cfg.max_steps + 1):
+        first, elapsed = 1, 0.0
+        if checkpoints is not None and cfg.checkpoint_every:
+            folder = checkpoints / checkpoint_key({
+                "pretrain": cfg.model_dump(), "model": mcfg.model_dump(), "init": init,
+                "start": file_digest(out) if init == "previous" else "",
+                "train": file_digest(train), "val": file_digest(val),
+                "corpus": file_digest(corpus), "world": dist.world})
+            saved = load_checkpoint(folder)
+            if saved is not None:
+                model.load_state_dict(saved["model"])
+                opt.load_state_dict(saved["optimizer"])
+                sched.load_state_dict(saved["scheduler"])
+                rng.setstate(saved["rng"])
+                collate.gen.set_state(saved["mask_rng"])
+                torch.set_rng_state(saved["torch_rng"])
+                if saved["cuda_rng"] is not None and torch.cuda.is_available():
+                    torch.cuda.set_rng_state_all(saved["cuda_rng"])
+                if saved["scaler"] is not None and scaler is not None:
+                    scaler.load_state_dict(saved["scaler"])
+                losses, evals, points = saved["losses"], saved["evals"], saved["points"]
+                best, bad, elapsed = saved["best"], saved["bad"], saved["seconds"]
+                first = saved["step"] + 1
+                stats["resumed_from_step"] = saved["step"]
+        start = time.perf_counter() - elapsed  # the budget counts the time before a kill
+        with progress(cfg.max_steps, "pretrain (MLM)", initial=first - 1,
+                      disable=not dist.main) as bar:
+            for step in range(first, cfg.max_steps + 1):
                 rows = rng.sample(range(len(examples)), min(cfg.batch_size, len(examples)))
                 loss = shard_loss(model, collate([examples[i] for i in rows]), dist, amp)
                 (scaler.scale(loss) if scaler is not None else loss).backward()
@@ -230,6 +259,17 @@ def run(params: Params, *, train: Path, val: Path, corpus: Path, out: Path,
                         time.perf_counter() - start > cfg.max_seconds), dist):
                     stop_reason = f"time budget of {cfg.max_seconds:.0f}s reached"
                     break
+                if (folder is not None and dist.main and step % cfg.checkpoint_every == 0
+                        and step < cfg.max_steps):
+                    save_checkpoint(folder, {
+                        "model": model.state_dict(), "optimizer": opt.state_dict(),
+                        "scheduler": sched.state_dict(), "rng": rng.getstate(),
+                        "mask_rng": collate.gen.get_state(), "torch_rng": torch.get_rng_state(),
+                        "cuda_rng": (torch.cuda.get_rng_state_all() if torch.cuda.is_available()
+                                     else None),
+                        "scaler": scaler.state_dict() if scaler is not None else None,
+                        "losses": losses, "evals": evals, "points": points, "best": best,
+                        "bad": bad, "seconds": time.perf_counter() - start, "step": step})
         stats.update(final_loss=sum(losses[-5:]) / len(losses[-5:]), stop_reason=stop_reason,
                      train_seconds=time.perf_counter() - start)
         stats["perplexity_after"] = perplexity(model, tok, held_out, mcfg.max_length,
@@ -255,6 +295,8 @@ def run(params: Params, *, train: Path, val: Path, corpus: Path, out: Path,
         shutil.rmtree(out, ignore_errors=True)
         tmp.rename(out)
         write_json(metrics, stats)
+        if folder is not None:  # the result is written: its checkpoint is no longer needed
+            shutil.rmtree(folder, ignore_errors=True)
     if dist.world > 1:
         import torch.distributed as tdist
 
@@ -271,6 +313,7 @@ def main() -> None:
         "out": "folder for the pretrained model (also the start with pretrain.init: previous)",
         "metrics": "pretrain metrics JSON to write",
         "curve": "training curve CSV to write (DVC plot; a PNG is written beside it)",
+        "checkpoints": "folder for resumable checkpoints (pretrain.checkpoint_every)",
     }, run)
 
 

@@ -234,21 +234,26 @@ def two_runs(tmp_path: Path, names: tuple[str, str], epochs: float):
     return env, write_params(tmp_path / "params.yaml", epochs=epochs), *folders
 
 
+def kill_at_first_checkpoint(cmd: list[str], env: dict[str, str], out: Path) -> dict:
+    """Start a stage, SIGKILL it once its first checkpoint (under out/ckpt) is written, and
+    return that checkpoint; the stage has written no model."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list((out / "ckpt").glob("*/state.pt")) and time.monotonic() < deadline:
+        assert proc.poll() is None, "the run ended before its first checkpoint"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "model").exists()
+    return torch.load(next((out / "ckpt").glob("*/state.pt")), weights_only=False)
+
+
 def test_a_killed_run_resumes_from_its_checkpoint_to_the_same_result(data, tmp_path):
     env, p, whole, killed = two_runs(tmp_path, ("whole", "killed"), epochs=4.0)
     run_in_process(data, whole, p)
     assert not list((whole / "ckpt").glob("*")), "a finished run removes its checkpoint"
 
-    proc = subprocess.Popen(stage_cmd(data, killed, p), env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while not list((killed / "ckpt").glob("*/state.pt")) and time.monotonic() < deadline:
-        assert proc.poll() is None, "the run ended before its first checkpoint"
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (killed / "model").exists()
-    saved = torch.load(next((killed / "ckpt").glob("*/state.pt")), weights_only=False)
+    saved = kill_at_first_checkpoint(stage_cmd(data, killed, p), env, killed)
     assert 1 <= saved["state"]["epoch"] < 4
 
     subprocess.run(stage_cmd(data, killed, p), env=env, check=True, capture_output=True)
@@ -344,7 +349,7 @@ def test_pretrain_under_two_gloo_processes_matches_one(data, tmp_path):
          "--master_port", str(_free_port()), "-m", "tasks.pretrain", "--train", str(data["train"]),
          "--val", str(data["val"]), "--corpus", str(tmp_path / "none"), "--out", str(two / "model"),
          "--metrics", str(two / "metrics.json"), "--curve", str(two / "curve.csv"),
-         "--params", str(p)],
+         "--checkpoints", str(two / "ckpt"), "--params", str(p)],
         env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     stats = json.loads((two / "metrics.json").read_text())
@@ -354,6 +359,42 @@ def test_pretrain_under_two_gloo_processes_matches_one(data, tmp_path):
     worst = max(float((a[k] - b[k]).abs().max()) for k in a)
     assert stats["perplexity_after"] == pytest.approx(one["perplexity_after"], rel=1e-3)
     assert worst < 1e-4, f"largest weight difference {worst}"
+
+
+def test_a_killed_pretrain_resumes_from_its_checkpoint_to_the_same_weights(data, tmp_path,
+                                                                        monkeypatch):
+    import yaml
+
+    from tasks import pretrain as stage
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # this process threads like the stage process
+    p = tmp_path / "params.yaml"
+    p.write_text(yaml.safe_dump({"model": {"source": "tiny", "max_length": 32},
+                                 "pretrain": {"max_steps": 40, "batch_size": 16,
+                                              "learning_rate": 0.003, "eval_every": 10,
+                                              "checkpoint_every": 5}}))
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+
+    def paths(out: Path) -> dict[str, Path]:
+        return {"train": data["train"], "val": data["val"], "corpus": tmp_path / "none",
+                "out": out / "model", "metrics": out / "metrics.json",
+                "curve": out / "curve.csv", "checkpoints": out / "ckpt"}
+
+    stage.run(load_params(p), **paths(whole))
+    assert not list((whole / "ckpt").glob("*")), "a finished run removes its checkpoint"
+    cmd = [sys.executable, "-m", "tasks.pretrain", "--params", str(p)]
+    cmd += [a for k, v in paths(killed).items() for a in (f"--{k}", str(v))]
+    env = {**os.environ, "PYTHONPATH": str(Path(finetune.__file__).parent.parent)}
+    saved = kill_at_first_checkpoint(cmd, env, killed)
+    assert 5 <= saved["step"] < 40
+
+    subprocess.run(cmd, env=env, check=True, capture_output=True)
+    stats = json.loads((killed / "metrics.json").read_text())
+    assert stats["resumed_from_step"] >= 5 and stats["steps"] == 40
+    a, b = weights(whole / "model"), weights(killed / "model")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert pd.read_csv(whole / "curve.csv").equals(pd.read_csv(killed / "curve.csv"))
+    assert not list((killed / "ckpt").glob("*"))
 
 
 def test_whole_word_masking_masks_every_piece_of_a_word():
