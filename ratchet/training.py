@@ -216,6 +216,34 @@ def checkpoint_key(parts: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def training_state(model, opt, sched, rng: random.Random, scaler) -> dict[str, Any]:
+    """What a resumed run needs to go on exactly: weights, optimizer, schedule, the RNGs (the
+    sampling `rng`, torch's CPU and CUDA generators: dropout) and the fp16 loss scaler."""
+    import torch
+
+    return {"model": model.state_dict(), "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(), "rng": rng.getstate(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "scaler": scaler.state_dict() if scaler is not None else None}
+
+
+def restore_training_state(saved: dict[str, Any], model, opt, sched, rng: random.Random,
+                           scaler) -> None:
+    """Put back what `training_state` saved."""
+    import torch
+
+    model.load_state_dict(saved["model"])
+    opt.load_state_dict(saved["optimizer"])
+    sched.load_state_dict(saved["scheduler"])
+    rng.setstate(saved["rng"])
+    torch.set_rng_state(saved["torch_rng"])
+    if saved.get("cuda_rng") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(saved["cuda_rng"])
+    if saved.get("scaler") is not None and scaler is not None:
+        scaler.load_state_dict(saved["scaler"])
+
+
 def save_checkpoint(folder: Path, state: dict[str, Any]) -> None:
     """Write the state atomically: a kill mid-write leaves the previous checkpoint intact."""
     import torch

@@ -198,8 +198,10 @@ def train_classifier(params: Params, *, train: Path, val: Path, pretrained: Path
         optimizer_step,
         peak_rss_mb,
         progress,
+        restore_training_state,
         save_checkpoint,
         steps_for,
+        training_state,
         write_curve,
     )
 
@@ -275,15 +277,7 @@ def train_classifier(params: Params, *, train: Path, val: Path, pretrained: Path
             "world": dist.world})
         saved = load_checkpoint(folder)
         if saved is not None:
-            model.load_state_dict(saved["model"])
-            opt.load_state_dict(saved["optimizer"])
-            sched.load_state_dict(saved["scheduler"])
-            rng.setstate(saved["rng"])
-            torch.set_rng_state(saved["torch_rng"])
-            if saved.get("cuda_rng") is not None and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(saved["cuda_rng"])  # dropout on the GPU
-            if saved.get("scaler") is not None and scaler is not None:
-                scaler.load_state_dict(saved["scaler"])
+            restore_training_state(saved, model, opt, sched, rng, scaler)
             state, best_state = State(**saved["state"]), saved["best_state"]
             resumed_from = state.epoch
     pad_id = tok.pad_token_id or 0
@@ -356,12 +350,7 @@ def train_classifier(params: Params, *, train: Path, val: Path, pretrained: Path
             stop = cfg.patience > 0 and state.bad_epochs >= cfg.patience
             if folder is not None and dist.main and state.step < total and not stop:
                 save_checkpoint(folder, {
-                    "model": model.state_dict(), "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(), "rng": rng.getstate(),
-                    "torch_rng": torch.get_rng_state(), "state": asdict(state),
-                    "cuda_rng": (torch.cuda.get_rng_state_all() if torch.cuda.is_available()
-                                 else None),
-                    "scaler": scaler.state_dict() if scaler is not None else None,
+                    **training_state(model, opt, sched, rng, scaler), "state": asdict(state),
                     "best_state": best_state})
             if stop:
                 break

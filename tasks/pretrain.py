@@ -165,7 +165,9 @@ def run(params: Params, *, train: Path, val: Path, corpus: Path, out: Path,
         optimizer_step,
         peak_rss_mb,
         progress,
+        restore_training_state,
         save_checkpoint,
+        training_state,
         write_curve,
     )
 
@@ -215,16 +217,8 @@ def run(params: Params, *, train: Path, val: Path, corpus: Path, out: Path,
                 "corpus": file_digest(corpus), "world": dist.world})
             saved = load_checkpoint(folder)
             if saved is not None:
-                model.load_state_dict(saved["model"])
-                opt.load_state_dict(saved["optimizer"])
-                sched.load_state_dict(saved["scheduler"])
-                rng.setstate(saved["rng"])
+                restore_training_state(saved, model, opt, sched, rng, scaler)
                 collate.gen.set_state(saved["mask_rng"])
-                torch.set_rng_state(saved["torch_rng"])
-                if saved["cuda_rng"] is not None and torch.cuda.is_available():
-                    torch.cuda.set_rng_state_all(saved["cuda_rng"])
-                if saved["scaler"] is not None and scaler is not None:
-                    scaler.load_state_dict(saved["scaler"])
                 losses, evals, points = saved["losses"], saved["evals"], saved["points"]
                 best, bad, elapsed = saved["best"], saved["bad"], saved["seconds"]
                 first = saved["step"] + 1
@@ -262,14 +256,10 @@ def run(params: Params, *, train: Path, val: Path, corpus: Path, out: Path,
                 if (folder is not None and dist.main and step % cfg.checkpoint_every == 0
                         and step < cfg.max_steps):
                     save_checkpoint(folder, {
-                        "model": model.state_dict(), "optimizer": opt.state_dict(),
-                        "scheduler": sched.state_dict(), "rng": rng.getstate(),
-                        "mask_rng": collate.gen.get_state(), "torch_rng": torch.get_rng_state(),
-                        "cuda_rng": (torch.cuda.get_rng_state_all() if torch.cuda.is_available()
-                                     else None),
-                        "scaler": scaler.state_dict() if scaler is not None else None,
-                        "losses": losses, "evals": evals, "points": points, "best": best,
-                        "bad": bad, "seconds": time.perf_counter() - start, "step": step})
+                        **training_state(model, opt, sched, rng, scaler),
+                        "mask_rng": collate.gen.get_state(), "losses": losses, "evals": evals,
+                        "points": points, "best": best, "bad": bad,
+                        "seconds": time.perf_counter() - start, "step": step})
         stats.update(final_loss=sum(losses[-5:]) / len(losses[-5:]), stop_reason=stop_reason,
                      train_seconds=time.perf_counter() - start)
         stats["perplexity_after"] = perplexity(model, tok, held_out, mcfg.max_length,
