@@ -110,20 +110,29 @@ def deployments(ws: Path, cron: str | None) -> list[Any]:
     return [scheduled, landed]
 
 
-def trigger_ready(ws: Path) -> Callable[[], bool]:
-    """True once the server holds the `on-batch-landed` deployment of `ws` and its trigger
-    (an automation, created just after the deployment): the watcher waits for it."""
-    def ready() -> bool:
-        from prefect.client.orchestration import get_client
-        from prefect.exceptions import ObjectNotFound
+def landed_automations(ws: Path) -> set[str] | None:
+    """The ids of the triggers (automations) of the `on-batch-landed` deployment of `ws` on the
+    server; None while that deployment does not exist."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
 
-        with get_client(sync_client=True) as client:
-            try:
-                deployment = client.read_deployment_by_name(f"{on_batch_landed.name}/{ws.name}")
-            except ObjectNotFound:
-                return False
-            return bool(client.read_resource_related_automations(
-                f"prefect.deployment.{deployment.id}"))
+    with get_client(sync_client=True) as client:
+        try:
+            deployment = client.read_deployment_by_name(f"{on_batch_landed.name}/{ws.name}")
+        except ObjectNotFound:
+            return None
+        return {str(a.id) for a in client.read_resource_related_automations(
+            f"prefect.deployment.{deployment.id}")}
+
+
+def trigger_ready(ws: Path, stale: set[str] | None = None) -> Callable[[], bool]:
+    """True once the landed deployment of `ws` has a trigger that is not one of `stale`: the
+    watcher waits for it. Serving deletes a deployment's old triggers and creates new ones (a
+    moment apart), so a restarted `ratchet serve` must not take the last run's for ready."""
+    stale = stale or set()
+
+    def ready() -> bool:
+        return bool((landed_automations(ws) or set()) - stale)
     return ready
 
 
@@ -144,7 +153,8 @@ def serve_workspace(ws: Path, *, cron: str | None, interval: float, watch: bool)
             "PREFECT_API_URL=http://127.0.0.1:4200/api")
     stop = None
     if watch:
-        _, stop = Watcher(ws).start(interval, ready=trigger_ready(ws))
+        stale = landed_automations(ws) or set()  # a previous `ratchet serve`'s, replaced below
+        _, stop = Watcher(ws).start(interval, ready=trigger_ready(ws, stale))
     try:
         serve(*deployments(ws, cron), limit=1)
     finally:

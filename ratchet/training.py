@@ -116,9 +116,10 @@ class Dist:
         return torch.device("cpu")
 
     def shard(self, rows: list[int]) -> list[int]:
-        """This rank's contiguous share of a global batch (length-sorted: similar work)."""
-        per = math.ceil(len(rows) / self.world)
-        return rows[self.rank * per : (self.rank + 1) * per]
+        """This rank's contiguous share of a global batch (length-sorted: similar work). Shares
+        differ by one row at most, so none is empty while the batch has a row per rank."""
+        n = len(rows)
+        return rows[self.rank * n // self.world : (self.rank + 1) * n // self.world]
 
 
 def init_distributed() -> Dist:
@@ -159,7 +160,12 @@ def all_reduce_grads(params: list, dist_info: Dist) -> None:
     import torch
     import torch.distributed as dist
 
-    grads = [p.grad for p in params if p.grad is not None]
+    # Every rank sends every gradient, zeros where it has none (a rank whose share of a small
+    # last batch is empty): the ranks' all-reduce calls must match one for one.
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in params]
     if not grads:
         return
     flat = torch.cat([g.reshape(-1) for g in grads])
@@ -202,8 +208,8 @@ def file_digest(path: Path) -> str:
     of nothing for a path that does not exist."""
     h = hashlib.sha256()
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    for f in files:
-        h.update(f.name.encode())
+    for f in files:  # named by its place in the folder: a file moved is a change
+        h.update((f.name if f == path else str(f.relative_to(path))).encode())
         with open(f, "rb") as fh:
             for chunk in iter(lambda fh=fh: fh.read(1 << 20), b""):
                 h.update(chunk)
@@ -216,32 +222,58 @@ def checkpoint_key(parts: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def training_state(model, opt, sched, rng: random.Random, scaler) -> dict[str, Any]:
-    """What a resumed run needs to go on exactly: weights, optimizer, schedule, the RNGs (the
-    sampling `rng`, torch's CPU and CUDA generators: dropout) and the fp16 loss scaler."""
+def _torch_rngs(dist_info: Dist) -> tuple[Any, Any]:
     import torch
 
+    device = dist_info.device
+    return (torch.get_rng_state(),
+            torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+def training_state(model, opt, sched, rng: random.Random, scaler, dist_info: Dist
+                   ) -> dict[str, Any]:
+    """What a resumed run needs to go on exactly: weights, optimizer, schedule, the sampling
+    `rng`, the fp16 loss scaler, and every rank's torch generators (CPU, and its GPU's): dropout
+    draws differ per rank. Under torchrun every rank must call it (it gathers); rank 0 saves."""
+    rngs = [_torch_rngs(dist_info)]
+    if dist_info.world > 1:
+        import torch.distributed as dist
+
+        rngs = [None] * dist_info.world
+        dist.all_gather_object(rngs, _torch_rngs(dist_info))
     return {"model": model.state_dict(), "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(), "rng": rng.getstate(),
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "scheduler": sched.state_dict(), "rng": rng.getstate(), "torch_rngs": rngs,
             "scaler": scaler.state_dict() if scaler is not None else None}
 
 
 def restore_training_state(saved: dict[str, Any], model, opt, sched, rng: random.Random,
-                           scaler) -> None:
-    """Put back what `training_state` saved."""
+                           scaler, dist_info: Dist) -> None:
+    """Put back what `training_state` saved, each rank its own generators."""
     import torch
 
     model.load_state_dict(saved["model"])
     opt.load_state_dict(saved["optimizer"])
     sched.load_state_dict(saved["scheduler"])
     rng.setstate(saved["rng"])
-    torch.set_rng_state(saved["torch_rng"])
-    if saved.get("cuda_rng") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(saved["cuda_rng"])
+    cpu, gpu = saved["torch_rngs"][dist_info.rank]
+    torch.set_rng_state(cpu)
+    if gpu is not None and dist_info.device.type == "cuda":
+        torch.cuda.set_rng_state(gpu, dist_info.device)
     if saved.get("scaler") is not None and scaler is not None:
         scaler.load_state_dict(saved["scaler"])
+
+
+def load_agreed_checkpoint(folder: Path, dist_info: Dist, step_of) -> dict[str, Any] | None:
+    """The checkpoint in `folder` if every rank read the same one (`step_of(saved)`: its step),
+    else None on every rank: ranks that resumed at different steps would wait on each other in
+    mismatched all-reduces forever."""
+    saved = load_checkpoint(folder)
+    step = float(step_of(saved)) if saved is not None else 0.0
+    if dist_info.world > 1:
+        total, squares = all_sum(step, dist_info), all_sum(step * step, dist_info)
+        if squares * dist_info.world != total * total:  # equal only when all steps are
+            return None
+    return saved
 
 
 def save_checkpoint(folder: Path, state: dict[str, Any]) -> None:

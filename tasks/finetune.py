@@ -168,10 +168,11 @@ def run(params: Params, **paths: Path | None) -> dict:
     import torch
 
     was = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     try:
         return train_classifier(params, **paths)
     finally:
-        torch.use_deterministic_algorithms(was)
+        torch.use_deterministic_algorithms(was, warn_only=warn_only)
 
 
 def train_classifier(params: Params, *, train: Path, val: Path, pretrained: Path, out: Path,
@@ -192,7 +193,7 @@ def train_classifier(params: Params, *, train: Path, val: Path, pretrained: Path
         file_digest,
         init_distributed,
         length_grouped_batches,
-        load_checkpoint,
+        load_agreed_checkpoint,
         make_optimizer,
         mixed_precision,
         optimizer_step,
@@ -275,9 +276,9 @@ def train_classifier(params: Params, *, train: Path, val: Path, pretrained: Path
             "train": file_digest(train), "val": file_digest(val), "init": init_used,
             "pretrained": file_digest(pretrained) if start_from is None else "",
             "world": dist.world})
-        saved = load_checkpoint(folder)
+        saved = load_agreed_checkpoint(folder, dist, lambda c: c["state"]["step"])
         if saved is not None:
-            restore_training_state(saved, model, opt, sched, rng, scaler)
+            restore_training_state(saved, model, opt, sched, rng, scaler, dist)
             state, best_state = State(**saved["state"]), saved["best_state"]
             resumed_from = state.epoch
     pad_id = tok.pad_token_id or 0
@@ -348,10 +349,11 @@ def train_classifier(params: Params, *, train: Path, val: Path, pretrained: Path
                 state.bad_epochs += 1
             state.seconds = time.perf_counter() - began
             stop = cfg.patience > 0 and state.bad_epochs >= cfg.patience
-            if folder is not None and dist.main and state.step < total and not stop:
-                save_checkpoint(folder, {
-                    **training_state(model, opt, sched, rng, scaler), "state": asdict(state),
-                    "best_state": best_state})
+            if folder is not None and state.step < total and not stop:
+                snapshot = training_state(model, opt, sched, rng, scaler, dist)  # all ranks
+                if dist.main:
+                    save_checkpoint(folder, {**snapshot, "state": asdict(state),
+                                             "best_state": best_state})
             if stop:
                 break
     seconds = time.perf_counter() - began

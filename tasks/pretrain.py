@@ -159,7 +159,7 @@ def run(params: Params, *, train: Path, val: Path, corpus: Path, out: Path,
         checkpoint_key,
         file_digest,
         init_distributed,
-        load_checkpoint,
+        load_agreed_checkpoint,
         make_optimizer,
         mixed_precision,
         optimizer_step,
@@ -215,9 +215,9 @@ def run(params: Params, *, train: Path, val: Path, corpus: Path, out: Path,
                 "start": file_digest(out) if init == "previous" else "",
                 "train": file_digest(train), "val": file_digest(val),
                 "corpus": file_digest(corpus), "world": dist.world})
-            saved = load_checkpoint(folder)
+            saved = load_agreed_checkpoint(folder, dist, lambda c: c["step"])
             if saved is not None:
-                restore_training_state(saved, model, opt, sched, rng, scaler)
+                restore_training_state(saved, model, opt, sched, rng, scaler, dist)
                 collate.gen.set_state(saved["mask_rng"])
                 losses, evals, points = saved["losses"], saved["evals"], saved["points"]
                 best, bad, elapsed = saved["best"], saved["bad"], saved["seconds"]
@@ -253,13 +253,13 @@ def run(params: Params, *, train: Path, val: Path, corpus: Path, out: Path,
                         time.perf_counter() - start > cfg.max_seconds), dist):
                     stop_reason = f"time budget of {cfg.max_seconds:.0f}s reached"
                     break
-                if (folder is not None and dist.main and step % cfg.checkpoint_every == 0
-                        and step < cfg.max_steps):
-                    save_checkpoint(folder, {
-                        **training_state(model, opt, sched, rng, scaler),
-                        "mask_rng": collate.gen.get_state(), "losses": losses, "evals": evals,
-                        "points": points, "best": best, "bad": bad,
-                        "seconds": time.perf_counter() - start, "step": step})
+                if folder is not None and step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
+                    snapshot = training_state(model, opt, sched, rng, scaler, dist)  # all ranks
+                    if dist.main:
+                        save_checkpoint(folder, {
+                            **snapshot, "mask_rng": collate.gen.get_state(), "losses": losses,
+                            "evals": evals, "points": points, "best": best, "bad": bad,
+                            "seconds": time.perf_counter() - start, "step": step})
         stats.update(final_loss=sum(losses[-5:]) / len(losses[-5:]), stop_reason=stop_reason,
                      train_seconds=time.perf_counter() - start)
         stats["perplexity_after"] = perplexity(model, tok, held_out, mcfg.max_length,

@@ -176,7 +176,7 @@ def test_ratchet_serve_watches_schedules_and_runs_the_landed_flow(stack, tmp_pat
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
 
-    from flows.landed import trigger_ready
+    from flows.landed import landed_automations, trigger_ready
     from ratchet import workspace
     from ratchet.watch import EVENT, STATE_FILE, resource_id
 
@@ -216,6 +216,9 @@ def test_ratchet_serve_watches_schedules_and_runs_the_landed_flow(stack, tmp_pat
             automations = client.read_resource_related_automations(
                 f"prefect.deployment.{landed.id}")
             assert len(automations) == 1, automations
+            # A restarted `ratchet serve` waits for a trigger other than the ones it found.
+            assert landed_automations(ws) == {str(automations[0].id)}
+            assert not trigger_ready(ws, landed_automations(ws))()
             trigger, action = automations[0].trigger, automations[0].actions[0]
             assert trigger.expect == {EVENT}
             assert trigger.match.model_dump().get("prefect.resource.id") == resource_id(ws)
