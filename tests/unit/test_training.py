@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -237,12 +238,18 @@ def two_runs(tmp_path: Path, names: tuple[str, str], epochs: float):
 def kill_at_first_checkpoint(cmd: list[str], env: dict[str, str], out: Path) -> dict:
     """Start a stage, SIGKILL it once its first checkpoint (under out/ckpt) is written, and
     return that checkpoint; the stage has written no model."""
+    import psutil
+
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while not list((out / "ckpt").glob("*/state.pt")) and time.monotonic() < deadline:
         assert proc.poll() is None, "the run ended before its first checkpoint"
         time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
+    # torchrun's workers run in sessions of their own: kill them by name, with their launcher.
+    victims = [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]
+    for victim in victims:
+        victim.send_signal(signal.SIGKILL)
+    psutil.wait_procs(victims, timeout=30)
     proc.wait()
     assert not (out / "model").exists()
     return torch.load(next((out / "ckpt").glob("*/state.pt")), weights_only=False)
@@ -295,6 +302,31 @@ def test_two_gloo_processes_match_one_with_the_same_global_batch(data, tmp_path)
     worst = max(float((a[k] - b[k]).abs().max()) for k in a)
     assert worst < 1e-3, f"largest weight difference {worst}"
     assert abs(s1["best_val_macro_f1"] - s2["best_val_macro_f1"]) < 0.05
+
+
+def test_two_killed_gloo_processes_resume_to_the_same_weights_with_dropout_on(data, tmp_path):
+    """Each rank's dropout draws its own masks: the checkpoint keeps every rank's generator."""
+    from transformers import AutoConfig
+
+    noisy = dict(data, pretrained=tmp_path / "dropout")
+    shutil.copytree(data["pretrained"], noisy["pretrained"])
+    config = AutoConfig.from_pretrained(noisy["pretrained"])
+    config.hidden_dropout_prob = config.attention_probs_dropout_prob = 0.1
+    config.save_pretrained(noisy["pretrained"])
+    env, p, whole, killed = two_runs(tmp_path, ("whole", "killed"), epochs=4.0)
+
+    def torchrun(out: Path) -> list[str]:
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "--master_port", str(_free_port()), *stage_cmd(noisy, out, p)[1:]]
+
+    subprocess.run(torchrun(whole), env=env, check=True, capture_output=True, timeout=300)
+    saved = kill_at_first_checkpoint(torchrun(killed), env, killed)
+    assert 1 <= saved["state"]["epoch"] < 4 and len(saved["torch_rngs"]) == 2
+    assert not torch.equal(saved["torch_rngs"][0][0], saved["torch_rngs"][1][0])
+    subprocess.run(torchrun(killed), env=env, check=True, capture_output=True, timeout=300)
+    assert json.loads((killed / "metrics.json").read_text())["resumed_from_epoch"] >= 1
+    a, b = weights(whole / "model"), weights(killed / "model")
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def _free_port() -> int:
