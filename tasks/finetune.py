@@ -406,7 +406,7 @@ def main() -> None:
         "out": "folder for the candidate model",
         "metrics": "finetune metrics JSON to write",
         "curve": "training curve CSV to write (DVC plot; a PNG is written beside it)",
-    }, run)
+    }, run, optional=("init", "replay", "checkpoints"))
 
 
 if __name__ == "__main__":

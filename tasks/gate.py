@@ -499,7 +499,7 @@ def main() -> None:
         "finetune_metrics": "finetune's measurements JSON (logged as finetune/* metrics)",
         "pretrain_metrics": "pretrain's measurements JSON (logged as pretrain/* metrics)",
         "report": "gate decision JSON to write",
-    }, run)
+    }, run, optional=("curve", "pretrain_curve", "finetune_metrics", "pretrain_metrics"))
 
 
 if __name__ == "__main__":

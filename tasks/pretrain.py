@@ -304,7 +304,7 @@ def main() -> None:
         "metrics": "pretrain metrics JSON to write",
         "curve": "training curve CSV to write (DVC plot; a PNG is written beside it)",
         "checkpoints": "folder for resumable checkpoints (pretrain.checkpoint_every)",
-    }, run)
+    }, run, optional=("curve", "checkpoints"))
 
 
 if __name__ == "__main__":

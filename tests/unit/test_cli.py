@@ -1,6 +1,7 @@
 """The CLI: help everywhere, user errors printed without a traceback, workspaces checked."""
 
 import shutil
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -208,3 +209,27 @@ def test_registry_commands_before_any_model_is_registered(tmp_path):
     assert promoted.exit_code == 1 and "is registered yet" in promoted.output
     shown = cli(ws, "history")
     assert shown.exit_code == 0 and "no alias moves recorded yet" in shown.output
+
+
+def test_a_stage_runs_without_its_optional_paths_and_refuses_without_a_required_one(
+        tmp_path, monkeypatch, capsys):
+    """The `dvc.yaml` of a workspace made by an older ratchet lacks paths added since (say
+    pretrain's `--curve`): the stage runs with its defaults for them."""
+    from ratchet.stage import stage_main
+
+    (tmp_path / "params.yaml").write_text("model: {source: tiny}\n")
+    calls = []
+
+    def fn(params, **paths):
+        calls.append(paths)
+
+    params = str(tmp_path / "params.yaml")
+    monkeypatch.setattr(sys, "argv", ["x", "--out", "o", "--params", params])
+    stage_main("demo", "doc", {"out": "the output", "curve": "a curve"}, fn, optional=("curve",))
+    assert calls == [{"out": Path("o")}]  # left out, not passed as None
+
+    monkeypatch.setattr(sys, "argv", ["x", "--curve", "c"])
+    with pytest.raises(SystemExit) as stop:
+        stage_main("demo", "doc", {"out": "the output", "curve": "a curve"}, fn,
+                   optional=("curve",))
+    assert stop.value.code == 2 and "--out" in capsys.readouterr().err
