@@ -138,6 +138,21 @@ def init_distributed() -> Dist:
     return Dist(dist.get_rank(), dist.get_world_size(), info.local_rank)
 
 
+def set_rank_threads(dist_info: Dist, threads: int = 0) -> None:
+    """`threads` torch threads; with 0, every core this process may use (`set_threads`), shared
+    among the ranks where torchrun runs several on the CPU."""
+    import torch
+
+    from ratchet.models import set_threads
+
+    if threads:
+        torch.set_num_threads(threads)
+        return
+    set_threads()
+    if dist_info.world > 1 and not torch.cuda.is_available():  # the ranks share the cores
+        torch.set_num_threads(max(1, torch.get_num_threads() // dist_info.world))
+
+
 def mixed_precision(device):
     """(autocast context, GradScaler or None) for a training step on `device`: bf16 autocast on
     a GPU that has bf16, else fp16 with loss scaling; on the CPU, fp32 (a no-op context)."""

@@ -185,7 +185,6 @@ def train_classifier(params: Params, *, train: Path, val: Path, pretrained: Path
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from ratchet.models import set_threads
     from ratchet.training import (
         Schedule,
         all_sum,
@@ -201,6 +200,7 @@ def train_classifier(params: Params, *, train: Path, val: Path, pretrained: Path
         progress,
         restore_training_state,
         save_checkpoint,
+        set_rank_threads,
         steps_for,
         training_state,
         write_curve,
@@ -208,12 +208,7 @@ def train_classifier(params: Params, *, train: Path, val: Path, pretrained: Path
 
     cfg, mcfg = params.finetune, params.model
     dist = init_distributed()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    else:
-        set_threads()
-        if dist.world > 1 and not torch.cuda.is_available():  # the ranks share the cores
-            torch.set_num_threads(max(1, torch.get_num_threads() // dist.world))
+    set_rank_threads(dist, cfg.threads)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
     device = dist.device

@@ -152,7 +152,6 @@ def run(params: Params, *, train: Path, val: Path, corpus: Path, out: Path,
         metrics: Path, curve: Path | None = None, checkpoints: Path | None = None) -> dict:
     import torch
 
-    from ratchet.models import set_threads
     from ratchet.training import (
         Schedule,
         all_sum,
@@ -167,15 +166,14 @@ def run(params: Params, *, train: Path, val: Path, corpus: Path, out: Path,
         progress,
         restore_training_state,
         save_checkpoint,
+        set_rank_threads,
         training_state,
         write_curve,
     )
 
     cfg, mcfg = params.pretrain, params.model
     dist = init_distributed()
-    set_threads()
-    if dist.world > 1 and not torch.cuda.is_available():
-        torch.set_num_threads(max(1, torch.get_num_threads() // dist.world))
+    set_rank_threads(dist)
     model, tok, init = start_model(params, out)
     model.to(dist.device)
     amp, scaler = mixed_precision(dist.device)
