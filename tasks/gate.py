@@ -317,12 +317,10 @@ def _log(params: Params, name: str, fp: str, label: str, m: dict[str, float], *,
                    .items() for kk, vv in v.items()}
     plots = sorted(eval_report.parent.glob("*.png"))
     docs = [Path(val["data_docs"]).parent] if val.get("data_docs") else []
-    training = [c for path in (curve, pretrain_curve) if path is not None
-                for c in (path, path.with_suffix(".png"))]
     run_id, version = log_candidate(
         candidate, name=name, params=flat_params, metrics=m,
         artifacts=[drift, drift.with_suffix(".png"), validation, eval_metrics, eval_report,
-                   card, *plots, *docs, *training],
+                   card, *plots, *docs],
         run_tags={"fingerprint": fp, "decision": label},
         model_card=card,
     )
@@ -342,21 +340,27 @@ CURVE_KEYS = {  # curve CSV column -> MLflow metric key
 def log_training(run_id: str, *, curve: Path | None = None, pretrain_curve: Path | None = None,
                  finetune_metrics: Path | None = None, pretrain_metrics: Path | None = None
                  ) -> None:
-    """How the candidate trained, on its run: each curve as metric histories (the run's charts:
-    train/loss, train/lr per step, val/* per epoch; pretrain/loss, pretrain/lr per step,
-    pretrain/perplexity when measured) and the stages' numeric measurements as `finetune/*`
-    and `pretrain/*` metrics (samples/s, peak memory, perplexity before and after, ...)."""
+    """How the candidate trained, on its run: each curve (CSV and PNG) under
+    `reports/<stage>/` (both stages name theirs `curve`), and as metric histories (the run's
+    charts: train/loss, train/lr per step, val/* per epoch; pretrain/loss, pretrain/lr per
+    step, pretrain/perplexity when measured), and the stages' numeric measurements as
+    `finetune/*` and `pretrain/*` metrics (samples/s, peak memory, perplexity before and
+    after, ...)."""
     import time
 
     import pandas as pd
     from mlflow import MlflowClient
     from mlflow.entities import Metric
 
+    client = MlflowClient()
     now = int(time.time() * 1000)
     metrics = []
     for stage, path in (("finetune", curve), ("pretrain", pretrain_curve)):
         if path is None or not path.is_file():
             continue
+        for file in (path, path.with_suffix(".png")):
+            if file.is_file():
+                client.log_artifact(run_id, str(file), f"reports/{stage}")
         rows = pd.read_csv(path)
         for column, key in CURVE_KEYS[stage]:
             if column in rows:
@@ -367,9 +371,6 @@ def log_training(run_id: str, *, curve: Path | None = None, pretrain_curve: Path
         metrics += [Metric(f"{stage}/{k}", float(v), now, 0) for k, v in stats.items()
                     if isinstance(v, int | float) and not isinstance(v, bool)
                     and math.isfinite(v)]
-    if not metrics:
-        return
-    client = MlflowClient()
     for start in range(0, len(metrics), 1000):  # the API takes at most 1000 per batch
         client.log_batch(run_id, metrics=metrics[start : start + 1000])
 

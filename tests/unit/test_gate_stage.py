@@ -124,6 +124,11 @@ def test_gate_reevaluates_when_champion_moves_during_the_run(ws):
     assert logged["finetune/samples_per_s"] == 120.5 and logged["pretrain/perplexity_after"] == 40.0
     skipped = {"finetune/init", "finetune/stopped_early", "pretrain/perplexity_before"}
     assert not skipped & set(logged)
+    # Both curves are kept, each in its stage's folder (the files share a name).
+    for stage, source in (("finetune", curve), ("pretrain", pretrain_curve)):
+        [logged_curve] = client.list_artifacts(record["run_id"], f"reports/{stage}")
+        saved = client.download_artifacts(record["run_id"], logged_curve.path, str(ws / stage))
+        assert Path(saved).read_text() == source.read_text()
     # Judged against v2 (whose predictions it shares: no gain), not against v1; v2 stays.
     assert record["reevaluations"] == [{"from": v1, "to": v2}]
     assert record["evaluated_against"] == v2
