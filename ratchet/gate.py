@@ -2,23 +2,34 @@
 
 Promote only when, on macro-F1:
 - **recent** (the newest batch's test rows): the candidate is significantly better than the
-  champion (paired bootstrap, one-sided, Holm-corrected) AND the gain is at least `min_delta`;
+  champion (one-sided test of "no gain", Holm-corrected) AND the gain is at least `min_delta`;
 - **reference** (every earlier batch's test rows): non-inferior within `max_regression`
   (H0: the difference is at most -max_regression, rejected at `alpha` after Holm);
 - **weighted** (every test row, weighted by the drift stage's importance weights toward the
   recent distribution): non-inferior within `max_regression` too: the data as it is now
   must not get worse;
-- **domains**: no domain with at least `min_domain_rows` rows is significantly worse than
-  -max_regression (Holm over the domains);
-- the data passed validation, the test macro-F1 is at least `min_score`, the p95 latency per
-  example at batch 1 is within `max_latency_ms`, and the behavioural checks pass (predictions
-  invariant to casing and small typos, minimum-functionality probes per class).
+- **domains**: no domain with at least `min_domain_rows` rows is shown to be worse than
+  -max_regression (harm shown: Holm over the judged domains at `alpha`);
+- the test macro-F1 is at least `min_score`;
+- **label noise**: the newest batch is not flagged as noisy (an estimated label-error rate far
+  above the champion's own, from the noise stage) unless a person has reviewed it;
+- **serving and behaviour**, judged against the champion, because absolute figures follow the
+  data and the machine more than the model:
+  - latency: the candidate's batch-1 time over the champion's, timed interleaved in one process,
+    is at most `max_latency_ratio`; the absolute `max_latency_ms` fails only when even the
+    fastest of several rounds is over it (other processes slow a round down, never speed it up)
+    and, with a champion, the candidate is the slower of the two;
+  - invariance to casing and to a small typo: the candidate keeps at most `max_invariance_drop`
+    fewer predictions than the champion on the same perturbed rows, and at least the floor
+    `min_invariance` (waived when the candidate is no less robust than the champion: it cannot
+    make serving worse);
+  - the team's minimum-functionality probes: at least `min_probe_accuracy` on every class.
 
-Holm's correction runs over the hypotheses the promotion needs (recent, reference, weighted).
-Since all of them must pass, each at `alpha` would already bound the chance of a wrong
-promotion; Holm is the conservative choice the project makes, and each check's reason shows
-both the raw and the adjusted p-value. Any NaN or missing number fails its check: the rule
-fails closed.
+With no champion yet (cold start) the absolute floor decides: a model that meets `min_score`
+(and the probes and latency budget) is promoted; its invariance is recorded and a warning says
+where it is below the floor. Holm's correction runs over the hypotheses the promotion needs
+(recent, reference, weighted); each reason shows the estimate, the raw and adjusted p-value and
+what was shown. Any NaN or missing number fails its check: the rule fails closed.
 """
 
 from __future__ import annotations
@@ -31,13 +42,38 @@ from ratchet.stats import Comparison, holm
 
 
 @dataclass(frozen=True)
+class Latency:
+    """Batch-1 latency as measured by `ratchet.latency.compare` (milliseconds per example)."""
+
+    best_ms: float
+    """The candidate's p95 in the fastest round (the nearest to a quiet machine)."""
+    worst_ms: float = math.nan
+    """The candidate's p95 in the slowest round (how much the load moved it)."""
+    ratio: float | None = None
+    """Candidate time / champion time, timed back to back (median); None at cold start."""
+    champion_best_ms: float | None = None
+
+
+@dataclass(frozen=True)
+class Behaviour:
+    """Shares of predictions unchanged by casing / a small typo, on the same perturbed rows for
+    both models, and the candidate's worst class's probe accuracy (None: no probes apply)."""
+
+    casing: float
+    typos: float
+    probes: float | None = None
+    champion_casing: float | None = None
+    champion_typos: float | None = None
+    """None: no champion (cold start), or its behaviour was not measured."""
+
+
+@dataclass(frozen=True)
 class GateInputs:
     """Every number the rule reads. Each Comparison's p_value is for the hypothesis its slice
     tests: recent `diff <= 0`; reference and weighted `diff <= -max_regression`; a domain
     `diff >= -max_regression` (harm)."""
 
     has_champion: bool
-    validation_passed: bool
     candidate_score: float
     """Candidate macro-F1 on the whole test split (the absolute floor applies to it)."""
     recent: Comparison | None = None
@@ -45,11 +81,13 @@ class GateInputs:
     weighted: Comparison | None = None
     """None: no importance weights (no drift stage output), so the check has nothing to read."""
     domains: dict[str, Comparison] = field(default_factory=dict)
-    latency_ms: float | None = None
-    """Candidate p95 latency per example at batch 1; None: not measured (the check is skipped)."""
-    behaviour: dict[str, float | None] | None = None
-    """Candidate rates: `casing`, `typos` (share of predictions unchanged), `probes` (the worst
-    class's probe accuracy; None without probes). None: not measured (the check is skipped)."""
+    latency: Latency | None = None
+    """None: not measured (the check is skipped)."""
+    behaviour: Behaviour | None = None
+    """None: not measured (the checks are skipped)."""
+    label_noise: dict | None = None
+    """The noise stage's verdict on the newest batch: `flagged` (and not reviewed), `summary`.
+    None: no noise report (the check is skipped)."""
     new_classes: tuple[str, ...] = ()
     """Test labels the champion cannot predict (it never saw them)."""
 
@@ -59,6 +97,8 @@ class Check:
     name: str
     passed: bool
     reason: str
+    warning: bool = False
+    """Passed, but worth a person's look (e.g. robustness below the floor at cold start)."""
 
 
 @dataclass(frozen=True)
@@ -73,6 +113,10 @@ class Decision:
     @property
     def failed(self) -> list[Check]:
         return [c for c in self.checks if not c.passed]
+
+    @property
+    def warnings(self) -> list[Check]:
+        return [c for c in self.checks if c.passed and c.warning]
 
     def to_dict(self) -> dict:
         return {"promote": self.promote, "checks": [asdict(c) for c in self.checks]}
@@ -90,69 +134,134 @@ def _p(x: float) -> str:
     return "nan" if _bad(x) else f"{x:.4f}"
 
 
+def _moved(diff: float) -> str:
+    """The estimate in words: `up 1.20 pts`, `down 2.53 pts`, `level`."""
+    if _bad(diff):
+        return "change undefined"
+    if round(abs(diff) * 100, 2) == 0:
+        return "level"
+    return f"{'up' if diff > 0 else 'down'} {abs(diff) * 100:.2f} pts"
+
+
 def _numbers(c: Comparison) -> str:
     return (f"macro-F1 {c.candidate:.4f} vs {c.champion:.4f} ({_pts(c.diff)}, bounds "
             f"{_pts(c.low)} to {_pts(c.high)})")
 
 
-def _basic_checks(inp: GateInputs, cfg: GateConfig) -> list[Check]:
-    checks = [
-        Check(
-            "validation",
-            inp.validation_passed,
-            "data passed validation" if inp.validation_passed else "data failed validation",
-        )
-    ]
-    floor_ok = not _bad(inp.candidate_score) and inp.candidate_score >= cfg.min_score
-    checks.append(Check(
+def _floor_check(inp: GateInputs, cfg: GateConfig) -> Check:
+    ok = not _bad(inp.candidate_score) and inp.candidate_score >= cfg.min_score
+    return Check(
         "min_score",
-        floor_ok,
+        ok,
         f"test macro-F1 {inp.candidate_score:.4f} "
-        f"{'>=' if floor_ok else 'is not >='} the floor {cfg.min_score:.4f}",
-    ))
-    if inp.latency_ms is not None:
-        ok = not _bad(inp.latency_ms) and inp.latency_ms <= cfg.max_latency_ms
-        verdict = "not measured" if _bad(inp.latency_ms) else (
-            f"{inp.latency_ms:.1f} ms, {'within' if ok else 'over'}")
-        checks.append(Check(
-            "latency",
-            ok,
-            f"p95 latency per example at batch 1: {verdict} (budget {cfg.max_latency_ms:.1f} ms)",
-        ))
-    if inp.behaviour is not None:
-        checks += _behaviour_checks(inp.behaviour, cfg)
-    return checks
+        f"{'>=' if ok else 'is not >='} the floor {cfg.min_score:.4f}",
+    )
 
 
-def _behaviour_checks(b: dict[str, float | None], cfg: GateConfig) -> list[Check]:
+LATENCY_TIE = 1.1
+"""Within 10% of the champion's time counts as no slower (two timings of one model differ by a
+few percent even interleaved)."""
+
+
+def _latency_check(lat: Latency, cfg: GateConfig) -> Check:
+    """Ratio to the champion (timed interleaved), and the absolute budget on the fastest round.
+
+    With a champion, being over the budget counts only when the candidate is also the slower
+    of the two (by more than LATENCY_TIE): a machine busy for the whole measurement slows both alike, and the candidate
+    cannot make serving slower than it is.
+    """
+    if _bad(lat.best_ms):
+        return Check("latency", False, "batch-1 latency not measured")
+    over_budget = lat.best_ms > cfg.max_latency_ms
+    spread = "" if _bad(lat.worst_ms) else f" (slowest round {lat.worst_ms:.1f} ms)"
+    budget = (f"p95 {lat.best_ms:.1f} ms in the fastest round{spread}, "
+              f"{'over' if over_budget else 'within'} the budget {cfg.max_latency_ms:.1f} ms")
+    if lat.ratio is None:  # cold start: nothing to compare with
+        return Check("latency", not over_budget, f"batch-1 latency: {budget}")
+    if _bad(lat.ratio):
+        return Check("latency", False, f"batch-1 latency ratio to the champion not measured; "
+                                       f"{budget}")
+    slower = lat.ratio > cfg.max_latency_ratio
+    budget_fails = over_budget and lat.ratio > LATENCY_TIE
+    champ = ("" if _bad(lat.champion_best_ms)
+             else f"; champion p95 {lat.champion_best_ms:.1f} ms in its fastest round")
+    if over_budget and not budget_fails:
+        budget += " (not held against a candidate no slower than the champion)"
+    return Check(
+        "latency",
+        not (slower or budget_fails),
+        f"batch-1 latency: {lat.ratio:.2f}x the champion's, timed interleaved "
+        f"({'over' if slower else 'within'} {cfg.max_latency_ratio:.2f}x){champ}; {budget}",
+    )
+
+
+def _behaviour_checks(b: Behaviour, cfg: GateConfig, has_champion: bool) -> list[Check]:
     checks = []
-    for name, what in (("casing", "changing the casing"), ("typos", "a small typo")):
-        rate = b.get(name)
-        ok = not _bad(rate) and rate >= cfg.min_invariance
+    for name, what, rate, champ in (
+        ("casing", "changing the casing", b.casing, b.champion_casing),
+        ("typos", "a small typo", b.typos, b.champion_typos),
+    ):
+        key = f"invariance_{name}"
+        if _bad(rate):
+            checks.append(Check(key, False, f"invariance to {what} not measured"))
+            continue
+        below_floor = rate < cfg.min_invariance
+        shown = f"{rate:.1%} of predictions survive {what}"
+        floor = f"floor {cfg.min_invariance:.0%}"
+        if not has_champion:
+            checks.append(Check(
+                key, True,
+                f"{shown}; cold start: recorded, not judged"
+                + (f" (WARNING: below the {floor})" if below_floor else f" (>= the {floor})"),
+                warning=below_floor,
+            ))
+            continue
+        if _bad(champ):
+            checks.append(Check(key, False, f"{shown}; the champion's rate on the same rows was "
+                                            "not measured"))
+            continue
+        drop = champ - rate
+        less_robust = drop > cfg.max_invariance_drop + 1e-9  # shares of counts: no float dust
+        floor_fails = below_floor and rate < champ  # the floor is waived at or above the champion
+        verdict = ("less robust than the champion beyond the margin" if less_robust else
+                   f"below the {floor}" if floor_fails else "robust enough")
         checks.append(Check(
-            f"invariance_{name}",
-            ok,
-            f"{_p(rate) if _bad(rate) else f'{rate:.1%}'} of predictions survive {what} "
-            f"(needs >= {cfg.min_invariance:.0%})",
+            key, not (less_robust or floor_fails),
+            f"{shown} vs the champion's {champ:.1%} on the same rows ({_pts(-drop)}; margin "
+            f"{cfg.max_invariance_drop * 100:.2f} pts, {floor}): {verdict}",
         ))
-    probes = b.get("probes")
-    if probes is None:
+    if b.probes is None:
         checks.append(Check("probes", True, "no probes apply (none in the probes file for "
-                                             "the classes the candidate has seen)"))
+                                            "the classes the candidate has seen)"))
     else:
-        ok = not _bad(probes) and probes >= cfg.min_probe_accuracy
+        ok = not _bad(b.probes) and b.probes >= cfg.min_probe_accuracy
         checks.append(Check(
             "probes",
             ok,
-            f"worst class passes {_p(probes) if _bad(probes) else f'{probes:.0%}'} of its "
+            f"worst class passes {_p(b.probes) if _bad(b.probes) else f'{b.probes:.0%}'} of its "
             f"minimum-functionality probes (needs >= {cfg.min_probe_accuracy:.0%})",
         ))
     return checks
 
 
+def _noise_check(noise: dict) -> Check:
+    summary = noise.get("summary") or "no summary"
+    if noise.get("flagged"):
+        return Check("label_noise", False,
+                     f"{summary}; review its suspect rows with `ratchet labels` (accept or drop), "
+                     "then re-run")
+    return Check("label_noise", True, summary)
+
+
 def decide(inp: GateInputs, cfg: GateConfig) -> Decision:
     """Apply the gate rule. Any NaN or missing number fails its check: the rule fails closed."""
-    checks = _basic_checks(inp, cfg)
+    checks = [_floor_check(inp, cfg)]
+    if inp.label_noise is not None:
+        checks.append(_noise_check(inp.label_noise))
+    if inp.latency is not None:
+        checks.append(_latency_check(inp.latency, cfg))
+    if inp.behaviour is not None:
+        checks += _behaviour_checks(inp.behaviour, cfg, inp.has_champion)
     if not inp.has_champion:
         checks.append(Check("cold_start", True, "no champion yet: the absolute checks decide"))
         return Decision(all(c.passed for c in checks), checks)
@@ -192,16 +301,16 @@ def _recent(c: Comparison | None, p_holm: float, cfg: GateConfig) -> Check:
     large = c.diff >= cfg.min_delta
     ok = significant and large
     if ok:
-        verdict = "significantly better"
+        verdict = "gain shown"
     elif not significant:
-        verdict = "not significantly better"
+        verdict = f"gain not shown at alpha {cfg.alpha:g}"
     else:
-        verdict = "significant but the gain is below min_delta"
+        verdict = f"gain shown but below min_delta {_pts(cfg.min_delta)}"
     return Check(
         "recent",
         ok,
-        f"recent (n={c.n}): {verdict}: {_numbers(c)}; p={_p(c.p_value)}, Holm p={_p(p_holm)} "
-        f"(needs < {cfg.alpha}) and gain >= {_pts(cfg.min_delta)}",
+        f"recent (n={c.n}): {_moved(c.diff)}; {verdict}: {_numbers(c)}; p={_p(c.p_value)}, "
+        f"Holm p={_p(p_holm)} (needs < {cfg.alpha}) and gain >= {_pts(cfg.min_delta)}",
     )
 
 
@@ -212,31 +321,36 @@ def _non_inferior(name: str, c: Comparison | None, p_holm: float, cfg: GateConfi
     if any(_bad(x) for x in (c.diff, c.p_value, c.candidate, c.champion)):
         return Check(name, False, f"{name} difference is undefined (NaN)")
     ok = p_holm < cfg.alpha
+    margin = f"{cfg.max_regression * 100:.2f} pts"
     # A failure means non-inferiority was not shown: a real drop, or too little evidence (a
     # small slice, or Holm's stricter level), so the reason says which the numbers suggest.
     if ok:
-        verdict = "non-inferior"
+        verdict = f"no drop beyond {margin} shown (non-inferior)"
     elif c.diff <= -cfg.max_regression:
-        verdict = ("regressed (forgetting)" if name == "reference"
-                   else "dropped on the data as it is now")
+        verdict = ("regressed beyond the margin (forgetting)" if name == "reference"
+                   else "dropped beyond the margin on the data as it is now")
     else:
-        verdict = "non-inferiority not shown (too little evidence at this level)"
+        verdict = (f"non-inferiority within {margin} not shown at alpha {cfg.alpha:g} "
+                   "(too little evidence)")
     return Check(
         name,
         ok,
-        f"{name} (n={c.n}): {verdict}: {_numbers(c)}; p={_p(c.p_value)}, Holm p={_p(p_holm)} "
-        f"for a drop of more than {cfg.max_regression * 100:.2f} pts (needs < {cfg.alpha})",
+        f"{name} (n={c.n}): {_moved(c.diff)}; {verdict}: {_numbers(c)}; p={_p(c.p_value)}, "
+        f"Holm p={_p(p_holm)} for a drop of more than {margin} (needs < {cfg.alpha})",
     )
 
 
 def _domain_checks(domains: dict[str, Comparison], cfg: GateConfig) -> list[Check]:
-    """Harm per domain: fail a domain the candidate is significantly worse on, beyond the margin.
+    """Harm per domain: fail a domain where harm beyond the margin is shown (Holm at alpha over
+    the judged domains). Not being shown harmed is not being shown unharmed: a domain down by
+    more than the margin without enough evidence passes, and its reason says so.
 
     Domains with fewer rows than `min_domain_rows` are reported, not judged.
     """
     judged = {d: c for d, c in domains.items() if c.n >= cfg.min_domain_rows}
     small = sorted(d for d, c in domains.items() if 0 < c.n < cfg.min_domain_rows)
     adjusted = holm({d: c.p_value for d, c in judged.items()})
+    margin = f"{cfg.max_regression * 100:.2f} pts"
     checks = []
     for d in sorted(judged):
         c = judged[d]
@@ -244,12 +358,17 @@ def _domain_checks(domains: dict[str, Comparison], cfg: GateConfig) -> list[Chec
             checks.append(Check(f"domain:{d}", False, f"domain {d}: difference is undefined"))
             continue
         harmed = adjusted[d] < cfg.alpha
+        if harmed:
+            verdict = f"harm beyond {margin} shown at alpha {cfg.alpha:g}"
+        elif c.diff < 0:
+            verdict = f"harm beyond {margin} not shown at alpha {cfg.alpha:g}"
+        else:
+            verdict = "no harm"
         checks.append(Check(
             f"domain:{d}",
             not harmed,
-            f"domain {d} (n={c.n}): {'significantly worse' if harmed else 'not harmed'}: "
-            f"{_numbers(c)}; Holm p={_p(adjusted[d])} for a drop of less than "
-            f"{cfg.max_regression * 100:.2f} pts",
+            f"domain {d} (n={c.n}): {_moved(c.diff)}; {verdict}: {_numbers(c)}; "
+            f"p={_p(c.p_value)}, Holm p={_p(adjusted[d])} over {len(judged)} judged domain(s)",
         ))
     if small:
         checks.append(Check("domains_small", True, f"{len(small)} domain(s) with fewer than "

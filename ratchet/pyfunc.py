@@ -107,3 +107,8 @@ class TextClassifier(mlflow.pyfunc.PythonModel):
     @property
     def labels(self) -> list[str]:
         return self._clf.labels
+
+    @property
+    def classifier(self):
+        """The ratchet.models.Classifier behind this model (what evaluate times and perturbs)."""
+        return self._clf

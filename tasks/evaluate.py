@@ -178,9 +178,68 @@ def predict_frame(params: Params, candidate: Path, test: Path, champion: dict,
     return df, clf, champ
 
 
+class _PyfuncPredictor:
+    """A pyfunc that is not ratchet's, as `latency.compare` and `behaviour` need it."""
+
+    def __init__(self, model) -> None:
+        self.model, self.batch_size = model, 64
+
+    def predict_proba(self, texts: list[str]):
+        out = self.model.predict(pd.DataFrame({"text": texts}))
+        return np.asarray(out["probabilities"].tolist(), dtype=float)
+
+    def predict(self, texts: list[str]) -> tuple[list[str], Any]:
+        out = self.model.predict(pd.DataFrame({"text": texts}))
+        return out["label"].astype(str).tolist(), None
+
+
+def champion_predictor(champ):
+    """The champion's classifier (ratchet's pyfunc: its Classifier; otherwise the pyfunc)."""
+    if champ is None:
+        return None
+    try:
+        return champ.unwrap_python_model().classifier
+    except Exception:  # noqa: BLE001 - a pyfunc from elsewhere
+        return _PyfuncPredictor(champ)
+
+
+def serving(df: pd.DataFrame, params: Params, clf, champ) -> tuple[dict[str, float], dict]:
+    """Latency and invariance of the candidate and the champion, measured side by side.
+
+    Both models are timed interleaved in this process (`ratchet.latency.compare`) and perturbed
+    on the same rows with the same typos, so the gate can judge the candidate against the
+    champion rather than against absolute figures that follow the machine and the data.
+    Returns (flat metrics, the invariance details of both models).
+    """
+    from ratchet import behaviour
+    from ratchet.latency import compare
+
+    cfg = params.evaluate
+    texts = df[TEXT].astype(str).tolist()
+    rng = np.random.default_rng(cfg.seed)
+    sample = [texts[i] for i in sorted(rng.permutation(len(texts))[: cfg.latency_examples])]
+    rows = [texts[i] for i in sorted(rng.permutation(len(texts))[: cfg.behaviour_rows])]
+    champion = champion_predictor(champ)
+    flat = compare(clf, champion, sample) if cfg.latency_examples else {}
+    found: dict[str, Any] = {}
+    for name, model in (("candidate", clf), ("champion", champion)):
+        if model is None:
+            continue
+
+        def predict(batch: list[str], model=model) -> list[str]:
+            return model.predict(batch)[0] if batch else []
+
+        inv = behaviour.invariance(predict, rows, seed=cfg.seed)
+        flat[f"behaviour/{name}/casing"] = float(inv["casing"])
+        flat[f"behaviour/{name}/typos"] = float(inv["typos"])
+        found[name] = inv
+    return flat, found
+
+
 def details(df: pd.DataFrame, params: Params, clf, champ, candidate: Path,
             plots: Path) -> tuple[dict[str, float], dict[str, Any]]:
-    """What is measured on the candidate beyond the slices: latency, size, behaviour, per class.
+    """What is measured on the candidate beyond the slices: latency and behaviour (beside the
+    champion's), size, probes, per class.
 
     Returns (flat metrics, the report's extra sections).
     """
@@ -193,29 +252,29 @@ def details(df: pd.DataFrame, params: Params, clf, champ, candidate: Path,
     flat: dict[str, float] = {}
     rng = np.random.default_rng(cfg.seed)
     sample = [texts[i] for i in sorted(rng.permutation(len(texts))[: cfg.latency_examples])]
-    if cfg.latency_examples:
-        flat.update({f"candidate/{k}": v for k, v in measure(clf, sample).items()})
+    if cfg.latency_examples:  # batch 1 is timed beside the champion in `serving`
+        flat.update({f"candidate/{k}": v
+                     for k, v in measure(clf, sample, batch_sizes=(32,)).items()})
     flat.update({f"candidate/{k}": v for k, v in model_size(candidate).items()})
+    side_by_side, inv = serving(df, params, clf, champ)
+    flat.update(side_by_side)
 
     def predict(batch: list[str]) -> list[str]:
         return clf.predict(batch)[0] if batch else []
 
-    rows = [texts[i] for i in sorted(rng.permutation(len(texts))[: cfg.behaviour_rows])]
-    inv = behaviour.invariance(predict, rows, seed=cfg.seed)
     # Probes apply to the classes the candidate has seen data for: its head may also hold
     # declared labels (`data.labels`) that no batch has brought yet.
     seen = sorted(set(clf.labels) & set(df[LABEL].astype(str)))
     probe_file = behaviour.load_probes(Path(cfg.probes), required=True)
     probes = behaviour.probe_results(predict, probe_file, seen)
-    flat["behaviour/candidate/casing"] = float(inv["casing"])
-    flat["behaviour/candidate/typos"] = float(inv["typos"])
     if probes["worst"] is not None:
         flat["behaviour/candidate/probes"] = float(probes["worst"])
 
     refs = df[LABEL].astype(str).tolist()
     plots.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {
-        "behaviour": {"invariance": inv, "probes": probes},
+        "behaviour": {"invariance": inv.get("candidate"), "probes": probes,
+                      "champion_invariance": inv.get("champion")},
         "per_class": {"candidate": project_metrics.per_class(df["candidate"].astype(str).tolist(),
                                                               refs)},
         "candidate_labels": list(clf.labels),

@@ -14,7 +14,7 @@ import yaml
 
 from ratchet.config import Params
 from ratchet.data import RECENT, REFERENCE
-from ratchet.gate import Check, Decision, GateInputs, decide
+from ratchet.gate import Behaviour, Check, Decision, GateInputs, Latency, decide
 from ratchet.runtime import read_json, write_json, write_text_atomic
 from ratchet.stage import stage_main
 from ratchet.stats import Comparison
@@ -37,20 +37,21 @@ def comparison(m: dict[str, float], name: str) -> Comparison | None:
 
 
 def _measured(m: dict[str, float], key: str, required: bool) -> float | None:
-    """A candidate-only measurement: NaN (fails) when required and absent, else None (skipped)."""
+    """A measurement: NaN (fails) when required and absent, else None (skipped)."""
     if key in m:
         return m[key]
     return math.nan if required else None
 
 
-def gate_inputs(m: dict[str, float], champion: dict, validation: dict, *,
+def gate_inputs(m: dict[str, float], champion: dict, *, noise: dict | None = None,
                 new_classes: list[str] | tuple[str, ...] = (),
                 require_measured: bool = True) -> GateInputs:
-    """The rule's inputs from the evaluation metrics.
+    """The rule's inputs from the evaluation metrics (and the noise stage's report).
 
     `require_measured`: latency and behaviour must be in `m` (the pipeline always measures
     them); False lets a caller that cannot measure them (the gate benchmark) skip those checks.
     """
+    has_champion = bool(champion.get("version"))
     domains = {}
     for key in m:
         if key.startswith("n/domain:"):
@@ -61,28 +62,44 @@ def gate_inputs(m: dict[str, float], champion: dict, validation: dict, *,
     behaviour = None
     casing = _measured(m, "behaviour/candidate/casing", require_measured)
     if casing is not None:
-        behaviour = {"casing": casing,
-                     "typos": _measured(m, "behaviour/candidate/typos", True),
-                     "probes": m.get("behaviour/candidate/probes")}
+        behaviour = Behaviour(
+            casing=casing, typos=_measured(m, "behaviour/candidate/typos", True),
+            probes=m.get("behaviour/candidate/probes"),
+            champion_casing=_measured(m, "behaviour/champion/casing", True)
+            if has_champion else None,
+            champion_typos=_measured(m, "behaviour/champion/typos", True)
+            if has_champion else None,
+        )
+    latency = None
+    best = _measured(m, "candidate/latency/best_p95_ms_bs1", require_measured)
+    if best is not None:
+        latency = Latency(
+            best_ms=best, worst_ms=m.get("candidate/latency/worst_p95_ms_bs1", math.nan),
+            ratio=_measured(m, "latency/ratio_bs1", True) if has_champion else None,
+            champion_best_ms=m.get("champion/latency/best_p95_ms_bs1"),
+        )
+    label_noise = None
+    if noise:
+        label_noise = {"flagged": bool(noise.get("flagged")), "summary": noise.get("summary")}
     return GateInputs(
-        has_champion=bool(champion.get("version")),
-        validation_passed=bool(validation.get("passed")),
+        has_champion=has_champion,
         candidate_score=m.get("candidate/all/macro_f1", math.nan),
         recent=comparison(m, RECENT),
         reference=comparison(m, REFERENCE),
         weighted=comparison(m, "weighted"),
         domains=domains,
-        latency_ms=_measured(m, "candidate/latency/p95_ms_bs1", require_measured),
+        latency=latency,
         behaviour=behaviour,
+        label_noise=label_noise,
         new_classes=tuple(new_classes),
     )
 
 
-def rule_decision(metrics: dict[str, float], params: Params, *, has_champion: bool = True,
-                  validation_passed: bool = True) -> Decision:
+def rule_decision(metrics: dict[str, float], params: Params, *,
+                  has_champion: bool = True) -> Decision:
     """The rule on a metrics dict from `tasks.evaluate.score` (latency/behaviour optional)."""
     inputs = gate_inputs(metrics, {"version": "champion" if has_champion else None},
-                         {"passed": validation_passed}, require_measured=False)
+                         require_measured=False)
     return decide(inputs, params.gate)
 
 
@@ -115,6 +132,7 @@ def version_tags(decision: Decision, label: str, *, fingerprint: str, compared_w
         "decision": label,
         "reasons": " | ".join(decision.reasons)[:4900],
         "failed": " | ".join(c.reason for c in decision.failed)[:4900],
+        "warnings": " | ".join(c.reason for c in decision.warnings)[:4900],
         "fingerprint": fingerprint,
         "compared_with": str(compared_with),
         "git_commit": git_commit(),
@@ -130,15 +148,27 @@ def version_tags(decision: Decision, label: str, *, fingerprint: str, compared_w
     return tags
 
 
+def newest_noise(report: dict | None) -> dict | None:
+    """The noise stage's verdict on the newest batch (its entry, `flagged`, `summary`)."""
+    if not report:
+        return None
+    entry = (report.get("batches") or {}).get(report.get("newest"), {})
+    return {**entry, "batch": report.get("newest"), "flagged": bool(report.get("flagged")),
+            "summary": report.get("summary")}
+
+
 def reevaluate(params: Params, m: dict[str, float], champion: dict, *, candidate: Path,
                test: Path, weights: Path | None) -> tuple[dict[str, float], list[str]]:
-    """Metrics against another champion: the comparisons anew, the candidate-only ones kept."""
-    from tasks.evaluate import champion_labels, predict_frame, score
+    """Metrics against another champion: the comparisons, latency ratio and behaviour beside it
+    anew; the candidate-only measurements (size, batch-32 latency, probes) kept."""
+    from tasks.evaluate import champion_labels, predict_frame, score, serving
 
-    df, _, champ = predict_frame(params, candidate, test, champion, weights)
+    df, clf, champ = predict_frame(params, candidate, test, champion, weights)
     fresh = score(df, params)
+    fresh.update(serving(df, params, clf, champ)[0])
     kept = {k: v for k, v in m.items()
-            if k.startswith(("candidate/latency", "candidate/size", "behaviour/"))}
+            if k.startswith(("candidate/latency/p", "candidate/size",
+                             "behaviour/candidate/probes"))}
     labels = champion_labels(champ) if champ is not None else None
     new = sorted(set(df["label"].astype(str)) - set(labels)) if labels is not None else []
     return {**fresh, **kept}, new
@@ -147,8 +177,8 @@ def reevaluate(params: Params, m: dict[str, float], champion: dict, *, candidate
 def run(params: Params, *, eval_metrics: Path, eval_report: Path, validation: Path, drift: Path,
         candidate: Path, champion: Path, test: Path, weights: Path, lock: Path,
         report: Path, curve: Path | None = None, pretrain_curve: Path | None = None,
-        finetune_metrics: Path | None = None, pretrain_metrics: Path | None = None
-        ) -> dict[str, Any]:
+        finetune_metrics: Path | None = None, pretrain_metrics: Path | None = None,
+        noise: Path | None = None) -> dict[str, Any]:
     from ratchet.registry import (
         CHALLENGER,
         CHAMPION,
@@ -166,6 +196,8 @@ def run(params: Params, *, eval_metrics: Path, eval_report: Path, validation: Pa
     new_classes = details.get("new_classes", [])
     evaluated = read_json(champion)
     val, drift_report = read_json(validation), read_json(drift)
+    noise_report = read_json(noise) if noise is not None and noise.is_file() else None
+    noise = newest_noise(noise_report)
     paths = (validation, eval_metrics, eval_report, candidate, curve, pretrain_curve,
              finetune_metrics, pretrain_metrics)  # what the candidate's run logs
     ws = Path.cwd()
@@ -180,6 +212,7 @@ def run(params: Params, *, eval_metrics: Path, eval_report: Path, validation: Pa
         "evaluated_against": evaluated.get("version"),
         "drift_summary": drift_report.get("summary"),
         "validation_warnings": val.get("warnings", []),
+        "label_noise": noise,
         "data_docs": val.get("data_docs"),
         "behaviour": details.get("behaviour"),
         "new_classes": new_classes,
@@ -188,7 +221,8 @@ def run(params: Params, *, eval_metrics: Path, eval_report: Path, validation: Pa
     }
     card = eval_report.parent / "model_card.md"
     if before and before.fingerprint == fp:
-        decision = decide(gate_inputs(m, evaluated, val, new_classes=new_classes), params.gate)
+        decision = decide(gate_inputs(m, evaluated, noise=noise, new_classes=new_classes),
+                          params.gate)
         record.update(decision="unchanged", promote=False, version=before.version,
                       champion_after=before.version, metrics=m,
                       checks=decision.to_dict()["checks"])
@@ -211,7 +245,7 @@ def run(params: Params, *, eval_metrics: Path, eval_report: Path, validation: Pa
             if current is None or current.fingerprint == fp:
                 # Removed (someone stopped serving on purpose) or moved to this very model:
                 # neither is the gate's to undo or judge. Register, decide nothing.
-                decision = decide(gate_inputs(m, evaluated, val, new_classes=new_classes),
+                decision = decide(gate_inputs(m, evaluated, noise=noise, new_classes=new_classes),
                                   params.gate)
                 label = "deferred"
                 extra = [Check("compare_and_set", False,
@@ -224,7 +258,8 @@ def run(params: Params, *, eval_metrics: Path, eval_report: Path, validation: Pa
             m, new_classes = reevaluate(params, m, evaluated, candidate=candidate, test=test,
                                         weights=weights_path)
             record["reevaluations"].append({"from": moved_from, "to": evaluated.get("version")})
-        decision = decide(gate_inputs(m, evaluated, val, new_classes=new_classes), params.gate)
+        decision = decide(gate_inputs(m, evaluated, noise=noise, new_classes=new_classes),
+                          params.gate)
         label = "promoted" if decision.promote else "rejected"
         version, run_id = _register_or_tag(
             client, params, name, fp, label, decision, m, version=version, run_id=run_id,
@@ -411,6 +446,10 @@ def metric_table(m: dict[str, float], *, domains: bool = True) -> str:
     return "\n".join(lines)
 
 
+def _verdict(c: Check) -> str:
+    return "warn" if c.passed and c.warning else "pass" if c.passed else "fail"
+
+
 DESCRIPTION_LIMIT = 4900
 """MLflow stores a version description in a 5000-character column (Postgres/MySQL enforce it)."""
 
@@ -430,7 +469,7 @@ def description(label: str, decision: Decision, m: dict[str, float]) -> str:
     for reason_len, domains, show_extra in ((None, True, True), (None, True, False),
                                             (None, False, False), (120, False, False),
                                             (60, False, False)):
-        rows = [f"| {c.name} | {'yes' if c.passed else 'no'} | "
+        rows = [f"| {c.name} | {_verdict(c)} | "
                 f"{c.reason if reason_len is None else c.reason[:reason_len]} |"
                 for c in decision.checks
                 if domains or not c.name.startswith("domain:") or not c.passed]
@@ -473,7 +512,7 @@ def model_card(params: Params, name: str, label: str, decision: Decision, m: dic
         metric_table(m),
         "",
         "## Gate decision: " + label,
-        *[f"- {'PASS' if c.passed else 'FAIL'} `{c.name}`: {c.reason}" for c in decision.checks],
+        *[f"- {_verdict(c).upper()} `{c.name}`: {c.reason}" for c in decision.checks],
         "",
         "## Limitations",
         "- Judged on the project's own test split; the drift-weighted slice estimates the current "
@@ -499,8 +538,10 @@ def main() -> None:
         "pretrain_curve": "pretrain's training curve CSV (idem)",
         "finetune_metrics": "finetune's measurements JSON (logged as finetune/* metrics)",
         "pretrain_metrics": "pretrain's measurements JSON (logged as pretrain/* metrics)",
+        "noise": "the noise stage's label-noise report JSON (a flagged newest batch blocks)",
         "report": "gate decision JSON to write",
-    }, run, optional=("curve", "pretrain_curve", "finetune_metrics", "pretrain_metrics"))
+    }, run, optional=("curve", "pretrain_curve", "finetune_metrics", "pretrain_metrics",
+                      "noise"))
 
 
 if __name__ == "__main__":

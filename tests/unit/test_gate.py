@@ -1,5 +1,6 @@
 """The gate rule as a table of cases: cold start, ties, NaN, empty slices, forgetting, Holm,
-drift-weighted drops, per-domain harm, latency, behaviour and a class the champion never saw."""
+drift-weighted drops, per-domain harm, latency and behaviour beside the champion's, label
+noise, and a class the champion never saw."""
 
 import math
 from dataclasses import replace
@@ -7,15 +8,26 @@ from dataclasses import replace
 import pytest
 
 from ratchet.config import GateConfig
-from ratchet.gate import GateInputs, decide
+from ratchet.gate import Behaviour, GateInputs, Latency, decide
 from ratchet.stats import Comparison
 
 CFG = GateConfig(min_delta=0.01, max_regression=0.02, min_score=0.5, alpha=0.05,
-                 max_latency_ms=100.0, min_invariance=0.9, min_probe_accuracy=0.8,
-                 min_domain_rows=30)
+                 max_latency_ms=100.0, max_latency_ratio=1.5, min_invariance=0.6,
+                 max_invariance_drop=0.05, min_probe_accuracy=0.8, min_domain_rows=30)
 NAN = math.nan
 EMPTY = Comparison(0, NAN, NAN, NAN, NAN, NAN, NAN)
-GOOD_BEHAVIOUR = {"casing": 1.0, "typos": 0.95, "probes": 1.0}
+GOOD_BEHAVIOUR = Behaviour(casing=1.0, typos=0.8, probes=1.0, champion_casing=1.0,
+                           champion_typos=0.8)
+COLD_BEHAVIOUR = Behaviour(casing=1.0, typos=0.8, probes=1.0)
+FAST = Latency(best_ms=10.0, worst_ms=30.0, ratio=1.0, champion_best_ms=10.0)
+
+
+def beh(**kw):
+    return replace(GOOD_BEHAVIOUR, **kw)
+
+
+def lat(**kw):
+    return replace(FAST, **kw)
 
 
 def cmp(diff, p, n=500, cand=0.9):
@@ -24,12 +36,14 @@ def cmp(diff, p, n=500, cand=0.9):
 
 
 WIN, SAME, LOSS = cmp(0.05, 0.001), cmp(0.0, 0.001), cmp(-0.05, 0.9)
-BASE = GateInputs(True, True, 0.9, recent=WIN, reference=SAME, weighted=SAME,
-                  latency_ms=10.0, behaviour=GOOD_BEHAVIOUR)
+BASE = GateInputs(has_champion=True, candidate_score=0.9, recent=WIN, reference=SAME,
+                  weighted=SAME, latency=FAST, behaviour=GOOD_BEHAVIOUR,
+                  label_noise={"flagged": False, "summary": "est. 3% label issues: not flagged"})
 
 
 def cold(**kw):
-    return replace(GateInputs(False, True, 0.8, latency_ms=10.0, behaviour=GOOD_BEHAVIOUR), **kw)
+    return replace(GateInputs(has_champion=False, candidate_score=0.8,
+                              latency=Latency(10.0, 30.0), behaviour=COLD_BEHAVIOUR), **kw)
 
 
 def case(**kw):
@@ -42,10 +56,15 @@ CASES = [
     ("cold start below floor", cold(candidate_score=0.4), False, ["min_score"]),
     ("cold start exactly at floor", cold(candidate_score=0.5), True, []),
     ("cold start NaN score", cold(candidate_score=NAN), False, ["min_score"]),
-    ("cold start bad data", cold(validation_passed=False), False, ["validation"]),
-    ("cold start too slow", cold(latency_ms=250.0), False, ["latency"]),
-    ("cold start fails probes", cold(behaviour={**GOOD_BEHAVIOUR, "probes": 0.5}), False,
+    ("cold start: robustness below the floor is only warned about",
+     cold(behaviour=Behaviour(casing=0.5, typos=0.3, probes=1.0)), True, []),
+    ("cold start too slow even in the fastest round", cold(latency=Latency(250.0, 400.0)), False,
+     ["latency"]),
+    ("cold start: a slow round does not decide", cold(latency=Latency(40.0, 900.0)), True, []),
+    ("cold start fails probes", cold(behaviour=replace(COLD_BEHAVIOUR, probes=0.5)), False,
      ["probes"]),
+    ("cold start noisy batch", cold(label_noise={"flagged": True, "summary": "noisy"}), False,
+     ["label_noise"]),
     # the comparisons
     ("clear win, no forgetting", BASE, True, []),
     ("gain significant but below min_delta", case(recent=cmp(0.005, 0.001)), False, ["recent"]),
@@ -69,17 +88,35 @@ CASES = [
     ("missing comparisons fail closed", case(recent=None, reference=None, weighted=None), False,
      ["recent"]),
     ("better but below floor", case(candidate_score=0.3), False, ["min_score"]),
-    ("better but bad data", case(validation_passed=False), False, ["validation"]),
-    ("better but over the latency budget", case(latency_ms=100.5), False, ["latency"]),
-    ("latency exactly at budget", case(latency_ms=100.0), True, []),
-    ("latency not measured fails closed", case(latency_ms=NAN), False, ["latency"]),
-    ("latency not part of the inputs is skipped", case(latency_ms=None), True, []),
-    ("casing breaks predictions", case(behaviour={**GOOD_BEHAVIOUR, "casing": 0.5}), False,
+    ("better but the newest batch is flagged noisy",
+     case(label_noise={"flagged": True, "summary": "noisy"}), False, ["label_noise"]),
+    ("no noise report: nothing to check", case(label_noise=None), True, []),
+    ("better but much slower than the champion", case(latency=lat(ratio=1.6)), False,
+     ["latency"]),
+    ("latency ratio exactly at the limit", case(latency=lat(ratio=1.5)), True, []),
+    ("slower and over the budget", case(latency=lat(best_ms=100.5, ratio=1.2)), False,
+     ["latency"]),
+    ("over the budget but no slower than the champion (a busy machine)",
+     case(latency=lat(best_ms=130.0, ratio=0.98, champion_best_ms=133.0)), True, []),
+    ("latency exactly at budget", case(latency=lat(best_ms=100.0, ratio=1.2)), True, []),
+    ("latency not measured fails closed", case(latency=lat(best_ms=NAN)), False, ["latency"]),
+    ("latency ratio not measured fails closed", case(latency=lat(ratio=NAN)), False,
+     ["latency"]),
+    ("latency not part of the inputs is skipped", case(latency=None), True, []),
+    ("casing breaks predictions", case(behaviour=beh(casing=0.5)), False,
      ["invariance_casing"]),
-    ("typos break predictions", case(behaviour={**GOOD_BEHAVIOUR, "typos": 0.89}), False,
-     ["invariance_typos"]),
-    ("no probes apply", case(behaviour={**GOOD_BEHAVIOUR, "probes": None}), True, []),
-    ("behaviour NaN fails closed", case(behaviour={**GOOD_BEHAVIOUR, "typos": NAN}), False,
+    ("less typo-robust than the champion beyond the margin",
+     case(behaviour=beh(typos=0.74, champion_typos=0.8)), False, ["invariance_typos"]),
+    ("slightly less typo-robust: within the margin",
+     case(behaviour=beh(typos=0.76, champion_typos=0.8)), True, []),
+    ("below the floor and below the champion",
+     case(behaviour=beh(typos=0.55, champion_typos=0.58)), False, ["invariance_typos"]),
+    ("below the floor but no less robust than the champion",
+     case(behaviour=beh(typos=0.55, champion_typos=0.52)), True, []),
+    ("champion behaviour not measured fails closed",
+     case(behaviour=beh(champion_typos=NAN)), False, ["invariance_typos"]),
+    ("no probes apply", case(behaviour=beh(probes=None)), True, []),
+    ("behaviour NaN fails closed", case(behaviour=beh(typos=NAN)), False,
      ["invariance_typos"]),
     # Holm over recent/reference/weighted: p=0.03 passes alone, not as the largest of three
     # where the others are also near the edge (0.02 * 3 = 0.06 > alpha stops the step-down).
@@ -103,10 +140,10 @@ CASES = [
     ("new class, candidate better", case(new_classes=("file_claim",)), True, []),
     ("new class does not rescue a loss", case(new_classes=("file_claim",), recent=LOSS), False,
      ["recent"]),
-    ("everything wrong", case(validation_passed=False, candidate_score=0.3, recent=LOSS,
-                              reference=cmp(-0.1, 0.99), weighted=cmp(-0.1, 0.99),
-                              latency_ms=500.0),
-     False, ["validation", "min_score", "latency", "recent", "reference", "weighted"]),
+    ("everything wrong", case(label_noise={"flagged": True, "summary": "noisy"},
+                              candidate_score=0.3, recent=LOSS, reference=cmp(-0.1, 0.99),
+                              weighted=cmp(-0.1, 0.99), latency=lat(best_ms=500.0, ratio=3.0)),
+     False, ["min_score", "label_noise", "latency", "recent", "reference", "weighted"]),
 ]
 
 
@@ -136,8 +173,12 @@ def test_thresholds_come_from_config():
     inputs = case(recent=cmp(0.005, 0.001))
     assert not decide(inputs, CFG).promote
     assert decide(inputs, CFG.model_copy(update={"min_delta": 0.0})).promote
-    slow = case(latency_ms=150.0)
+    slow = case(latency=lat(best_ms=150.0, ratio=1.2))
+    assert not decide(slow, CFG).promote
     assert decide(slow, CFG.model_copy(update={"max_latency_ms": 200.0})).promote
+    less_robust = case(behaviour=beh(typos=0.7))
+    assert not decide(less_robust, CFG).promote
+    assert decide(less_robust, CFG.model_copy(update={"max_invariance_drop": 0.1})).promote
     assert not decide(case(recent=cmp(0.05, 0.03)),
                       CFG.model_copy(update={"alpha": 0.01})).promote
 
@@ -145,7 +186,7 @@ def test_thresholds_come_from_config():
 def test_reference_reason_tells_a_drop_from_too_little_evidence():
     drop = decide(case(reference=cmp(-0.04, 0.6)), CFG)
     unsure = decide(case(reference=cmp(-0.005, 0.2)), CFG)
-    assert "regressed (forgetting)" in drop.failed[0].reason
+    assert "(forgetting)" in drop.failed[0].reason and "down 4.00 pts" in drop.failed[0].reason
     assert "not shown" in unsure.failed[0].reason and "forgetting" not in unsure.failed[0].reason
 
 
@@ -154,7 +195,7 @@ def test_description_fits_the_registry_column():
     from tasks.gate import DESCRIPTION_LIMIT, description
 
     m = {"n/all": 900.0, "candidate/all/macro_f1": 0.9, "champion/all/macro_f1": 0.8,
-         "diff/all/macro_f1": 0.1, "candidate/latency/p95_ms_bs1": 9.0}
+         "diff/all/macro_f1": 0.1, "candidate/latency/best_p95_ms_bs1": 9.0}
     checks = [Check("recent", True, "recent is better " * 5)]
     small = description("promoted", Decision(True, checks), m)
     assert "| all | 900 |" in small and "latency" in small and "shortened" not in small

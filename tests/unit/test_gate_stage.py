@@ -85,8 +85,11 @@ def test_gate_reevaluates_when_champion_moves_during_the_run(ws):
     # Both models on every slice, the candidate's measurements, the report and the plot.
     for key in ("n/recent", "n/reference", "n/domain:travel", "champion/recent/macro_f1",
                 "diff/recent/macro_f1_low", "test/reference/p_value", "mcnemar/all/p_value",
-                "candidate/all/ece", "candidate/latency/p95_ms_bs1", "candidate/size/parameters",
-                "behaviour/candidate/casing", "behaviour/candidate/probes"):
+                "candidate/all/ece", "candidate/latency/best_p95_ms_bs1",
+                "candidate/latency/p95_ms_bs32", "candidate/size/parameters",
+                "champion/latency/best_p95_ms_bs1", "latency/ratio_bs1",
+                "behaviour/candidate/casing", "behaviour/champion/typos",
+                "behaviour/candidate/probes"):
         assert key in m, key
     report = json.loads((ws / "eval" / "report.json").read_text())
     assert report["behaviour"]["probes"]["not_applicable"] == ["unknown_label"]
@@ -133,6 +136,8 @@ def test_gate_reevaluates_when_champion_moves_during_the_run(ws):
     assert record["reevaluations"] == [{"from": v1, "to": v2}]
     assert record["evaluated_against"] == v2
     assert record["decision"] == "rejected" and record["metrics"]["diff/all/macro_f1"] == 0.0
+    # Latency and behaviour were measured anew beside v2 (not kept from beside v1).
+    assert {"latency/ratio_bs1", "behaviour/champion/typos"} <= set(record["metrics"])
     assert current_champion(client, name).version == v2
     mv = client.get_model_version(name, record["version"])
     assert mv.tags["compared_with"] == v2 and mv.tags["decision"] == "rejected"

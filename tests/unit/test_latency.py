@@ -124,3 +124,53 @@ def test_model_size_adds_up_shards_and_ignores_sub_folders(tmp_path):
 
 def test_model_size_without_weights_is_nan(tmp_path):
     assert all(math.isnan(v) for v in latency.model_size(tmp_path).values())
+
+
+class Named(FakeClassifier):
+    """A FakeClassifier that also logs its name into a shared call log."""
+
+    def __init__(self, clock: FakeClock, name: str, log: list, per_call: float) -> None:
+        super().__init__(clock)
+        self.name, self.log, self.per_call = name, log, per_call
+
+    def predict_proba(self, texts: list[str]) -> np.ndarray:
+        self.log.append(self.name)
+        self.clock.now += self.per_call / 1000
+        return np.zeros((len(texts), 2))
+
+
+def test_compare_times_both_models_back_to_back_and_judges_the_ratio(fake):
+    log: list[str] = []
+    cand = Named(fake.clock, "candidate", log, per_call=20.0)
+    champ = Named(fake.clock, "champion", log, per_call=10.0)
+    out = latency.compare(cand, champ, TEXTS, rounds=2, warmup=1)
+    timed = log[2:]  # one warm-up call each first
+    assert len(timed) == 2 * 2 * len(TEXTS)
+    # Each text goes to both models in a row, and which goes first alternates.
+    pairs = [tuple(timed[i : i + 2]) for i in range(0, len(timed), 2)]
+    assert all(set(p) == {"candidate", "champion"} for p in pairs)
+    assert pairs[0] != pairs[1]
+    assert out["latency/ratio_bs1"] == pytest.approx(2.0)
+    assert out["candidate/latency/best_p95_ms_bs1"] == pytest.approx(20.0)
+    assert out["champion/latency/best_p95_ms_bs1"] == pytest.approx(10.0)
+
+
+def test_compare_reports_the_fastest_and_the_slowest_round(fake):
+    calls = {"n": 0}
+
+    class Bursty(FakeClassifier):
+        def predict_proba(self, texts):  # the first round (after 2 warm-ups) is under load
+            calls["n"] += 1
+            self.clock.now += (300 if calls["n"] <= 2 + len(TEXTS) else 5) / 1000
+            return np.zeros((len(texts), 2))
+
+    out = latency.compare(Bursty(fake.clock), None, TEXTS, rounds=3)
+    assert out["candidate/latency/best_p95_ms_bs1"] == pytest.approx(5.0)
+    assert out["candidate/latency/worst_p95_ms_bs1"] == pytest.approx(300.0)
+    assert "latency/ratio_bs1" not in out
+
+
+def test_compare_without_texts_is_nan(fake):
+    out = latency.compare(fake, fake, [])
+    assert math.isnan(out["latency/ratio_bs1"]) and math.isnan(
+        out["candidate/latency/best_p95_ms_bs1"])
