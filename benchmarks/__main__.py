@@ -16,6 +16,7 @@ RESULTS = Path(__file__).parent / "results"
 BENCHMARKS: dict[str, str] = {  # name -> module
     "drift": "benchmarks.drift",
     "gate": "benchmarks.gate",
+    "noise": "benchmarks.noise",
     "orchestration": "benchmarks.orchestration",
     "training": "benchmarks.training",
 }

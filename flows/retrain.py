@@ -46,13 +46,23 @@ def record_skip(ws: Path, record: dict) -> None:
     workspace.record_skip(ws, record)
 
 
-def skipped_markdown(record: dict, timings: dict[str, float]) -> str:
+def noise_line(noise: dict | None) -> str:
+    """The label-noise line of the artifact: the newest batch's verdict, marked when flagged."""
+    if not noise or not noise.get("summary"):
+        return "Label noise: n/a"
+    if noise.get("flagged"):
+        return f"Label noise: **flagged**: {noise['summary']} (review: `ratchet labels`)"
+    return f"Label noise: {noise['summary']}"
+
+
+def skipped_markdown(record: dict, timings: dict[str, float], noise: dict | None = None) -> str:
     lines = [
         "# Gate decision: **skipped**",
         "",
         f"Not retrained: {record['checks'][0]['reason']}.",
         f"Champion stays: {record.get('champion_before')} (no model version was registered).",
         f"Drift: {record.get('drift_summary')}",
+        noise_line(noise),
         f"Skipped stages: {', '.join(record['skipped_stages'])}",
     ]
     return "\n".join(lines + timings_table(timings))
@@ -63,7 +73,9 @@ def timings_table(timings: dict[str, float]) -> list[str]:
                                                       for s, t in timings.items())]
 
 
-def decision_markdown(gate: dict, timings: dict[str, float]) -> str:
+def decision_markdown(gate: dict, timings: dict[str, float], noise: dict | None = None) -> str:
+    """The artifact's markdown. `noise`: the noise stage's report, read when the gate record
+    has no `label_noise` entry (a gate from before that check)."""
     uri = gate.get("tracking_uri", "")
     name, version = gate.get("model_name"), gate.get("version")
     if uri.startswith("http"):
@@ -76,6 +88,7 @@ def decision_markdown(gate: dict, timings: dict[str, float]) -> str:
         f"Model version: {link}",
         f"Champion before: {gate.get('champion_before')}; after: {gate.get('champion_after')}",
         f"Drift: {gate.get('drift_summary')}",
+        noise_line(gate.get("label_noise") or noise),
         f"Data Docs: {docs_link(gate)}",
         "",
         "| check | passed | reason |",
@@ -189,7 +202,9 @@ def _retrain(ws: Path, logger) -> dict:
             skip["timings"] = timings
             logger.info("not retraining: %s", drift.get("retrain_reason"))
             record_skip(ws, skip)
-            create_markdown_artifact(key="gate-decision", markdown=skipped_markdown(skip, timings),
+            create_markdown_artifact(key="gate-decision",
+                                     markdown=skipped_markdown(skip, timings,
+                                                               workspace.read_noise(ws)),
                                      description="gate decision: skipped")
             return skip
     gate = workspace.read_gate(ws)
@@ -198,7 +213,8 @@ def _retrain(ws: Path, logger) -> dict:
         gate["sweep"] = {k: sweep[k] for k in ("best", "best_overrides", "metric", "trials",
                                                "mlflow_parent_run")}
     record(ws)
-    create_markdown_artifact(key="gate-decision", markdown=decision_markdown(gate, timings),
+    create_markdown_artifact(key="gate-decision",
+                             markdown=decision_markdown(gate, timings, workspace.read_noise(ws)),
                              description=f"gate decision: {gate.get('decision')}")
     return gate
 

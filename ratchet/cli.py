@@ -1,4 +1,5 @@
-"""The `ratchet` command line: init, ingest, run, status, promote, rollback, history, demo."""
+"""The `ratchet` command line: init, ingest, run, status, labels, promote, rollback, history,
+demo."""
 
 from __future__ import annotations
 
@@ -233,6 +234,14 @@ def status(workspace_dir: WorkspaceOpt = Path(".")) -> None:
         if champion is not None:
             console.print(_champion_line(alias_history(client, name), champion), highlight=False)
 
+        from ratchet.workspace import read_noise
+
+        noise = read_noise(workspace_dir.resolve())
+        if noise.get("summary"):
+            mark = "[bold red]label noise:[/]" if noise.get("flagged") else "label noise:"
+            console.print(f"{mark} {noise['summary']}"
+                          + (" (`ratchet labels` to review)" if noise.get("flagged") else ""),
+                          highlight=False)
 
 def _champion_line(events: list[dict[str, Any]], champion: str) -> str:
     """One line on how the champion got where it is, from the last logged move (no writes)."""
@@ -416,6 +425,142 @@ def _deciding(tags: dict[str, str]) -> list[str]:
 
 
 @app.command()
+labels_app = typer.Typer(
+    help="Label noise: each batch's estimated share of wrong labels, its suspect rows, and your "
+    "review (accept or drop).",
+    no_args_is_help=False,
+)
+app.add_typer(labels_app, name="labels")
+
+
+def _pct(value: Any) -> str:
+    return "-" if value is None else f"{value:.1%}"
+
+
+@labels_app.callback(invoke_without_command=True)
+def labels(
+    ctx: typer.Context,
+    workspace_dir: WorkspaceOpt = Path("."),
+    batch: Annotated[
+        str | None, typer.Option("--batch", "-b", help="Show this batch's suspect rows (an id "
+                                 "or its unique prefix, e.g. 0003).")
+    ] = None,
+    limit: Annotated[
+        int, typer.Option(help="Suspect rows to show, lowest label quality first (0: all).")
+    ] = 20,
+) -> None:
+    """List each batch's estimated label noise; with --batch, its suspect rows.
+
+    A batch is flagged when its estimate is far above the champion's own on held-out rows (at
+    cold start: above noise.max_rate). A flagged batch's suspect rows stay out of val and test
+    (and of training with noise.train: exclude) until you decide:
+
+      ratchet labels accept BATCH   the labels are right: rows used as normal, no longer flagged
+
+      ratchet labels drop BATCH     the suspect rows leave every split
+
+    The decision goes to labels-review.yaml (committed); the next `ratchet run` applies it.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    from ratchet import workspace
+    from ratchet.noise import read_review
+
+    with user_errors():
+        ws = workspace.require(workspace_dir)
+        report = workspace.read_noise(ws)
+        reviews = read_review(ws / workspace.LABELS_REVIEW)
+        if batch is not None:
+            _print_suspects(ws, workspace.find_batch(ws, batch), report, limit)
+            return
+        ids = workspace.batch_ids(ws)
+        if not ids:
+            console.print("no batches yet: `ratchet ingest FILE` first")
+            return
+        entries = report.get("batches", {})
+        table = Table(title="label noise per batch (cleanlab on out-of-sample probabilities)")
+        for col in ("batch", "rows", "judged", "est. issues", "champion's own", "suspects",
+                    "method", "judged by", "flagged", "review"):
+            table.add_column(col, overflow="fold")
+        for b in ids:
+            e = entries.get(b)
+            if e is None:
+                table.add_row(b, "-", "-", "-", "-", "-", "not yet (run the pipeline)", "-", "-",
+                              reviews.get(b, "-"))
+                continue
+            flagged = "[red]yes[/]" if e["flagged"] and e.get("review") is None else (
+                "yes" if e["flagged"] else "no")
+            table.add_row(b, str(e["rows"]), str(e["judged"]), _pct(e["rate"]),
+                          _pct(e["baseline"]), str(e["suspects"]), e["method"],
+                          f"v{e['champion']}" if e.get("champion") else "-", flagged,
+                          e.get("review") or "-")
+        _wide().print(table)
+        if report.get("summary"):
+            console.print(f"newest: {report['summary']}", highlight=False)
+
+
+def _print_suspects(ws: Path, batch_id: str, report: dict[str, Any], limit: int) -> None:
+    import pandas as pd
+
+    from ratchet import workspace
+    from ratchet.data import BATCH
+
+    entry = report.get("batches", {}).get(batch_id)
+    path = ws / workspace.NOISE_SUSPECTS
+    if entry is None or not path.is_file():
+        console.print(f"batch {batch_id}: not judged yet (run the pipeline: `ratchet run`)")
+        return
+    from ratchet.config import load_params
+    from ratchet.noise import summary
+
+    console.print(summary(batch_id, entry, load_params(ws / "params.yaml").noise),
+                  highlight=False)
+    rows = pd.read_parquet(path)
+    rows = rows[rows[BATCH] == batch_id].sort_values("quality", kind="stable")
+    shown = rows if limit <= 0 else rows.head(limit)
+    table = Table(title=f"batch {batch_id}: {len(rows)} suspect row(s)"
+                  + (f", the {len(shown)} least likely labels" if len(shown) < len(rows) else ""))
+    for col in ("text", "given label", "suggested", "label quality"):
+        table.add_column(col, overflow="fold")
+    for r in shown.itertuples(index=False):
+        table.add_row(str(r.text), str(r.label), str(r.suggested), f"{r.quality:.3f}")
+    _wide().print(table)
+
+
+def _review(workspace_dir: Path, batch: str, decision: str) -> None:
+    from ratchet import workspace
+    from ratchet.noise import read_review, write_review
+
+    with user_errors():
+        ws = workspace.require(workspace_dir)
+        batch_id = workspace.find_batch(ws, batch)
+        path = ws / workspace.LABELS_REVIEW
+        reviews = read_review(path)
+        if reviews.get(batch_id) == decision:
+            console.print(f"batch {batch_id}: already reviewed `{decision}`; nothing changed")
+            return
+        reviews[batch_id] = decision
+        write_review(path, reviews)
+        workspace.commit(ws, f"labels: {decision} batch {batch_id}")
+        console.print(f"batch {batch_id}: `{decision}` recorded in {workspace.LABELS_REVIEW}; "
+                      "the next `ratchet run` applies it", highlight=False)
+
+
+BatchArg = Annotated[str, typer.Argument(help="Batch id, or its unique prefix (e.g. 0003).")]
+
+
+@labels_app.command("accept")
+def labels_accept(batch: BatchArg, workspace_dir: WorkspaceOpt = Path(".")) -> None:
+    """The batch's labels are right: its rows are used as normal and it is no longer flagged."""
+    _review(workspace_dir, batch, "accept")
+
+
+@labels_app.command("drop")
+def labels_drop(batch: BatchArg, workspace_dir: WorkspaceOpt = Path(".")) -> None:
+    """Remove the batch's suspect rows from every split (they stay listed in the report)."""
+    _review(workspace_dir, batch, "drop")
+
+
 def serve(
     workspace_dir: WorkspaceOpt = Path("."),
     interval: Annotated[
@@ -568,9 +713,12 @@ def run_demo(
         run_engine = engines[min(i, len(engines)) - 1]
         gate = _run(ws, run_engine)
         row.update(
+        noise = workspace.read_noise(ws)
             engine=str(run_engine),
             gate=gate,
             decision=gate["decision"],
+            noise={**noise.get("batches", {}).get(noise.get("newest"), {}),
+                   "flagged": bool(noise.get("flagged")), "summary": noise.get("summary")},
             version=gate.get("version"),
             reasons=[c["reason"] for c in gate["checks"] if not c["passed"]]
             or [c["reason"] for c in gate["checks"]][-2:],
@@ -594,6 +742,15 @@ def _pair(m: dict[str, float], name: str) -> str:
 
 
 def _short(text: str, limit: int = 70) -> str:
+def _noise_cell(noise: dict[str, Any]) -> str:
+    """The demo table's label-noise cell: the estimate, against what, and the verdict."""
+    if noise.get("rate") is None:
+        return "-"
+    against = (f" vs {noise['baseline']:.0%}" if noise.get("baseline") is not None
+               else " (cross-val.)")
+    return f"{noise['rate']:.0%}{against}" + (": FLAGGED" if noise.get("flagged") else "")
+
+
     text = " ".join(str(text).split())
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
@@ -606,7 +763,8 @@ def print_story(rows: list[dict[str, Any]]) -> None:
     """
     out = console if console.is_terminal else Console(width=max(console.width, 150))
     table = Table(title="ratchet demo: candidate vs champion (macro-F1)", show_lines=True)
-    for col in ("batch", "rows", "drift", "recent", "reference", "decision", "reasons"):
+    for col in ("batch", "rows", "drift", "label noise", "recent", "reference", "decision",
+                "reasons"):
         table.add_column(col, overflow="fold")
     for r in rows:
         gate = r.get("gate", {})
@@ -623,6 +781,7 @@ def print_story(rows: list[dict[str, Any]]) -> None:
             str(r["rows"]),
             drift,
             _pair(m, "recent"),
+            _noise_cell(r.get("noise") or {}),
             _pair(m, "reference"),
             f"{r['decision']}" + (f" (v{r['version']})" if r.get("version") else ""),
             "\n".join(_short(x) for x in reasons),

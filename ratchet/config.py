@@ -85,6 +85,40 @@ class PrepareConfig(_Section):
         return self
 
 
+class NoiseConfig(_Section):
+    margin: float = Field(
+        0.1, ge=0, le=1, description="With a champion: a batch is flagged when its estimated "
+        "label-issue rate exceeds the champion's own rate on held-out rows by this much ...",
+    )
+    ratio: float = Field(
+        2.0, ge=1, description="... and is more than this many times that rate.",
+    )
+    max_rate: float = Field(
+        0.3, gt=0, le=1, description="Cold start (no champion): flagged above this rate, "
+        "estimated from a cross-validated logistic regression on the batch's own embeddings.",
+    )
+    cold_start: Literal["cross_validated", "skip"] = Field(
+        "cross_validated", description="Without a champion: judge each batch by cross-validation "
+        "on its own rows, or record it as not judged.",
+    )
+    min_rows: int = Field(
+        30, ge=1, description="A batch with fewer judged rows is never flagged (too few rows "
+        "for a per-class estimate).",
+    )
+    baseline_rows: int = Field(
+        1000, ge=10, description="Held-out rows (earlier batches' test split, a seeded sample) "
+        "the champion's own rate is measured on.",
+    )
+    folds: int = Field(5, ge=2, le=20, description="Cross-validation folds at cold start.")
+    batch_size: int = Field(64, ge=1, description="Texts per forward pass.")
+    seed: int = Field(0, description="Seed of the baseline sample and the folds.")
+    train: Literal["exclude", "keep"] = Field(
+        "exclude", description="Suspect rows of a flagged batch nobody reviewed: kept out of "
+        "training too (exclude), or trained on where their hash puts them in train (keep). "
+        "They are always kept out of val and test.",
+    )
+
+
 class TriggerConfig(_Section):
     mode: Literal["always", "drift", "rows", "drift_or_rows"] = Field(
         "always",
@@ -339,6 +373,7 @@ class Params(_Section):
     gate: GateConfig = Field(default_factory=GateConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
 
+    noise: NoiseConfig = Field(default_factory=NoiseConfig)
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 

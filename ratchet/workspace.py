@@ -38,6 +38,10 @@ INIT_FILE = Path("finetune-init.json")
 # The run in progress: its token and the aliases it found; removed when the run is recorded.
 INFLIGHT = Path(".ratchet/inflight.json")
 GATE_REPORT = Path("reports/gate.json")
+# Label-noise review decisions (batch id -> accept | drop), git-tracked; the noise stage reads it.
+LABELS_REVIEW = Path("labels-review.yaml")
+NOISE_REPORT = Path("reports/validation/noise.json")
+NOISE_SUSPECTS = Path("data/noise/suspects.parquet")
 GITIGNORE = """\
 # ratchet workspace: heavy or local-only files stay out of git
 /mlflow.db
@@ -145,6 +149,9 @@ def init(ws: Path, overrides: dict[str, dict[str, Any]] | None = None, *,
     shutil.copyfile(template("dvc.yaml"), ws / "dvc.yaml")
     (ws / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     write_probes(ws, probes)
+    from ratchet.noise import write_review
+
+    write_review(ws / LABELS_REVIEW, {})
     (ws / ".gitignore").write_text(GITIGNORE)
     for d in (BATCHES, INCOMING):
         (ws / d).mkdir(parents=True, exist_ok=True)
@@ -328,6 +335,27 @@ def ingest(ws: Path, source: Path, columns: ColumnMap | None = None, *,
     return IngestResult(batch_id, path, len(df), True, warnings, False, redacted)
 
 
+def batch_ids(ws: Path) -> list[str]:
+    """The workspace's batch ids in arrival order."""
+    from ratchet.data import batch_files
+
+    return [f.stem for f in batch_files(ws / BATCHES)]
+
+
+def find_batch(ws: Path, ref: str) -> str:
+    """The batch id `ref` names: the whole id or a unique prefix (`0003`); else one clear error."""
+    ids = batch_ids(ws)
+    if ref in ids:
+        return ref
+    hits = [b for b in ids if b.startswith(ref)] if ref else []
+    if len(hits) == 1:
+        return hits[0]
+    known = ", ".join(ids) if ids else "none yet"
+    if hits:
+        raise WorkspaceError(f"batch `{ref}` is ambiguous: {', '.join(hits)}")
+    raise WorkspaceError(f"no batch `{ref}` in {ws} (batches: {known})")
+
+
 def refresh_champion(ws: Path) -> dict[str, Any]:
     """Resolve the `champion` alias into champion.json, rewriting it only when it changed.
 
@@ -404,6 +432,12 @@ def _report(ws: Path, name: str) -> dict[str, Any]:
 
 def read_drift(ws: Path) -> dict[str, Any]:
     return _report(ws, "drift.json")
+
+
+def read_noise(ws: Path) -> dict[str, Any]:
+    """The noise stage's report ({} before the stage has run)."""
+    path = ws / NOISE_REPORT
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def read_gate(ws: Path) -> dict[str, Any]:

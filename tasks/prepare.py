@@ -21,7 +21,8 @@ from ratchet.data import (
     unit_hash,
     write_parquet_atomic,
 )
-from ratchet.runtime import write_json
+from ratchet.noise import exclusion_mask
+from ratchet.runtime import read_json, write_json
 from ratchet.stage import stage_main
 
 
@@ -47,12 +48,21 @@ def resolve_conflicts(rows: pd.DataFrame, policy: str) -> tuple[pd.DataFrame, in
     return rows[keep], len(conflicted)
 
 
-def prepare_frame(rows: pd.DataFrame, cfg: PrepareConfig) -> tuple[pd.DataFrame, dict[str, int]]:
+def prepare_frame(rows: pd.DataFrame, cfg: PrepareConfig, exclude: pd.Series | None = None
+                  ) -> tuple[pd.DataFrame, dict[str, int]]:
     """Pure core: rows of all batches (oldest first) -> deduplicated rows with split and slice.
 
     Exact repeats of a text are counted apart from texts that only match after normalisation
     (case, width, spacing), so a user sees both kinds of repetition; both are deduplicated.
+    `exclude` (aligned with `rows`) marks rows kept out before anything else (the noise stage's
+    suspects, see `ratchet.noise.exclusion_mask`): an older copy of the same text still counts,
+    and the newest batch stays `recent` even if it loses rows.
     """
+    newest = rows["batch_order"].max()
+    excluded = 0
+    if exclude is not None:
+        excluded = int(exclude.sum())
+        rows = rows[~exclude.to_numpy(dtype=bool)]
     rows = rows.dropna(subset=[TEXT, LABEL]).copy()
     before = len(rows)
     rows["norm"] = rows[TEXT].map(normalise)
@@ -62,7 +72,6 @@ def prepare_frame(rows: pd.DataFrame, cfg: PrepareConfig) -> tuple[pd.DataFrame,
     resolved = len(rows)
     # The latest occurrence wins among what is left: its text form and its batch.
     rows = rows.drop_duplicates(subset="norm", keep="last")
-    newest = rows["batch_order"].max()
     rows["slice"] = [RECENT if o == newest else REFERENCE for o in rows["batch_order"]]
     rows["split"] = [
         split_of(t, val_frac=cfg.val_frac, test_frac=cfg.test_frac, salt=cfg.salt)
@@ -76,6 +85,7 @@ def prepare_frame(rows: pd.DataFrame, cfg: PrepareConfig) -> tuple[pd.DataFrame,
         "normalised_duplicates": near,
         "conflicting_texts": conflicts,
         "conflict_rows_dropped": before - resolved,
+        "noise/excluded": excluded,
     }
     return rows.drop(columns=["norm"]).reset_index(drop=True), stats
 
@@ -121,9 +131,24 @@ def replay_buffer(train: pd.DataFrame, size: int, salt: str) -> pd.DataFrame:
     return pd.concat(picked).sort_values([LABEL, BATCH, "priority"]).reset_index(drop=True)
 
 
-def run(params: Params, *, batches: Path, out: Path, replay: Path, metrics: Path) -> dict:
+def noise_exclusions(rows: pd.DataFrame, params: Params, noise: Path | None,
+                     suspects: Path | None) -> pd.Series | None:
+    """The rows the noise stage's verdicts keep out (None without its outputs: older
+    workspaces, whose dvc.yaml has no noise stage)."""
+    if noise is None or suspects is None or not noise.is_file() or not suspects.is_file():
+        return None
     cfg = params.prepare
-    rows, stats = prepare_frame(load_batches(batches), cfg)
+    splits = pd.Series([split_of(str(t), val_frac=cfg.val_frac, test_frac=cfg.test_frac,
+                                 salt=cfg.salt) for t in rows[TEXT].fillna("")], index=rows.index)
+    return exclusion_mask(rows, pd.read_parquet(suspects), read_json(noise)["batches"],
+                          train=params.noise.train, splits=splits)
+
+
+def run(params: Params, *, batches: Path, out: Path, replay: Path, metrics: Path,
+        noise: Path | None = None, suspects: Path | None = None) -> dict:
+    cfg = params.prepare
+    rows = load_batches(batches)
+    rows, stats = prepare_frame(rows, cfg, noise_exclusions(rows, params, noise, suspects))
     for split in SPLITS:
         part = rows[rows["split"] == split].drop(columns=["split"])
         write_parquet_atomic(part, out / f"{split}.parquet")
@@ -149,7 +174,9 @@ def main() -> None:
         "out": "folder for train/val/test parquet files",
         "replay": "replay buffer parquet to write (for continual training)",
         "metrics": "prepare metrics JSON to write",
-    }, run)
+        "noise": "the noise stage's report (which batches are flagged or reviewed)",
+        "suspects": "the noise stage's suspect rows (parquet)",
+    }, run, optional=("noise", "suspects"))
 
 
 if __name__ == "__main__":
