@@ -1,7 +1,7 @@
 """Run the benchmarks named on the command line (default: all) and write benchmarks/results/*.json.
 
 Each benchmark is a module in this package with a `run() -> dict` function, registered in
-BENCHMARKS: drift, gate, orchestration and training.
+BENCHMARKS: drift, gate, orchestration, stream and training.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ BENCHMARKS: dict[str, str] = {  # name -> module
     "gate": "benchmarks.gate",
     "noise": "benchmarks.noise",
     "orchestration": "benchmarks.orchestration",
+    "stream": "benchmarks.stream",
     "training": "benchmarks.training",
 }
 
