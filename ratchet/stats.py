@@ -1,4 +1,5 @@
-"""Paired comparisons of two models on one set: bootstrap of macro-F1/accuracy, McNemar, Holm."""
+"""Paired comparisons of two models on one set: bootstrap and permutation tests of
+macro-F1/accuracy, McNemar, Holm."""
 
 from __future__ import annotations
 
@@ -102,6 +103,26 @@ class Bootstrap:
             return math.nan
         return float((np.sum(self.dist >= margin) + 1) / (self.dist.size + 1))
 
+    @property
+    def se(self) -> float:
+        """Bootstrap standard error of the difference."""
+        return float(np.std(self.dist, ddof=1)) if self.dist.size > 1 else math.nan
+
+    def p_above_normal(self, margin: float) -> float:
+        """One-sided p-value against H0 `diff >= margin` from the normal approximation with the
+        bootstrap's standard error: P(Z <= (diff - margin) / se).
+
+        The resample count `p_above` has a floor of 1/(B+1), so under a multiplicity
+        correction over many tests it can never be small enough; this one can. With no spread
+        (se 0: every resample gives the same difference) it is 0 below the margin, else 1.
+        """
+        if self.n == 0 or math.isnan(self.diff):
+            return math.nan
+        se = self.se
+        if math.isnan(se) or se <= 1e-12:
+            return 0.0 if self.diff < margin else 1.0
+        return float(0.5 * math.erfc(-(self.diff - margin) / (se * math.sqrt(2))))
+
     def comparison(self, confidence: float, p_value: float | None = None) -> Comparison:
         """Summary at `confidence`: one-sided bounds, and by default the p-value of `diff <= 0`."""
         if self.n == 0:
@@ -191,6 +212,145 @@ def paired_bootstrap(
     """`bootstrap` summarised: percentile bounds at `confidence` and the p-value of `diff <= 0`."""
     return bootstrap(references, candidate, champion, metric=metric, resamples=resamples,
                      seed=seed, weights=weights).comparison(confidence)
+
+
+@dataclass(frozen=True)
+class Permutation:
+    """The point values of both models and the null distribution of their difference under
+    swaps (paired permutation / approximate randomization)."""
+
+    n: int
+    candidate: float
+    champion: float
+    null: np.ndarray
+    """candidate - champion on each resample with the pair swapped on a random half of rows."""
+
+    @property
+    def diff(self) -> float:
+        return self.candidate - self.champion
+
+    @property
+    def p_value(self) -> float:
+        """One-sided p-value against H0 "the candidate is not better": (k + 1) / (B + 1), k the
+        resamples whose difference is at least the observed one (1.0 when nothing differs)."""
+        if self.n == 0:
+            return math.nan
+        tol = 1e-12 * max(1.0, abs(self.diff))  # a swap that changes nothing is a tie
+        return float((np.sum(self.null >= self.diff - tol) + 1) / (self.null.size + 1))
+
+
+def paired_permutation(
+    references: list[str],
+    candidate: list[str],
+    champion: list[str],
+    *,
+    metric: str = "macro_f1",
+    resamples: int = 2000,
+    seed: int = 0,
+) -> Permutation:
+    """Paired permutation test of candidate - champion: is the candidate better?
+
+    Under H0 the two models' predictions on each example are exchangeable, so each resample
+    swaps the pair on each example with probability 1/2 and rescores both sides. Unlike the
+    bootstrap's tail, the null distribution is centred on no difference by construction, and
+    every resample keeps every row (swaps move predictions, never references), so a rare class
+    is never dropped from the classes macro-F1 averages over.
+
+    Vectorised like `bootstrap`: examples of one (truth, candidate, champion) type are
+    interchangeable, so a resample is described by how many of each type are swapped, one
+    binomial draw per type; only types where the two predictions differ move the counts, and
+    both sides are scored from (resamples x classes) counts.
+    """
+    if metric not in {"macro_f1", "accuracy"}:
+        raise ValueError(f"unknown metric {metric!r} (macro_f1 or accuracy)")
+    n = len(references)
+    if not n == len(candidate) == len(champion):
+        raise ValueError("references and both prediction lists must have the same length")
+    if n == 0:
+        return Permutation(0, math.nan, math.nan, np.empty(0))
+    y, pc, pb = _encode(references, candidate, champion)
+    rng = np.random.default_rng(seed)
+    if metric == "accuracy":
+        # Only rows exactly one model gets right move the difference: a swap flips its sign.
+        wins, losses = int(np.sum((pc == y) & (pb != y))), int(np.sum((pc != y) & (pb == y)))
+        flips = rng.binomial(wins, 0.5, resamples) - rng.binomial(losses, 0.5, resamples)
+        null = (wins - losses - 2 * flips) / n
+        return Permutation(n, float(np.mean(pc == y)), float(np.mean(pb == y)),
+                           null.astype(np.float64))
+    n_classes = int(max(y.max(), pc.max(), pb.max())) + 1
+    # Per class: true positives and support (truth + predicted count) of each side as observed.
+    truth = np.bincount(y, minlength=n_classes).astype(np.float64)
+    tp_c = np.bincount(y[pc == y], minlength=n_classes).astype(np.float64)
+    tp_b = np.bincount(y[pb == y], minlength=n_classes).astype(np.float64)
+    sup_c = truth + np.bincount(pc, minlength=n_classes)
+    sup_b = truth + np.bincount(pb, minlength=n_classes)
+    # Only rows where the predictions differ move anything. A swapped row of type (t, a, b)
+    # moves a prediction a -> b on the candidate's side and b -> a on the champion's: the
+    # change of each side's counts is linear in the swap counts of the types.
+    diff_rows = pc != pb
+    types, freq = np.unique(np.stack([y, pc, pb], axis=1)[diff_rows], axis=0,
+                            return_counts=True)
+    # Classes no differing row touches keep their F1 on both sides: only the touched ones
+    # are rescored (columns in `touched` order).
+    touched = np.unique(types)
+    col = np.searchsorted(touched, types)
+    ty, ta, tb = (col.T if len(types) else (np.empty(0, np.int64),) * 3)
+    hot_t, hot_a, hot_b = (_onehot(v, len(touched)).astype(np.float64) for v in (ty, ta, tb))
+    d_tp = hot_t * ((tb == ty).astype(np.float64) - (ta == ty))[:, None]
+    d_sup = hot_b - hot_a
+    swaps = rng.binomial(freq, 0.5, size=(resamples, len(types))).astype(np.float64)
+    swaps = np.vstack([np.zeros((1, len(types))), swaps])  # row 0: the observed sample
+    move_tp, move_sup = swaps @ d_tp, swaps @ d_sup
+    fixed = np.ones(n_classes, dtype=bool)
+    fixed[touched] = False
+
+    def f1(tp: np.ndarray, sup: np.ndarray, moved_tp: np.ndarray, moved_sup: np.ndarray):
+        tp_m, sup_m = tp[touched] + moved_tp, sup[touched] + moved_sup
+        present = sup_m > 0
+        per_class = np.divide(2 * tp_m, sup_m, out=np.zeros_like(tp_m), where=present)
+        still = fixed & (sup > 0)
+        total = per_class.sum(axis=1) + np.sum(2 * tp[still] / sup[still])
+        return total / np.maximum(present.sum(axis=1) + still.sum(), 1)
+
+    cand = f1(tp_c, sup_c, move_tp, move_sup)
+    champ = f1(tp_b, sup_b, -move_tp, -move_sup)
+    null = cand[1:] - champ[1:]
+    return Permutation(n, float(cand[0]), float(champ[0]), null)
+
+
+def harm_p_value(
+    references: list[str],
+    candidate: list[str],
+    champion: list[str],
+    boot: Bootstrap,
+    *,
+    margin: float,
+    resolution: float,
+    resamples: int = 2000,
+    seed: int = 0,
+) -> float:
+    """One-sided p-value against H0 `diff >= margin` (no harm beyond the margin, margin < 0),
+    small enough to survive a correction over many domains when the harm is clear.
+
+    The larger of two p-values: (a) the normal tail from the bootstrap's standard error
+    (`Bootstrap.p_above_normal`), which has no 1/(B+1) floor; (b) the paired permutation test
+    of "the candidate is not worse" (the roles swapped). Harm beyond the margin implies worse,
+    so (b) only adds caution (the maximum is at least (a)), and it is needed: when a few
+    discordant rows make the whole difference the bootstrap's distribution is far from
+    normal, and (a) alone can be far smaller than the chance that equal models split those
+    rows so unevenly (k rows all lost: 2^-k). (b) is counted again with ceil(1 / resolution) resamples when its count sits at the
+    floor 1/(B+1) and that floor is above `resolution` (the smallest p-value the caller must
+    tell apart, e.g. alpha / domains / 10 under Holm).
+    """
+    if boot.n == 0:
+        return math.nan
+    normal = boot.p_above_normal(margin)
+    worse = paired_permutation(references, champion, candidate, resamples=resamples, seed=seed)
+    floor = 1 / (resamples + 1)
+    if worse.p_value <= floor and floor > resolution:
+        worse = paired_permutation(references, champion, candidate,
+                                   resamples=math.ceil(1 / resolution), seed=seed)
+    return max(normal, worse.p_value)
 
 
 def mcnemar(references: list[str], candidate: list[str], champion: list[str]) -> dict[str, float]:

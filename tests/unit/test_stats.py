@@ -111,3 +111,187 @@ def test_weighted_bootstrap_matches_weighted_sklearn_and_duplication():
 def test_bootstrap_refuses_mismatched_weights():
     with pytest.raises(ValueError, match="weights"):
         bootstrap(["a", "b"], ["a", "b"], ["a", "a"], weights=[1.0])
+
+
+# ---------------------------------------------------------------- paired permutation test
+
+
+def _scipy_permutation_p(y, a, b, metric, resamples):
+    """scipy's paired ("samples") permutation test of the same statistic, one-sided."""
+    from scipy.stats import permutation_test
+
+    yy, aa, bb = _encode(y, a, b)
+    classes = int(max(yy.max(), aa.max(), bb.max())) + 1
+
+    def statistic(x, z, axis=-1):
+        x, z = np.atleast_2d(x).astype(np.int64), np.atleast_2d(z).astype(np.int64)
+        truth = np.broadcast_to(yy, x.shape)
+        if metric == "accuracy":
+            out = np.mean(x == truth, axis=-1) - np.mean(z == truth, axis=-1)
+        else:
+            out = macro_f1_rows(truth, x, classes) - macro_f1_rows(truth, z, classes)
+        return out if out.size > 1 else out[0]
+
+    res = permutation_test((aa, bb), statistic, permutation_type="samples", vectorized=True,
+                           n_resamples=resamples, alternative="greater", random_state=0)
+    return float(res.statistic), float(res.pvalue)
+
+
+@pytest.mark.parametrize("metric", ["macro_f1", "accuracy"])
+def test_permutation_matches_scipy(metric):
+    # 40 rows, 4 classes: scipy swaps each pair with probability 1/2 (permutation_type
+    # "samples"), ours draws the same swaps per type; the p-values agree within MC error.
+    from ratchet.stats import paired_permutation
+
+    rng = np.random.default_rng(1)
+    labels = ["a", "b", "c", "d"]
+    y = [str(x) for x in rng.choice(labels, 40)]
+    a, b = _noisy(y, 0.8, rng, labels), _noisy(y, 0.6, rng, labels)
+    resamples = 20000
+    ours = paired_permutation(y, a, b, metric=metric, resamples=resamples, seed=3)
+    observed, p_scipy = _scipy_permutation_p(y, a, b, metric, resamples)
+    assert ours.diff == pytest.approx(observed, abs=1e-12)
+    assert 0.02 < p_scipy < 0.5  # a p-value in the range where a wrong null would show
+    se = np.sqrt(2 * p_scipy * (1 - p_scipy) / resamples)
+    assert ours.p_value == pytest.approx(p_scipy, abs=4 * se)
+
+
+def test_permutation_matches_scipy_exactly_on_a_tiny_set():
+    # 12 rows: scipy enumerates all 2^12 swap patterns (its exact p-value counts the
+    # observed pattern among them), so only our Monte Carlo error remains.
+    from ratchet.stats import paired_permutation
+
+    y = list("aabbccaabbcc")
+    a = list("aabbccaabbca")
+    b = list("abbcccaaabcc")
+    ours = paired_permutation(y, a, b, resamples=40000, seed=1)
+    _, exact = _scipy_permutation_p(y, a, b, "macro_f1", 4096)
+    assert ours.p_value == pytest.approx(exact, abs=4 * np.sqrt(exact * (1 - exact) / 40000))
+
+
+def test_permutation_finds_a_clear_gain_and_not_a_loss():
+    from ratchet.stats import paired_permutation
+
+    rng = np.random.default_rng(0)
+    labels = [f"c{i}" for i in range(10)]
+    y = [str(x) for x in rng.choice(labels, 500)]
+    strong, weak = _noisy(y, 0.9, rng, labels), _noisy(y, 0.75, rng, labels)
+    for metric in ("macro_f1", "accuracy"):
+        win = paired_permutation(y, strong, weak, metric=metric, resamples=999)
+        assert win.diff > 0.1 and win.p_value == pytest.approx(1 / 1000)
+        assert paired_permutation(y, weak, strong, metric=metric, resamples=999).p_value > 0.99
+
+
+def test_permutation_is_symmetric():
+    # Swapping every pair negates the statistic, so the null is symmetric about 0, and the
+    # two one-sided p-values of (a, b) and (b, a) add up to 1 plus the chance of a tie.
+    from ratchet.stats import paired_permutation
+
+    rng = np.random.default_rng(4)
+    labels = [f"c{i}" for i in range(6)]
+    y = [str(x) for x in rng.choice(labels, 300)]
+    a, b = _noisy(y, 0.8, rng, labels), _noisy(y, 0.78, rng, labels)
+    ab = paired_permutation(y, a, b, resamples=20000, seed=1)
+    ba = paired_permutation(y, b, a, resamples=20000, seed=2)
+    assert ab.diff == pytest.approx(-ba.diff)
+    assert abs(np.mean(ab.null)) < 0.1 * np.std(ab.null)
+    assert np.quantile(ab.null, 0.05) == pytest.approx(-np.quantile(ab.null, 0.95),
+                                                      abs=0.1 * np.std(ab.null))
+    tie = np.mean(np.isclose(ab.null, ab.diff))
+    assert ab.p_value + ba.p_value == pytest.approx(1 + tie, abs=0.02)
+
+
+def test_permutation_p_values_are_uniform_under_exchangeable_predictions():
+    # Both predictions of each row drawn from one noisy process: exactly the permutation
+    # test's H0. Its p-values must then be (close to) uniform: P(p <= a) ~ a.
+    from ratchet.stats import paired_permutation
+
+    rng = np.random.default_rng(7)
+    labels = [f"c{i}" for i in range(12)]
+    draws = 400
+    p = np.empty(draws)
+    for i in range(draws):
+        y = [str(x) for x in rng.choice(labels, 150)]
+        p[i] = paired_permutation(y, _noisy(y, 0.7, rng, labels), _noisy(y, 0.7, rng, labels),
+                                  resamples=199, seed=i).p_value
+    for level in (0.05, 0.2, 0.5):
+        se = np.sqrt(level * (1 - level) / draws)
+        assert np.mean(p <= level) == pytest.approx(level, abs=3 * se)
+
+
+def test_permutation_handles_empty_identical_and_bad_input():
+    from ratchet.stats import paired_permutation
+
+    empty = paired_permutation([], [], [])
+    assert empty.n == 0 and np.isnan(empty.p_value) and np.isnan(empty.diff)
+    y = ["a", "b", "c"] * 10
+    pred = ["a", "a", "c"] * 10
+    for metric in ("macro_f1", "accuracy"):
+        same = paired_permutation(y, pred, pred, metric=metric, resamples=200)
+        assert same.diff == 0 and same.p_value == 1.0
+    assert paired_permutation(y, y, y).p_value == 1.0
+    with pytest.raises(ValueError, match="same length"):
+        paired_permutation(["a"], ["a", "b"], ["a"])
+    with pytest.raises(ValueError, match="unknown metric"):
+        paired_permutation(y, y, y, metric="f2")
+
+
+def test_permutation_is_seeded():
+    from ratchet.stats import paired_permutation
+
+    rng = np.random.default_rng(2)
+    labels = ["a", "b", "c"]
+    y = [str(x) for x in rng.choice(labels, 100)]
+    a, b = _noisy(y, 0.8, rng, labels), _noisy(y, 0.7, rng, labels)
+    one, two = (paired_permutation(y, a, b, seed=5) for _ in range(2))
+    assert np.array_equal(one.null, two.null) and one.p_value == two.p_value
+
+
+# ---------------------------------------------------------------- normal-approximation tail
+
+
+def test_normal_tail_p_value_follows_the_bootstrap_se_and_can_go_below_the_floor():
+    from scipy.stats import norm
+
+    rng = np.random.default_rng(3)
+    labels = [f"c{i}" for i in range(5)]
+    y = [str(x) for x in rng.choice(labels, 300)]
+    good, bad = _noisy(y, 0.9, rng, labels), _noisy(y, 0.5, rng, labels)
+    boot = bootstrap(y, bad, good, resamples=500)
+    expected = norm.cdf((boot.diff + 0.02) / np.std(boot.dist, ddof=1))
+    assert boot.p_above_normal(-0.02) == pytest.approx(expected)
+    assert boot.p_above_normal(-0.02) < 1e-6 < boot.p_above(-0.02)  # below 1/(B+1)
+    # Far inside the margin it says "no evidence of harm".
+    assert bootstrap(y, good, bad, resamples=500).p_above_normal(-0.02) > 0.99
+
+
+def test_normal_tail_without_spread_and_empty():
+    y = ["a", "b"] * 20
+    wrong = ["b", "a"] * 20
+    boot = bootstrap(y, wrong, y, resamples=200)  # candidate always wrong: diff -1, no spread
+    assert boot.se == 0 and boot.p_above_normal(-0.02) == 0.0
+    same = bootstrap(y, y, y, resamples=200)
+    assert same.p_above_normal(-0.02) == 1.0
+    assert np.isnan(bootstrap([], [], []).p_above_normal(-0.02))
+
+
+def test_harm_p_value_needs_more_than_a_few_lost_rows_and_can_go_below_holm():
+    from ratchet.stats import harm_p_value
+
+    labels = list("abcde")
+    y = [labels[i % 5] for i in range(30)]
+
+    def lost(k):  # the candidate wrong on k of 30 rows the champion gets right
+        cand = [labels[(i + 1) % 5] if i < k else t for i, t in enumerate(y)]
+        boot = bootstrap(y, cand, y, resamples=2000)
+        return boot, harm_p_value(y, cand, y, boot, margin=-0.02, resolution=0.05 / 150 / 10)
+
+    boot, p = lost(10)
+    # Equal models lose all of 10 discordant rows with chance 2^-10: the p-value says so,
+    # though the bootstrap's normal tail alone is below it.
+    assert p == pytest.approx(2.0**-10, rel=0.5) and boot.p_above_normal(-0.02) < p
+    boot, p = lost(30)  # wrong everywhere: clear harm, resolved below alpha / 150 domains
+    assert p < 0.05 / 150 and p > 0
+    assert lost(0)[1] == 1.0
+    assert np.isnan(harm_p_value([], [], [], bootstrap([], [], []), margin=-0.02,
+                                 resolution=1e-4))
