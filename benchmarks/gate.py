@@ -51,6 +51,30 @@ Rules, on each case:
 Targets: promotion <= 5% (equal), >= 80% (better), <= 5% (forgetting). Output: promotion rate
 per rule and scenario, `cases`, `n_recent`, `n_reference`, `mean_gaps`, the checks that failed
 ratchet's rule, calibration (per pair and mean), model scores, params and phase seconds.
+
+Type-I error of the recent check (`type1`, `type1_detail`). Equal quality: the champion and the
+candidate are two seeds of the recipe (the ordered pairs, cycled), as in `equal`. For each size
+n of TYPE1_SIZES and each kind of recent slice, TYPE1_CASES cases draw n rows:
+- uniform: uniformly, with replacement, from the test pool;
+- rare: a skewed class mix drawn per case: class weights ~ 1/rank (Zipf, RARE_ZIPF) in a random
+  order of the classes, each class's weight spread evenly over its rows; many classes then have
+  only 1-2 rows in the slice (reported as `classes_with_1_2_rows`).
+On each case, with the evaluate defaults (params.evaluate.bootstrap_resamples and seed):
+`bootstrap`: the recent p-value before the permutation test, `ratchet.stats.bootstrap(...)
+.p_below(0.0)`; `permutation`: the one `tasks.evaluate.score` now reports as
+`test/recent/p_value`, `ratchet.stats.paired_permutation(...).p_value`. Reported: the rejection
+rate at params.gate.alpha (`test`) and the recent check as the rule applies it (`check`: p <
+alpha and gain >= min_delta; the rule compares Holm's adjusted p, which is never below the raw
+one, so `check` is an upper bound of its rate). SE = sqrt(alpha (1 - alpha) / cases), target
+<= alpha + 2 SE. `type1` = the project's check (RECENT_TEST) on uniform slices.
+Two seeds are of equal quality on the pool, but not exactly on every skewed class mix (on a mix
+where one seed is better on the heavy classes it is better there, by a fraction of a point), so
+each cell also has a `control` (TYPE1_CONTROL_CASES of the same slices with each row's pair of
+predictions put in a random order: equal quality by construction, the exact H0 of the
+permutation test) and `diff_sd`, the case-to-case sd of the observed gain, beside each test's
+mean spread (`boot_se`, `null_sd`). `power`: the same tests on uniform slices with the
+`better` candidate (+2 pts; POWER_CASES per size). The statistics run with one BLAS thread:
+on a busy 2-core machine numpy's threads made the bootstrap's products ~7x slower.
 """
 
 from __future__ import annotations
@@ -95,6 +119,14 @@ RULES = ("ratchet", "naive", "mlflow_threshold")
 # checks)? Off: it doubles the time per case, and an ablation (48 cases per scenario) gave the
 # same decision on every case, as expected when the scenarios change all domains alike.
 WITH_DOMAIN = False
+
+TYPE1_SIZES = (100, 300, 1000)
+TYPE1_KINDS = ("uniform", "rare")
+TYPE1_CASES = 500  # per (kind, size)
+TYPE1_CONTROL_CASES = 300  # per (kind, size): the first cases again, each row's pair shuffled
+POWER_CASES = 200  # per size
+RARE_ZIPF = 1.0
+RECENT_TEST = "permutation"  # the test behind `test/recent/p_value` in tasks.evaluate.score
 
 
 # ---------------------------------------------------------------- data, embeddings, models
@@ -326,7 +358,7 @@ def ratchet_rule(frame: pd.DataFrame, params) -> tuple[bool, list[str], dict[str
     from tasks.gate import rule_decision
 
     metrics = score(frame, params)
-    decision = rule_decision(metrics, params, has_champion=True, validation_passed=True)
+    decision = rule_decision(metrics, params, has_champion=True)
     return bool(decision.promote), [c.name for c in decision.failed], metrics
 
 
@@ -345,6 +377,115 @@ SLICE_MODELS = {"equal": ("trained", "trained"), "better": ("improved", "improve
                 "forgetting": ("improved", "degraded")}
 
 
+# ---------------------------------------------------------------- type-I error of the recent check
+
+
+def type1_rows(rng: np.random.Generator, y: np.ndarray, kind: str, n: int, n_classes: int
+               ) -> np.ndarray:
+    """Row positions of one recent slice: uniform from the pool, or a skewed class mix (class
+    weights 1/rank**RARE_ZIPF in a random class order, spread evenly over each class's rows)."""
+    if kind == "uniform":
+        return rng.integers(0, len(y), n)
+    if kind != "rare":
+        raise ValueError(f"unknown kind of slice {kind!r}")
+    weight = np.empty(n_classes)
+    weight[rng.permutation(n_classes)] = 1.0 / np.arange(1, n_classes + 1) ** RARE_ZIPF
+    rows_of = np.bincount(y, minlength=n_classes)
+    p = weight[y] / rows_of[y]
+    return rng.choice(len(y), n, p=p / p.sum())
+
+
+def recent_tests(refs: list[str], cand: list[str], champ: list[str], params,
+                 with_bootstrap: bool = True) -> dict[str, float]:
+    """The recent p-values of one case, as the project computes them: the bootstrap's (before
+    the permutation test) and the permutation test's, with the evaluate defaults."""
+    from ratchet.stats import bootstrap, paired_permutation
+
+    cfg = params.evaluate
+    perm = paired_permutation(refs, cand, champ, resamples=cfg.bootstrap_resamples, seed=cfg.seed)
+    out = {"permutation": perm.p_value, "gain": perm.diff, "null_sd": float(np.std(perm.null))}
+    if with_bootstrap:
+        boot = bootstrap(refs, cand, champ, resamples=cfg.bootstrap_resamples, seed=cfg.seed)
+        out.update(bootstrap=boot.p_below(0.0), boot_gain=boot.diff, boot_se=boot.se)
+    return out
+
+
+def _rates(results: list[dict[str, float]], params) -> dict[str, Any]:
+    """Rejection rates of both tests (`test`) and of the recent check (`check`), with SE."""
+    alpha, min_delta = params.gate.alpha, params.gate.min_delta
+    cases = len(results)
+    out: dict[str, Any] = {"cases": cases}
+    for test, gain in (("bootstrap", "boot_gain"), ("permutation", "gain")):
+        if test not in results[0]:
+            continue
+        p = np.array([r[test] for r in results])
+        g = np.array([r[gain] for r in results])
+        out[test] = {"test": round(float(np.mean(p < alpha)), 4),
+                     "check": round(float(np.mean((p < alpha) & (g >= min_delta))), 4)}
+    se = float(np.sqrt(alpha * (1 - alpha) / cases))
+    out["se"], out["target"] = round(se, 4), round(alpha + 2 * se, 4)
+    out["diff_sd"] = round(float(np.std([r["gain"] for r in results])), 4)
+    out["null_sd"] = round(float(np.mean([r["null_sd"] for r in results])), 4)
+    if "boot_se" in results[0]:
+        out["boot_se"] = round(float(np.mean([r["boot_se"] for r in results])), 4)
+    return out
+
+
+def type1(y: np.ndarray, names: np.ndarray, preds: dict, pairs: list[tuple[int, int]],
+          candidates: dict, params) -> dict[str, Any]:
+    """Rejection rates of the recent tests with equal-quality pairs, and their power."""
+    n_classes = len(names)
+    detail: dict[str, Any] = {}
+    for k_idx, kind in enumerate(TYPE1_KINDS):
+        detail[kind] = {}
+        for n in TYPE1_SIZES:
+            pairs_res, control_res, few = [], [], []
+            for c in range(TYPE1_CASES):
+                i, j = pairs[c % len(pairs)]
+                rows = type1_rows(np.random.default_rng([SEED, 6, k_idx, n, c]), y, kind, n,
+                                  n_classes)
+                per_class = np.bincount(y[rows], minlength=n_classes)
+                few.append(int(np.sum((per_class >= 1) & (per_class <= 2))))
+                refs = names[y[rows]].tolist()
+                champ, cand = preds[i]["test"][rows, 0], preds[j]["test"][rows, 0]
+                pairs_res.append(recent_tests(refs, names[cand].tolist(), names[champ].tolist(),
+                                              params))
+                if c < TYPE1_CONTROL_CASES:
+                    flip = np.random.default_rng([SEED, 7, k_idx, n, c]).random(n) < 0.5
+                    control_res.append(recent_tests(
+                        refs, names[np.where(flip, champ, cand)].tolist(),
+                        names[np.where(flip, cand, champ)].tolist(), params))
+            cell = _rates(pairs_res, params)
+            cell["classes_with_1_2_rows"] = round(float(np.mean(few)), 1)
+            cell["control"] = _rates(control_res, params)
+            detail[kind][str(n)] = cell
+            print(f"gate benchmark type-I {kind} n={n}: bootstrap {cell['bootstrap']} "
+                  f"permutation {cell['permutation']} (SE {cell['se']}; control "
+                  f"{cell['control']['bootstrap']['test']} / "
+                  f"{cell['control']['permutation']['test']})", flush=True)
+    power: dict[str, Any] = {}
+    for n in TYPE1_SIZES:
+        res = []
+        for c in range(POWER_CASES):
+            i, j = pairs[c % len(pairs)]
+            rows = type1_rows(np.random.default_rng([SEED, 8, n, c]), y, "uniform", n, n_classes)
+            res.append(recent_tests(names[y[rows]].tolist(),
+                                    names[candidates[(i, j)]["improved"][rows]].tolist(),
+                                    names[preds[i]["test"][rows, 0]].tolist(), params))
+        power[str(n)] = {k: v for k, v in _rates(res, params).items()
+                         if k in ("cases", "bootstrap", "permutation")}
+    alpha = params.gate.alpha
+    return {
+        "type1": {str(n): detail["uniform"][str(n)][RECENT_TEST]["check"] for n in TYPE1_SIZES},
+        "type1_detail": {
+            "recent_test": RECENT_TEST, "alpha": alpha, "min_delta": params.gate.min_delta,
+            "resamples": params.evaluate.bootstrap_resamples,
+            "target": "rate <= alpha + 2 SE, SE = sqrt(alpha (1 - alpha) / cases)",
+            "rare_zipf": RARE_ZIPF, **detail, "power_better": power,
+        },
+    }
+
+
 # ---------------------------------------------------------------- the benchmark
 
 
@@ -352,7 +493,8 @@ def _mean_sd(values: list[float]) -> dict[str, float]:
     return {"mean": round(float(np.mean(values)), 4), "sd": round(float(np.std(values)), 4)}
 
 
-def run(*, with_ratchet: bool = True, cases: int = CASES, params=None) -> dict[str, Any]:
+def run(*, with_ratchet: bool = True, cases: int = CASES, with_type1: bool = True,
+        params=None) -> dict[str, Any]:
     if not DATA.is_dir():
         return {"skipped": f"CLINC150 not found at {DATA}"}
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local; never ask a hub
@@ -406,6 +548,10 @@ def run(*, with_ratchet: bool = True, cases: int = CASES, params=None) -> dict[s
     seconds["calibration"] = round(time.perf_counter() - t0, 1)
 
     # The simulation: each case draws its own recent and reference slices from the test pool.
+    # One BLAS thread from here on (see the docstring); the heads trained above set their own.
+    from threadpoolctl import threadpool_limits
+
+    blas = threadpool_limits(1)
     t0 = time.perf_counter()
     decisions: dict[str, dict[str, list[bool]]] = {r: {s: [] for s in SCENARIOS} for r in RULES}
     gaps = {s: {"recent": [], "reference": []} for s in SCENARIOS}
@@ -450,6 +596,10 @@ def run(*, with_ratchet: bool = True, cases: int = CASES, params=None) -> dict[s
               f"(recent gap {_mean_sd(gaps[scenario]['recent'])['mean']:+.4f})", flush=True)
     seconds["simulation"] = round(time.perf_counter() - t0, 1)
     seconds["ratchet_rule"] = round(ratchet_seconds, 1)
+    t0 = time.perf_counter()
+    errors = type1(y["test"], names, preds, pairs, candidates, params) if with_type1 else {}
+    seconds["type1"] = round(time.perf_counter() - t0, 1)
+    blas.restore_original_limits()
     seconds["total"] = round(time.perf_counter() - start, 1)
 
     result: dict[str, Any] = {
@@ -457,6 +607,7 @@ def run(*, with_ratchet: bool = True, cases: int = CASES, params=None) -> dict[s
         for rule, d in decisions.items() if with_ratchet or rule != "ratchet"
     }
     result["targets"] = {"equal": "<= 0.05", "better": ">= 0.80", "forgetting": "<= 0.05"}
+    result.update(errors)
     if with_ratchet:
         result["ratchet_vs_mlflow_disagreements"] = {
             s: int(np.sum(np.array(decisions["ratchet"][s])

@@ -84,3 +84,81 @@ def test_naive_and_mlflow_rules():
 def test_skipped_without_the_data(monkeypatch, tmp_path):
     monkeypatch.setattr(gate, "DATA", tmp_path / "absent")
     assert "skipped" in gate.run()
+
+
+def test_rare_slices_leave_many_classes_with_one_or_two_rows():
+    y = np.repeat(np.arange(150), 30)
+    rng = np.random.default_rng(0)
+    for n in (300, 1000):
+        rare = np.bincount(y[gate.type1_rows(rng, y, "rare", n, 150)], minlength=150)
+        uniform = np.bincount(y[gate.type1_rows(rng, y, "uniform", n, 150)], minlength=150)
+        assert np.sum((rare >= 1) & (rare <= 2)) >= 30
+        assert rare.max() > 3 * uniform.max()  # a skewed mix: a few heavy classes
+    # At 1,000 rows a uniform slice has ~7 rows per class; the skewed mix still leaves many
+    # classes with 1-2.
+    assert np.sum((rare >= 1) & (rare <= 2)) > 4 * np.sum((uniform >= 1) & (uniform <= 2))
+    a = gate.type1_rows(np.random.default_rng([1]), y, "rare", 50, 150)
+    assert np.array_equal(a, gate.type1_rows(np.random.default_rng([1]), y, "rare", 50, 150))
+    with pytest.raises(ValueError, match="kind"):
+        gate.type1_rows(rng, y, "skewed", 10, 150)
+
+
+def test_rates_count_rejections_of_the_test_and_of_the_check():
+    from ratchet.config import Params
+
+    params = Params()
+    rows = [{"permutation": 0.01, "gain": 0.02, "null_sd": 0.01},   # rejected, large gain
+            {"permutation": 0.01, "gain": 0.005, "null_sd": 0.01},  # rejected, gain too small
+            {"permutation": 0.5, "gain": 0.02, "null_sd": 0.01},
+            {"permutation": 0.9, "gain": -0.01, "null_sd": 0.01}]
+    out = gate._rates(rows, params)
+    assert out["permutation"] == {"test": 0.5, "check": 0.25}
+    assert "bootstrap" not in out and out["cases"] == 4
+    assert out["se"] == pytest.approx(np.sqrt(0.05 * 0.95 / 4), abs=1e-4)
+    assert out["target"] == pytest.approx(0.05 + 2 * out["se"], abs=1e-4)
+
+
+def test_recent_tests_are_the_p_value_score_reports():
+    import pandas as pd
+
+    from ratchet.config import Params
+    from tasks.evaluate import score
+
+    params = Params()
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, CLASSES, 200)
+    names = np.array([f"c{i}" for i in range(CLASSES)], dtype=object)
+    refs, cand, champ = (names[a].tolist() for a in (y, noisy(y, 0.9, rng), noisy(y, 0.85, rng)))
+    found = gate.recent_tests(refs, cand, champ, params)
+    metrics = score(pd.DataFrame({"label": refs, "candidate": cand, "champion": champ,
+                                  "slice": "recent"}), params)
+    assert found[gate.RECENT_TEST] == metrics["test/recent/p_value"]
+    assert found["boot_gain"] == metrics["diff/recent/macro_f1"]
+
+
+def test_type1_section_on_synthetic_models(monkeypatch):
+    from ratchet.config import Params
+
+    monkeypatch.setattr(gate, "TYPE1_CASES", 12)
+    monkeypatch.setattr(gate, "TYPE1_CONTROL_CASES", 6)
+    monkeypatch.setattr(gate, "POWER_CASES", 6)
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(CLASSES), 50)
+    preds = {s: {"test": top2_of(noisy(y, 0.9, rng), y, rng)} for s in range(4)}
+    pairs = [(i, j) for i in range(4) for j in range(4) if i != j]
+    candidates = {p: {"improved": gate.fix_errors(preds[p[1]]["test"][:, 0], y,
+                                                  rng.permutation(len(y)), 40)} for p in pairs}
+    names = np.array([f"c{i}" for i in range(CLASSES)], dtype=object)
+    out = gate.type1(y, names, preds, pairs, candidates, Params())
+    assert set(out["type1"]) == {"100", "300", "1000"}
+    detail = out["type1_detail"]
+    for kind in gate.TYPE1_KINDS:
+        for n in ("100", "300", "1000"):
+            cell = detail[kind][n]
+            assert cell["cases"] == 12 and cell["control"]["cases"] == 6
+            for test in ("bootstrap", "permutation"):
+                assert 0 <= cell[test]["check"] <= cell[test]["test"] <= 1
+    assert out["type1"]["300"] == detail["uniform"]["300"][gate.RECENT_TEST]["check"]
+    # The better candidate is found more often than the equal ones at the largest size.
+    assert (detail["power_better"]["1000"]["permutation"]["test"]
+            >= detail["uniform"]["1000"]["permutation"]["test"])
