@@ -18,6 +18,7 @@ BENCHMARKS: dict[str, str] = {  # name -> module
     "gate": "benchmarks.gate",
     "noise": "benchmarks.noise",
     "orchestration": "benchmarks.orchestration",
+    "robustness": "benchmarks.robustness",
     "stream": "benchmarks.stream",
     "training": "benchmarks.training",
 }

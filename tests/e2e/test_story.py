@@ -92,12 +92,13 @@ def assert_story(ws: Path, rows: list[dict[str, Any]]) -> None:
     assert g2["champion_before"] == g1["version"] and g2["champion_after"] == g2["version"]
     assert g2["drift_summary"].startswith("DRIFT")
     assert g3["champion_after"] == g2["version"]
-    assert {c["name"] for c in g3["checks"] if not c["passed"]} & {"recent", "reference"}
+    assert {c["name"] for c in g3["checks"] if not c["passed"]} & {"recent", "reference",
+                                                                    "label_noise"}
     # The recent gain after the new domain is real, by the bootstrap's lower bound.
     assert g2["metrics"]["diff/recent/macro_f1_low"] > 0.01
     # Every check of the rule ran on a run with a champion, on both models' numbers.
     names = {c["name"] for c in g2["checks"]}
-    assert {"validation", "min_score", "latency", "invariance_casing", "invariance_typos",
+    assert {"min_score", "label_noise", "latency", "invariance_casing", "invariance_typos",
             "probes", "recent", "reference", "weighted"} <= names, names
     for key in ("champion/weighted/macro_f1", "test/weighted/p_value", "mcnemar/recent/p_value",
                 "candidate/latency/p95_ms_bs32", "candidate/size/mb", "champion/all/ece"):
