@@ -218,6 +218,36 @@ def _rows(seed: int, n: int, noisy: float = 0.0, domains: list[str] | None = Non
 runner = CliRunner()
 
 
+def _workspace(ws: Path) -> Path:
+    """A workspace as the stage and `ratchet labels` see it (params, dvc.yaml, .dvc/, git, the
+    review file), made without DVC so that it takes no time; `ratchet init` is tested below."""
+    import shutil
+
+    from ratchet import workspace
+    from ratchet.runtime import write_json
+
+    (ws / "data" / "batches").mkdir(parents=True)
+    (ws / ".dvc").mkdir()
+    shutil.copyfile(workspace.template("dvc.yaml"), ws / "dvc.yaml")
+    raw = yaml.safe_load(workspace.template("params.yaml").read_text())
+    raw["model"]["source"] = "tiny"
+    (ws / "params.yaml").write_text(yaml.safe_dump(raw))
+    write_review(ws / "labels-review.yaml", {})
+    write_json(ws / "champion.json", {"name": None, "version": None, "fingerprint": None})
+    workspace.git(ws, "init", "-q", "-b", "main")
+    workspace.commit(ws, "a workspace")
+    return ws
+
+
+@pytest.mark.slow
+def test_init_makes_the_review_file(tmp_path):
+    from ratchet import workspace
+
+    ws = workspace.init(tmp_path / "ws", {"model": {"source": "tiny"}})
+    assert read_review(ws / "labels-review.yaml") == {}
+    assert "labels-review.yaml" in workspace.git(ws, "ls-files")
+
+
 def test_stage_review_cli_and_prepare_in_a_workspace(tmp_path, monkeypatch):
     """Cold start in a real workspace: the report's shape, then `ratchet labels` (list, a
     batch's suspects, accept, drop, an unknown id), and the review reaching the report."""
@@ -225,9 +255,7 @@ def test_stage_review_cli_and_prepare_in_a_workspace(tmp_path, monkeypatch):
     from ratchet.cli import app
     from tasks import noise
 
-    ws = workspace.init(tmp_path / "ws", {"model": {"source": "tiny"}})
-    assert read_review(ws / "labels-review.yaml") == {}
-    assert "labels-review.yaml" in workspace.git(ws, "ls-files")
+    ws = _workspace(tmp_path / "ws")
     bid = "0001-0123456789ab"  # as ingest names a batch (ingest itself is tested elsewhere)
     _rows(0, 160, noisy=0.6).to_parquet(ws / "data/batches" / f"{bid}.parquet")
     monkeypatch.chdir(ws)
