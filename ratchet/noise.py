@@ -164,7 +164,9 @@ def summary(batch_id: str, entry: Mapping[str, Any], cfg: NoiseConfig) -> str:
     """One line about a batch's entry, for the report, the flow's artifact and the CLI."""
     method = entry.get("method")
     if method == NOT_JUDGED or entry.get("rate") is None:
-        why = entry.get("reason") or "no row could be judged"
+        why = entry.get("reason") or (
+            "no row has a label the champion learnt" if method == CHAMPION
+            else "no label has enough rows to cross-validate")
         return f"batch {batch_id}: label noise not judged ({why})"
     rate, judged, rows = entry["rate"], int(entry["judged"]), int(entry["rows"])
     rest = ""

@@ -220,7 +220,7 @@ def run(params: Params, *, batches: Path, champion: Path, store: Path, report: P
     out = {
         "newest": newest,
         "flagged": bool(table[newest]["flagged"] and table[newest]["review"] is None),
-        "summary": summary(newest, table[newest], cfg),
+        "summary": summary(newest, {**entries[newest], **table[newest]}, cfg),
         "batches": table,
     }
     write_json(report, out)

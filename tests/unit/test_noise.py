@@ -55,6 +55,23 @@ def test_the_rule_follows_its_params():
     assert flag(entry, NoiseConfig(min_rows=101)) is False
 
 
+def test_summary_lines():
+    from ratchet.noise import summary
+
+    entry = {"method": CHAMPION, "rate": 0.482, "baseline": 0.051, "judged": 855, "rows": 900,
+             "suspects": 412, "flagged": True, "review": None}
+    assert summary("0003-ab12", entry, CFG) == (
+        "batch 0003-ab12: est. 48.2% label issues (412 of 855 judged rows; 45 of 900 rows not "
+        "judged: labels the champion does not know) vs the champion's 5.1% on held-out rows: "
+        "flagged")
+    assert summary("0003-ab12", {**entry, "review": "accept"}, CFG).endswith(
+        "flagged, labels accepted by review")
+    skipped = {"method": NOT_JUDGED, "rate": None, "judged": 0, "rows": 50, "suspects": 0,
+               "flagged": False, "reason": "no champion yet, and noise.cold_start is skip"}
+    assert summary("0001-cd", skipped, CFG) == (
+        "batch 0001-cd: label noise not judged (no champion yet, and noise.cold_start is skip)")
+
+
 def _probs(true: np.ndarray, k: int, rng: np.random.Generator, sure: float = 0.9) -> np.ndarray:
     """A model that puts about `sure` on the true class and spreads the rest."""
     p = rng.dirichlet(np.ones(k), size=len(true)) * (1 - sure)
