@@ -338,9 +338,9 @@ def harm_p_value(
     so (b) only adds caution (the maximum is at least (a)), and it is needed: when a few
     discordant rows make the whole difference the bootstrap's distribution is far from
     normal, and (a) alone can be far smaller than the chance that equal models split those
-    rows so unevenly (k rows all lost: 2^-k). (b) is counted again with ceil(1 / resolution) resamples when its count sits at the
-    floor 1/(B+1) and that floor is above `resolution` (the smallest p-value the caller must
-    tell apart, e.g. alpha / domains / 10 under Holm).
+    rows so unevenly (k rows all lost: 2^-k). (b) is counted again with ceil(1 / resolution)
+    resamples when its count sits at the floor 1/(B+1) and that floor is above `resolution`
+    (the smallest p-value the caller must tell apart, e.g. alpha / domains / 10 under Holm).
     """
     if boot.n == 0:
         return math.nan
