@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from ratchet.config import Params
 
@@ -55,5 +56,6 @@ def test_a_domain_the_candidate_wrecks_fails_among_150():
     assert _failed_domains(_frame("d042")) == ["domain:d042"]
 
 
+@pytest.mark.slow  # ~40 s (153 slices scored); harm_p_value's null behaviour is unit-tested
 def test_no_domain_fails_when_the_models_are_equal():
     assert _failed_domains(_frame(None)) == []
