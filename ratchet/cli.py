@@ -233,7 +233,6 @@ def status(workspace_dir: WorkspaceOpt = Path(".")) -> None:
         champion = next((v for v, names in aliases.items() if CHAMPION in names), None)
         if champion is not None:
             console.print(_champion_line(alias_history(client, name), champion), highlight=False)
-
         from ratchet.workspace import read_noise
 
         noise = read_noise(workspace_dir.resolve())
@@ -242,6 +241,7 @@ def status(workspace_dir: WorkspaceOpt = Path(".")) -> None:
             console.print(f"{mark} {noise['summary']}"
                           + (" (`ratchet labels` to review)" if noise.get("flagged") else ""),
                           highlight=False)
+
 
 def _champion_line(events: list[dict[str, Any]], champion: str) -> str:
     """One line on how the champion got where it is, from the last logged move (no writes)."""
@@ -424,7 +424,6 @@ def _deciding(tags: dict[str, str]) -> list[str]:
     return key or reasons
 
 
-@app.command()
 labels_app = typer.Typer(
     help="Label noise: each batch's estimated share of wrong labels, its suspect rows, and your "
     "review (accept or drop).",
@@ -561,6 +560,7 @@ def labels_drop(batch: BatchArg, workspace_dir: WorkspaceOpt = Path(".")) -> Non
     _review(workspace_dir, batch, "drop")
 
 
+@app.command()
 def serve(
     workspace_dir: WorkspaceOpt = Path("."),
     interval: Annotated[
@@ -712,13 +712,13 @@ def run_demo(
             continue
         run_engine = engines[min(i, len(engines)) - 1]
         gate = _run(ws, run_engine)
-        row.update(
         noise = workspace.read_noise(ws)
+        row.update(
             engine=str(run_engine),
             gate=gate,
-            decision=gate["decision"],
             noise={**noise.get("batches", {}).get(noise.get("newest"), {}),
                    "flagged": bool(noise.get("flagged")), "summary": noise.get("summary")},
+            decision=gate["decision"],
             version=gate.get("version"),
             reasons=[c["reason"] for c in gate["checks"] if not c["passed"]]
             or [c["reason"] for c in gate["checks"]][-2:],
@@ -741,7 +741,6 @@ def _pair(m: dict[str, float], name: str) -> str:
     return f"{cand:.3f} vs {champ:.3f}"
 
 
-def _short(text: str, limit: int = 70) -> str:
 def _noise_cell(noise: dict[str, Any]) -> str:
     """The demo table's label-noise cell: the estimate, against what, and the verdict."""
     if noise.get("rate") is None:
@@ -751,6 +750,7 @@ def _noise_cell(noise: dict[str, Any]) -> str:
     return f"{noise['rate']:.0%}{against}" + (": FLAGGED" if noise.get("flagged") else "")
 
 
+def _short(text: str, limit: int = 70) -> str:
     text = " ".join(str(text).split())
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
@@ -780,8 +780,8 @@ def print_story(rows: list[dict[str, Any]]) -> None:
             r["batch"],
             str(r["rows"]),
             drift,
-            _pair(m, "recent"),
             _noise_cell(r.get("noise") or {}),
+            _pair(m, "recent"),
             _pair(m, "reference"),
             f"{r['decision']}" + (f" (v{r['version']})" if r.get("version") else ""),
             "\n".join(_short(x) for x in reasons),
