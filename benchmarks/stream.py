@@ -16,6 +16,17 @@ no row is in two batches:
 | 5 repeat | the same file as batch 4 | no new version | yes |
 | 6 late-domain | every intent of the later domain | promote | yes |
 
+Size: ROWS_PER_INTENT = 40 (batches of 3,600 / 1,200 / 4,800 / 4,800 / the same / 600 rows;
+49 is the most the data allow, three chunks of each known intent). Measured on batch 1 alone:
+1,380 s (ingest 55 s; `ratchet run` 1,326 s: finetune 473, pretrain 294, noise 222, evaluate 87,
+validate 44, gate 43, the rest under 15 each, 121 s outside the stages) on the 2 cores shared
+with other jobs at load average ~5.5, where the same stages run ~10x faster idle (validate
+3.9 s, pretrain 24.8 s in results/orchestration.json). Finetune grows with all the rows so far
+(every run trains from the base model on every batch), the rest is mostly per run: the whole
+stream is ~20-25 min idle and ~3 h at that load (an estimate from this batch). With 15 rows per
+intent batch 1 took 554 s (load ~4.5) but reached only 0.53 test macro-F1 after one epoch (the
+floor is 0.5; 0.82 with 40): later verdicts would be about models that barely pass the floor.
+
 Exactly round(NOISE_SHARE * rows) rows of batch 3 are flipped, each to a label drawn uniformly
 from the known labels (batches 1-2) other than its own; `domain` stays the text's own.
 
@@ -35,7 +46,8 @@ Per batch, recorded:
   `versions` keep the raw facts. A refused ingest is "refused at ingest", a run that exits
   non-zero "run failed" (both with `error`, the end of the output); the stream goes on.
   `right`: decision == expected, None for "either"; `right_share` is over the "must" batches.
-- `failed_checks`: name and reason of every failed check in reports/gate.json.
+- `failed_checks`: name and reason of every failed check in reports/gate.json, when the gate
+  stage ran in this run (`gate_ran`; else the record is the previous run's: [] here).
 - `noise_rate` / `noise_flagged`: reports/validation/noise.json -> batches[<batch id>] "rate" and
   "flagged" (the noise stage's record; None when the file, the batch or the key is absent).
 - `macro_f1`: candidate and champion, recent and reference, from metrics/eval.json (None where
@@ -237,6 +249,15 @@ def stage_timings(log: str) -> dict[str, float]:
     return out
 
 
+def gate_ran(stages: dict[str, float], run_exit: int | None) -> bool:
+    """Did this run's gate stage write reports/gate.json? Not when DVC found it up to date (the
+    record is then the previous run's) nor when the run failed or never started; a log without
+    the gate's line (its format changed) counts as ran."""
+    if run_exit != 0:
+        return False
+    return stages.get("gate", math.nan) != 0.0
+
+
 VERSIONS_LINE = re.compile(r":\s*(\d+)\s+version\(s\)")
 
 
@@ -372,6 +393,8 @@ def play(batch: Batch, file: Path, ws: Path, sh: Shell, gate_params,
             gate = _json(ws / "reports/gate.json") or {}
             metrics = _json(ws / "metrics/eval.json") or {}
             decision = decision_of(gate, versions_before, versions_after)
+    stages = stage_timings(run_out)
+    ran = gate_ran(stages, run_rc)
     rate, flagged = noise_of(_json(ws / "reports/validation/noise.json"), batch_id)
     rules = baseline_rules(metrics, min_delta=gate_params.min_delta, floor=gate_params.min_score)
     row.update({
@@ -379,18 +402,19 @@ def play(batch: Batch, file: Path, ws: Path, sh: Shell, gate_params,
         "right": is_right(batch.expected, decision),
         "noise_rate": rate,
         "noise_flagged": flagged,
-        "gate_decision": gate.get("decision"),
+        "gate_ran": ran,
+        "gate_decision": gate.get("decision") if ran else None,
         "version": gate.get("version"),
         "champion": [gate.get("champion_before"), gate.get("champion_after")],
         "versions": [versions_before, versions_after],
-        "failed_checks": failed_checks(gate),
+        "failed_checks": failed_checks(gate) if ran else [],
         "macro_f1": f1_scores(metrics),
         "baselines": None if rules is None else {
             name: {"promote": p, "right": rule_is_right(batch.expected, p)}
             for name, p in rules.items()},
         "run_s": round(run_s, 1),
         "run_exit": run_rc,
-        "stage_seconds": stage_timings(run_out),
+        "stage_seconds": stages,
     })
     print(f"stream batch {batch.number} ({batch.name}, {len(batch.frame)} rows): expected "
           f"{batch.expected}, got {decision} (gate {gate.get('decision')}), noise {rate}, "

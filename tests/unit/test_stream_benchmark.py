@@ -151,6 +151,14 @@ def test_reading_the_run_output():
                               "changed") == "0001-abc"
 
 
+def test_the_gate_record_counts_only_when_the_gate_ran():
+    assert stream.gate_ran({"evaluate": 3.0, "gate": 12.5}, 0)
+    assert not stream.gate_ran({"evaluate": 0.0, "gate": 0.0}, 0)  # previous run's record
+    assert not stream.gate_ran({"gate": 12.5}, 1)  # failed run
+    assert not stream.gate_ran({}, None)  # refused at ingest: no run
+    assert stream.gate_ran({}, 0)
+
+
 def test_noise_record_is_read_defensively():
     report = {"newest": "b2", "flagged": True, "summary": "",
               "batches": {"b1": {"rate": 0.02, "baseline": 0.02, "flagged": False},
