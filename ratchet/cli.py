@@ -184,7 +184,8 @@ def _print_gate(gate: dict[str, Any]) -> None:
         f"champion {gate.get('champion_before')} -> {gate.get('champion_after')})"
     )
     for c in gate.get("checks", []):
-        mark = "[green]ok[/]" if c["passed"] else "[red]FAIL[/]"
+        mark = ("[red]FAIL[/]" if not c["passed"] else
+                "[yellow]WARN[/]" if c.get("warning") else "[green]ok[/]")
         console.print(f"  {mark} {c['reason']}", highlight=False)
 
 

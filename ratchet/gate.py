@@ -167,8 +167,8 @@ def _latency_check(lat: Latency, cfg: GateConfig) -> Check:
     """Ratio to the champion (timed interleaved), and the absolute budget on the fastest round.
 
     With a champion, being over the budget counts only when the candidate is also the slower
-    of the two (by more than LATENCY_TIE): a machine busy for the whole measurement slows both alike, and the candidate
-    cannot make serving slower than it is.
+    of the two (by more than LATENCY_TIE): a machine busy for the whole measurement slows both
+    alike, and the candidate cannot make serving slower than it is.
     """
     if _bad(lat.best_ms):
         return Check("latency", False, "batch-1 latency not measured")
