@@ -11,9 +11,8 @@ import random
 from collections.abc import Callable
 from pathlib import Path
 
-import yaml
-
 from ratchet.errors import ConfigError
+from ratchet.runtime import read_yaml_mapping
 
 Predict = Callable[[list[str]], list[str]]
 
@@ -29,15 +28,7 @@ def load_probes(path: Path, *, required: bool = False) -> dict[str, list[str]]:
             raise ConfigError(f"{path}: the probes file (evaluate.probes) does not exist; "
                               "make it, even empty (see `ratchet init`), or fix the path")
         return {}
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: must map each label to a list of texts, "
-                          f"got {type(raw).__name__}")
+    raw = read_yaml_mapping(path, "each label to a list of texts")
     probes: dict[str, list[str]] = {}
     for label, texts in raw.items():
         if isinstance(texts, str):

@@ -241,15 +241,9 @@ def read_review(path: Path | None) -> dict[str, str]:
 
     if path is None or not path.is_file():
         return {}
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: must map batch ids to accept or drop, got "
-                          f"{type(raw).__name__}")
+    from ratchet.runtime import read_yaml_mapping
+
+    raw = read_yaml_mapping(path, "batch ids to accept or drop")
     bad = {str(k): v for k, v in raw.items() if v not in REVIEWS}
     if bad:
         key, value = next(iter(bad.items()))

@@ -80,3 +80,22 @@ def write_text_atomic(path: Path, text: str) -> None:
     """Write text atomically (temp file + rename)."""
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def read_yaml_mapping(path: Path, shape: str) -> dict:
+    """A small YAML file that must hold a mapping (empty file: {}); `shape` says what it maps,
+    for the error (e.g. "each label to a list of texts"). Bad YAML or another shape fails with
+    one line naming the file."""
+    import yaml
+
+    from ratchet.errors import ConfigError
+
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: must map {shape}, got {type(raw).__name__}")
+    return raw
