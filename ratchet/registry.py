@@ -448,3 +448,19 @@ def _requirements() -> list[str]:
     pkgs = ["mlflow", "torch", "transformers", "pandas", "numpy", "safetensors", "tokenizers"]
     # The pyfunc class lives in ratchet: serve with `--env-manager local` where it is installed.
     return [f"{p}=={version(p)}" for p in pkgs]
+
+
+def load_champion(params, champion: dict, workspace: Path | None = None):
+    """The registered champion's pyfunc (what actually serves), or None before there is one.
+
+    `champion` is the resolved alias (champion.json: name, version); the stages that judge
+    against it (evaluate, noise, finetune's continual mode) load it here.
+    """
+    if not champion.get("version"):
+        return None
+    import mlflow.pyfunc
+
+    connect(params.registry, workspace or Path.cwd())
+    # The champion was logged from this same environment: skip MLflow's requirement check (~2 s).
+    return mlflow.pyfunc.load_model(f"models:/{champion['name']}/{champion['version']}",
+                                    suppress_warnings=True)

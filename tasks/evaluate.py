@@ -51,20 +51,6 @@ def _safe(name: str) -> str:
     return re.sub(r"[^\w.\-]+", "_", name)[:60] or "_"
 
 
-def champion_model(params: Params, champion: dict):
-    """The registered champion's pyfunc (what actually serves), or None before there is one."""
-    if not champion.get("version"):
-        return None
-    import mlflow.pyfunc
-
-    from ratchet.registry import connect
-
-    connect(params.registry, Path.cwd())
-    # The champion was logged from this same environment: skip MLflow's requirement check (~2 s).
-    return mlflow.pyfunc.load_model(f"models:/{champion['name']}/{champion['version']}",
-                                    suppress_warnings=True)
-
-
 def champion_labels(model) -> list[str] | None:
     """The label set the champion can predict (None when its pyfunc does not say)."""
     try:
@@ -196,7 +182,9 @@ def predict_frame(params: Params, candidate: Path, test: Path, champion: dict,
     labels, probs = clf.predict(texts)
     df["candidate"] = labels
     df["candidate_score"] = probs.max(axis=1).astype(float) if len(texts) else []
-    champ = champion_model(params, champion)
+    from ratchet.registry import load_champion
+
+    champ = load_champion(params, champion)
     if champ is not None:
         out = champ.predict(pd.DataFrame({"text": texts}))
         df["champion"] = out["label"].astype(str).tolist()

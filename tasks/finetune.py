@@ -88,9 +88,9 @@ def champion_classifier(params: Params, champion: Path | None):
     ref = json.loads(champion.read_text())
     if not ref.get("version"):
         return None
-    from tasks.evaluate import champion_model
+    from ratchet.registry import load_champion
 
-    clf = champion_model(params, ref).unwrap_python_model()._clf
+    clf = load_champion(params, ref).unwrap_python_model()._clf
     return clf.model, clf.tokenizer, ref["version"]
 
 

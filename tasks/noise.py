@@ -88,13 +88,9 @@ def _entry(est: Estimate, rows: int, method: str, baseline: float | None,
 
 def load_champion(params: Params, champion: dict):
     """The registered champion's pyfunc and its label set (the order of its probabilities)."""
-    import mlflow.pyfunc
+    from ratchet.registry import load_champion as load
 
-    from ratchet.registry import connect
-
-    connect(params.registry, Path.cwd())
-    model = mlflow.pyfunc.load_model(f"models:/{champion['name']}/{champion['version']}",
-                                     suppress_warnings=True)
+    model = load(params, champion)
     return model, [str(c) for c in model.unwrap_python_model().labels]
 
 
