@@ -35,8 +35,8 @@ slice a fresh sample from the population the pool stands for). The realised gaps
 per scenario (`mean_gaps`: mean and sd over cases).
 
 Rules, on each case:
-- ratchet: the project's own code, `tasks.evaluate.score` on the case's frame (label, slice,
-  candidate, champion) then `tasks.gate.rule_decision` with default Params (bootstrap 2000
+- ratchet: the project's own code, `ratchet.evaluation.score` on the case's frame (label, slice,
+  candidate, champion) then `ratchet.gate.rule_decision` with default Params (bootstrap 2000
   resamples, unchanged); latency and behaviour checks are skipped (not measurable here),
   validation passed, a champion exists. Without `domain` in the frame (see WITH_DOMAIN).
 - naive: promote when the candidate's recent macro-F1 is greater (ZenML-template style).
@@ -61,7 +61,7 @@ n of TYPE1_SIZES and each kind of recent slice, TYPE1_CASES cases draw n rows:
   only 1-2 rows in the slice (reported as `classes_with_1_2_rows`).
 On each case, with the evaluate defaults (params.evaluate.bootstrap_resamples and seed):
 `bootstrap`: the recent p-value before the permutation test, `ratchet.stats.bootstrap(...)
-.p_below(0.0)`; `permutation`: the one `tasks.evaluate.score` now reports as
+.p_below(0.0)`; `permutation`: the one `ratchet.evaluation.score` now reports as
 `test/recent/p_value`, `ratchet.stats.paired_permutation(...).p_value`. Reported: the rejection
 rate at params.gate.alpha (`test`) and the recent check as the rule applies it (`check`: p <
 alpha and gain >= min_delta; the rule compares Holm's adjusted p, which is never below the raw
@@ -126,7 +126,7 @@ TYPE1_CASES = 500  # per (kind, size)
 TYPE1_CONTROL_CASES = 300  # per (kind, size): the first cases again, each row's pair shuffled
 POWER_CASES = 200  # per size
 RARE_ZIPF = 1.0
-RECENT_TEST = "permutation"  # the test behind `test/recent/p_value` in tasks.evaluate.score
+RECENT_TEST = "permutation"  # the test behind `test/recent/p_value` in ratchet.evaluation.score
 
 
 # ---------------------------------------------------------------- data, embeddings, models
@@ -354,8 +354,8 @@ def mlflow_rule(candidate_recent: float, champion_recent: float, *, min_delta: f
 
 def ratchet_rule(frame: pd.DataFrame, params) -> tuple[bool, list[str], dict[str, float]]:
     """The project's own evaluate metrics and gate rule on one case's frame."""
-    from tasks.evaluate import score
-    from tasks.gate import rule_decision
+    from ratchet.evaluation import score
+    from ratchet.gate import rule_decision
 
     metrics = score(frame, params)
     decision = rule_decision(metrics, params, has_champion=True)

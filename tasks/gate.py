@@ -14,93 +14,9 @@ import yaml
 
 from ratchet.config import Params
 from ratchet.data import RECENT, REFERENCE
-from ratchet.gate import Behaviour, Check, Decision, GateInputs, Latency, decide
+from ratchet.gate import Check, Decision, decide, gate_inputs
 from ratchet.runtime import read_json, write_json, write_text_atomic
 from ratchet.stage import stage_main
-from ratchet.stats import Comparison
-
-
-def comparison(m: dict[str, float], name: str) -> Comparison | None:
-    """The macro-F1 comparison on one slice, its p-value the one the rule tests there."""
-    if f"diff/{name}/macro_f1" not in m:
-        return None
-    nan = math.nan
-    return Comparison(
-        n=int(m.get(f"n/{name}", 0)),
-        candidate=m.get(f"candidate/{name}/macro_f1", nan),
-        champion=m.get(f"champion/{name}/macro_f1", nan),
-        diff=m[f"diff/{name}/macro_f1"],
-        low=m.get(f"diff/{name}/macro_f1_low", nan),
-        high=m.get(f"diff/{name}/macro_f1_high", nan),
-        p_value=m.get(f"test/{name}/p_value", nan),
-    )
-
-
-def _measured(m: dict[str, float], key: str, required: bool) -> float | None:
-    """A measurement: NaN (fails) when required and absent, else None (skipped)."""
-    if key in m:
-        return m[key]
-    return math.nan if required else None
-
-
-def gate_inputs(m: dict[str, float], champion: dict, *, noise: dict | None = None,
-                new_classes: list[str] | tuple[str, ...] = (),
-                require_measured: bool = True) -> GateInputs:
-    """The rule's inputs from the evaluation metrics (and the noise stage's report).
-
-    `require_measured`: latency and behaviour must be in `m` (the pipeline always measures
-    them); False lets a caller that cannot measure them (the gate benchmark) skip those checks.
-    """
-    has_champion = bool(champion.get("version"))
-    domains = {}
-    for key in m:
-        if key.startswith("n/domain:"):
-            name = key[len("n/"):]
-            c = comparison(m, name)
-            if c is not None:
-                domains[name[len("domain:"):]] = c
-    behaviour = None
-    casing = _measured(m, "behaviour/candidate/casing", require_measured)
-    if casing is not None:
-        behaviour = Behaviour(
-            casing=casing, typos=_measured(m, "behaviour/candidate/typos", True),
-            probes=m.get("behaviour/candidate/probes"),
-            champion_casing=_measured(m, "behaviour/champion/casing", True)
-            if has_champion else None,
-            champion_typos=_measured(m, "behaviour/champion/typos", True)
-            if has_champion else None,
-        )
-    latency = None
-    best = _measured(m, "candidate/latency/best_p95_ms_bs1", require_measured)
-    if best is not None:
-        latency = Latency(
-            best_ms=best, worst_ms=m.get("candidate/latency/worst_p95_ms_bs1", math.nan),
-            ratio=_measured(m, "latency/ratio_bs1", True) if has_champion else None,
-            champion_best_ms=m.get("champion/latency/best_p95_ms_bs1"),
-        )
-    label_noise = None
-    if noise:
-        label_noise = {"flagged": bool(noise.get("flagged")), "summary": noise.get("summary")}
-    return GateInputs(
-        has_champion=has_champion,
-        candidate_score=m.get("candidate/all/macro_f1", math.nan),
-        recent=comparison(m, RECENT),
-        reference=comparison(m, REFERENCE),
-        weighted=comparison(m, "weighted"),
-        domains=domains,
-        latency=latency,
-        behaviour=behaviour,
-        label_noise=label_noise,
-        new_classes=tuple(new_classes),
-    )
-
-
-def rule_decision(metrics: dict[str, float], params: Params, *,
-                  has_champion: bool = True) -> Decision:
-    """The rule on a metrics dict from `tasks.evaluate.score` (latency/behaviour optional)."""
-    inputs = gate_inputs(metrics, {"version": "champion" if has_champion else None},
-                         require_measured=False)
-    return decide(inputs, params.gate)
 
 
 def data_hashes(lock: Path) -> dict[str, str]:
@@ -161,7 +77,7 @@ def reevaluate(params: Params, m: dict[str, float], champion: dict, *, candidate
                test: Path, weights: Path | None) -> tuple[dict[str, float], list[str]]:
     """Metrics against another champion: the comparisons, latency ratio and behaviour beside it
     anew; the candidate-only measurements (size, batch-32 latency, probes) kept."""
-    from tasks.evaluate import champion_labels, predict_frame, score, serving
+    from ratchet.evaluation import champion_labels, predict_frame, score, serving
 
     df, clf, champ = predict_frame(params, candidate, test, champion, weights)
     fresh = score(df, params)

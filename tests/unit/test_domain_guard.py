@@ -1,6 +1,6 @@
 """The per-domain harm guard can fail: 150 judged domains, one of them wrecked by the candidate.
 
-Through the project's code (`tasks.evaluate.score` then `tasks.gate.rule_decision`): a p-value
+Through the project's code (`ratchet.evaluation.score` then `ratchet.gate.rule_decision`): a p-value
 counted from 2,000 bootstrap resamples is at least 1/2001, and Holm over 150 domains multiplies
 the smallest one by 150 (0.075 > alpha), so a guard built on it could never fire.
 """
@@ -41,8 +41,8 @@ def _frame(wrecked: str | None, seed: int = 0) -> pd.DataFrame:
 
 
 def _failed_domains(frame: pd.DataFrame) -> list[str]:
-    from tasks.evaluate import score
-    from tasks.gate import rule_decision
+    from ratchet.evaluation import score
+    from ratchet.gate import rule_decision
 
     params = Params()
     assert params.gate.min_domain_rows <= ROWS

@@ -358,7 +358,7 @@ def test_weighted_scores_follow_the_weights():
 
 def test_weights_must_belong_to_the_test_rows(tmp_path):
     from ratchet.errors import RatchetError
-    from tasks.evaluate import load_test_weights
+    from ratchet.evaluation import load_test_weights
 
     test = pd.DataFrame({"text": ["x", "y"], "label": ["a", "b"]})
     path = tmp_path / "weights.parquet"

@@ -122,7 +122,7 @@ def test_recent_tests_are_the_p_value_score_reports():
     import pandas as pd
 
     from ratchet.config import Params
-    from tasks.evaluate import score
+    from ratchet.evaluation import score
 
     params = Params()
     rng = np.random.default_rng(3)

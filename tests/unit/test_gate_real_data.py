@@ -9,9 +9,9 @@ import pytest
 
 from ratchet import latency
 from ratchet.config import Params
+from ratchet.gate import gate_inputs, rule_decision
 from ratchet.models import Classifier
 from tasks.evaluate import details
-from tasks.gate import gate_inputs, rule_decision
 from tests.conftest import tiny_classifier
 
 PARAMS = Params()

@@ -182,7 +182,7 @@ def test_gate_reevaluates_when_champion_moves_during_the_run(ws):
 
 def test_slices_keep_domains_apart_and_weights_are_checked(tmp_path):
     from ratchet.errors import RatchetError
-    from tasks.evaluate import load_test_weights, slice_masks
+    from ratchet.evaluation import load_test_weights, slice_masks
 
     df = pd.DataFrame({"text": ["a", "b", "c"], "label": ["x", "y", "x"],
                        "slice": ["recent", "reference", "recent"],

@@ -32,8 +32,8 @@ def test_a_chance_split_of_one_row_classes_is_not_promoted():
     # 11 of 100 one-row intents where the two models disagree, 8 of them won by the candidate:
     # one equal pair in nine does at least this well (exact sign test p = 0.113). Today's
     # bootstrap called it p = 0.016 and promoted on a 5-point "gain".
-    from tasks.evaluate import score
-    from tasks.gate import rule_decision
+    from ratchet.evaluation import score
+    from ratchet.gate import rule_decision
 
     params = Params()
     y, cand, champ = _one_row_classes(100, wins=8, losses=3)
@@ -72,8 +72,8 @@ def test_recent_p_values_hold_alpha_with_one_row_classes():
 
 
 def test_score_reports_the_permutation_test_on_recent():
+    from ratchet.evaluation import score
     from ratchet.stats import bootstrap, paired_permutation
-    from tasks.evaluate import score
 
     params = Params()
     rng = np.random.default_rng(1)
