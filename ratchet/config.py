@@ -357,6 +357,12 @@ class GateConfig(_Section):
     min_domain_rows: int = Field(
         30, ge=1, description="Domains with fewer test rows are reported but not judged."
     )
+    floor_models: int = Field(
+        3, ge=0, le=20, description="How many of the best models the registry has served are "
+        "kept as the floor: the candidate must also be non-inferior within max_regression to "
+        "the best of them on reference and on every judged domain (0: the current champion "
+        "only, so losses of up to max_regression per promotion can add up)."
+    )
 
 
 class RegistryConfig(_Section):

@@ -166,29 +166,132 @@ def score(frame: pd.DataFrame, params: Params) -> dict[str, float]:
         if weights is None and refs:
             for key, value in mcnemar(refs, cand, champ).items():
                 out[f"mcnemar/{name}/{key}"] = float(value)
+    served = [c for c in frame.columns if str(c).startswith(SERVED_PREFIX)]
+    if has_champion and served:
+        out["floor/models"] = len(served)
+        out.update(floor_scores(frame, masks, served, params, judged))
     return out
 
 
-def predict_frame(params: Params, candidate: Path, test: Path, champion: dict,
-                  weights: Path | None = None) -> tuple[pd.DataFrame, Any, Any]:
-    """Both models' predictions on the test split: (frame, candidate classifier, champion)."""
-    from ratchet.models import Classifier
+FLOOR = "floor:"
+"""Prefix of the floor's comparisons: `floor:reference`, `floor:domain:<name>`."""
 
+
+def floor_scores(frame: pd.DataFrame, masks: dict[str, np.ndarray], served: list[str],
+                 params: Params, judged: int) -> dict[str, float]:
+    """The candidate against the best model the registry has served, slice by slice.
+
+    For reference and every judged domain: each floor model's macro-F1 on the slice
+    (`served:<v>/<slice>/macro_f1`); when the best of them beats the champion there, the
+    candidate is compared with that model exactly as with the champion (`floor:<slice>`: the
+    bootstrap's difference and bounds, `test/floor:<slice>/p_value` of the same hypothesis as
+    the champion's check, `floor/model/floor:<slice>` the version). Where the champion is the
+    best served model, its own check already covers the slice and nothing is added.
+    """
+    from ratchet.stats import bootstrap, harm_p_value, macro_f1
+
+    cfg, margin = params.evaluate, -params.gate.max_regression
+    out: dict[str, float] = {}
+    least = params.gate.min_domain_rows
+    names = [REFERENCE] + sorted(k for k, m in masks.items()
+                                 if k.startswith("domain:") and m.sum() >= least)
+    for name in names:
+        mask = masks.get(name)
+        if mask is None or not mask.any():
+            continue
+        refs = frame.loc[mask, LABEL].astype(str).tolist()
+        best, best_f1 = None, macro_f1(refs, frame.loc[mask, "champion"].astype(str).tolist())
+        for col in served:
+            f1 = macro_f1(refs, frame.loc[mask, col].astype(str).tolist())
+            out[f"{col}/{name}/macro_f1"] = f1
+            if f1 > best_f1 + 1e-12:
+                best, best_f1 = col, f1
+        if best is None:
+            continue
+        key = f"{FLOOR}{name}"
+        cand = frame.loc[mask, "candidate"].astype(str).tolist()
+        floor = frame.loc[mask, best].astype(str).tolist()
+        boot = bootstrap(refs, cand, floor, metric="macro_f1",
+                         resamples=cfg.bootstrap_resamples, seed=cfg.seed)
+        c = boot.comparison(cfg.confidence)
+        out[f"n/{key}"] = int(mask.sum())
+        out[f"floor/model/{key}"] = float(best[len(SERVED_PREFIX):])
+        out[f"candidate/{key}/macro_f1"] = c.candidate
+        out[f"champion/{key}/macro_f1"] = c.champion  # the floor model's, in Comparison's place
+        out[f"diff/{key}/macro_f1"] = c.diff
+        out[f"diff/{key}/macro_f1_low"] = c.low
+        out[f"diff/{key}/macro_f1_high"] = c.high
+        out[f"test/{key}/p_value"] = boot.p_below(margin) if name == REFERENCE else harm_p_value(
+            refs, cand, floor, boot, margin=margin, seed=cfg.seed,
+            resamples=cfg.bootstrap_resamples, resolution=params.gate.alpha / max(judged, 1) / 10)
+    return out
+
+
+SERVED_PREFIX = "served:"
+"""Prediction columns of the floor's models (`served:<version>`), beside `champion`."""
+
+
+def _pyfunc_predict(model) -> Any:
+    def predict(texts: list[str]) -> tuple[list[str], list[float]]:
+        out = model.predict(pd.DataFrame({"text": texts}))
+        return out["label"].astype(str).tolist(), out["score"].astype(float).tolist()
+
+    return predict
+
+
+def predict_frame(params: Params, candidate: Path, test: Path, champion: dict,
+                  weights: Path | None = None, *, cache: Path | None = None
+                  ) -> tuple[pd.DataFrame, Any, Any]:
+    """Every model's predictions on the test split: (frame, candidate classifier, champion).
+
+    Besides the candidate and the champion, the floor's models (`champion["floor"]`: the best
+    models the registry has served, see `ratchet.floor`) get a `served:<version>` column. With
+    `cache` (a folder), each model predicts only the texts it has not predicted before
+    (`ratchet.cache`), and a floor model is loaded only when it has such texts.
+    """
+    from ratchet.cache import PredictionCache
+    from ratchet.models import Classifier
+    from ratchet.registry import load_champion, load_version
+    from ratchet.workspace import fingerprint
+
+    store = PredictionCache(cache)
     df = pd.read_parquet(test)
     texts = df[TEXT].astype(str).tolist()
     clf = Classifier(candidate, batch_size=params.evaluate.batch_size)
-    labels, probs = clf.predict(texts)
-    df["candidate"] = labels
-    df["candidate_score"] = probs.max(axis=1).astype(float) if len(texts) else []
-    from ratchet.registry import load_champion
 
+    def predict_candidate(batch: list[str]) -> tuple[list[str], Any]:
+        labels, probs = clf.predict(batch)
+        return labels, probs.max(axis=1).astype(float)
+
+    predicted: dict[str, int] = {}
+    labels, scores, predicted["candidate"] = store.predict(fingerprint(candidate), texts,
+                                                           predict_candidate)
+    df["candidate"] = labels
+    df["candidate_score"] = scores
     champ = load_champion(params, champion)
     if champ is not None:
-        out = champ.predict(pd.DataFrame({"text": texts}))
-        df["champion"] = out["label"].astype(str).tolist()
-        df["champion_score"] = out["score"].astype(float).tolist()
+        labels, scores, predicted["champion"] = store.predict(
+            champion.get("fingerprint"), texts, _pyfunc_predict(champ))
+        df["champion"] = labels
+        df["champion_score"] = scores
+        for member in champion.get("floor") or []:
+            version = str(member["version"])
+            if version == str(champion.get("version")):
+                continue
+            loaded: list[Any] = []
+
+            def predict_member(batch: list[str], version: str = version, loaded=loaded):
+                if not loaded:
+                    loaded.append(load_version(params, champion["name"], version))
+                return _pyfunc_predict(loaded[0])(batch)
+
+            column = f"{SERVED_PREFIX}{version}"
+            labels, _, predicted[column] = store.predict(member.get("fingerprint"), texts,
+                                                         predict_member)
+            df[column] = labels
     if weights is not None:
         df["weight"] = load_test_weights(weights, df)
+    df.attrs["predicted"] = predicted  # rows each model predicted now (the rest were cached)
     return df, clf, champ
 
 

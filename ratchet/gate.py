@@ -10,6 +10,10 @@ Promote only when, on macro-F1:
   must not get worse;
 - **domains**: no domain with at least `min_domain_rows` rows is shown to be worse than
   -max_regression (harm shown: Holm over the judged domains at `alpha`);
+- **the floor** (no creep over promotions): where one of the best models the registry has
+  served (`gate.floor_models` of them, see `ratchet.floor`) beats the champion on reference or
+  a judged domain, the candidate passes the same test against it there, so the served model
+  never ends more than `max_regression` below the best one served on the same rows;
 - the test macro-F1 is at least `min_score`;
 - **label noise**: the newest batch is not flagged as noisy (an estimated label-error rate far
   above the champion's own, from the noise stage) unless a person has reviewed it;
@@ -69,6 +73,15 @@ class Behaviour:
 
 
 @dataclass(frozen=True)
+class Floor:
+    """The candidate against a model the registry has served, on one slice: `comparison.champion`
+    holds that model's score; its p-value is for the same hypothesis as the champion's check."""
+
+    version: str
+    comparison: Comparison
+
+
+@dataclass(frozen=True)
 class GateInputs:
     """Every number the rule reads. Each Comparison's p_value is for the hypothesis its slice
     tests: recent `diff <= 0`; reference and weighted `diff <= -max_regression`; a domain
@@ -91,6 +104,11 @@ class GateInputs:
     None: no noise report (the check is skipped)."""
     new_classes: tuple[str, ...] = ()
     """Test labels the champion cannot predict (it never saw them)."""
+    floor: dict[str, Floor] = field(default_factory=dict)
+    """Slice (`reference`, `domain:<name>`) -> the candidate against the best model the
+    registry has served there, where that model beats the champion (see `ratchet.floor`)."""
+    floor_models: int = 0
+    """How many served models the floor held beside the champion (0: no floor judged)."""
 
 
 @dataclass(frozen=True)
@@ -283,6 +301,7 @@ def decide(inp: GateInputs, cfg: GateConfig) -> Decision:
     checks.append(_non_inferior("weighted", inp.weighted, adjusted.get("weighted", math.nan),
                                 cfg, empty="no drift importance weights: nothing to weigh"))
     checks += _domain_checks(inp.domains, cfg)
+    checks += _floor_checks(inp, cfg)
     if inp.new_classes:
         shown = ", ".join(inp.new_classes[:5]) + (" ..." if len(inp.new_classes) > 5 else "")
         checks.append(Check(
@@ -339,6 +358,55 @@ def _non_inferior(name: str, c: Comparison | None, p_holm: float, cfg: GateConfi
         f"{name} (n={c.n}): {_moved(c.diff)}; {verdict}: {_numbers(c)}; p={_p(c.p_value)}, "
         f"Holm p={_p(p_holm)} for a drop of more than {margin} (needs < {cfg.alpha})",
     )
+
+
+def _floor_checks(inp: GateInputs, cfg: GateConfig) -> list[Check]:
+    """No creep: non-inferior within the margin to the best model ever served, not only to the
+    champion.
+
+    Each promotion may lose up to `max_regression` against the champion; without a floor, k
+    promotions could lose k times that against a model the registry once served. Where one of
+    the floor's models beats the champion on reference or a judged domain, the candidate faces
+    it with the champion's own test there: non-inferiority shown on reference, no harm shown
+    per domain (Holm over the domains the floor judges). The promotion needs every one of its
+    tests (an intersection-union test), so each runs at `alpha`.
+    """
+    if not inp.floor_models:
+        return []
+    margin = f"{cfg.max_regression * 100:.2f} pts"
+    checks = []
+    domains = {s: f for s, f in inp.floor.items() if s.startswith("domain:")}
+    adjusted = holm({s: f.comparison.p_value for s, f in domains.items()})
+    for name in sorted(inp.floor, key=lambda s: (s != "reference", s)):
+        f = inp.floor[name]
+        c = f.comparison
+        what = (f"{name} vs version {f.version}, the best model served on these rows "
+                f"(macro-F1 {c.champion:.4f})")
+        if any(_bad(x) for x in (c.diff, c.p_value, c.candidate, c.champion)):
+            checks.append(Check(f"floor:{name}", False, f"{what}: difference is undefined"))
+            continue
+        if name == "reference":
+            ok = c.p_value < cfg.alpha
+            verdict = (f"no drop beyond {margin} shown (non-inferior)" if ok else
+                       "regressed beyond the margin" if c.diff <= -cfg.max_regression else
+                       f"non-inferiority within {margin} not shown at alpha {cfg.alpha:g}")
+            p = f"p={_p(c.p_value)} for a drop of more than {margin} (needs < {cfg.alpha})"
+        else:
+            ok = not adjusted[name] < cfg.alpha
+            verdict = (f"harm beyond {margin} shown at alpha {cfg.alpha:g}" if not ok else
+                       "no harm" if c.diff >= 0 else f"harm beyond {margin} not shown")
+            p = f"p={_p(c.p_value)}, Holm p={_p(adjusted[name])} over {len(domains)} domain(s)"
+        checks.append(Check(
+            f"floor:{name}", ok,
+            f"{what}: {_moved(c.diff)}; {verdict}: candidate {c.candidate:.4f} "
+            f"({_pts(c.diff)}, bounds {_pts(c.low)} to {_pts(c.high)}); {p}",
+        ))
+    if not checks:
+        kept = inp.floor_models + 1
+        checks.append(Check("floor", True, f"the champion is the best of the {kept} served "
+                                           "models kept as the floor on reference and on every "
+                                           "judged domain: its checks cover the floor"))
+    return checks
 
 
 def _domain_checks(domains: dict[str, Comparison], cfg: GateConfig) -> list[Check]:
@@ -437,6 +505,14 @@ def gate_inputs(m: dict[str, float], champion: dict, *, noise: dict | None = Non
             ratio=_measured(m, "latency/ratio_bs1", True) if has_champion else None,
             champion_best_ms=m.get("champion/latency/best_p95_ms_bs1"),
         )
+    floor = {}
+    for key in m:
+        if key.startswith("n/floor:"):
+            name = key[len("n/"):]
+            c = comparison(m, name)
+            version = m.get(f"floor/model/{name}")
+            if c is not None and version is not None:
+                floor[name[len("floor:"):]] = Floor(f"{version:g}", c)
     label_noise = None
     if noise:
         label_noise = {"flagged": bool(noise.get("flagged")), "summary": noise.get("summary")}
@@ -451,6 +527,8 @@ def gate_inputs(m: dict[str, float], champion: dict, *, noise: dict | None = Non
         behaviour=behaviour,
         label_noise=label_noise,
         new_classes=tuple(new_classes),
+        floor=floor,
+        floor_models=int(m.get("floor/models", 0)) if has_champion else 0,
     )
 
 

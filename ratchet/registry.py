@@ -450,6 +450,14 @@ def _requirements() -> list[str]:
     return [f"{p}=={version(p)}" for p in pkgs]
 
 
+def load_version(params, name: str, version: str, workspace: Path | None = None):
+    """A registered version's pyfunc (e.g. a floor model of the gate)."""
+    import mlflow.pyfunc
+
+    connect(params.registry, workspace or Path.cwd())
+    return mlflow.pyfunc.load_model(f"models:/{name}/{version}", suppress_warnings=True)
+
+
 def load_champion(params, champion: dict, workspace: Path | None = None):
     """The registered champion's pyfunc (what actually serves), or None before there is one.
 

@@ -374,6 +374,12 @@ def refresh_champion(ws: Path) -> dict[str, Any]:
         "version": ref.version if ref else None,
         "fingerprint": ref.fingerprint if ref else None,
     }
+    if ref and params.gate.floor_models:
+        from ratchet.floor import members
+
+        # The best models served before, which the candidate may not fall behind either.
+        content["floor"] = members(client, params.registry.model_name, exclude=ref.version,
+                                   limit=params.gate.floor_models)
     init = {"init": "champion", **content} if params.finetune.init == "champion" else {
         "init": "base"}
     for path, value in ((ws / CHAMPION_FILE, content), (ws / INIT_FILE, init)):

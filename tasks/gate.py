@@ -79,7 +79,8 @@ def reevaluate(params: Params, m: dict[str, float], champion: dict, *, candidate
     anew; the candidate-only measurements (size, batch-32 latency, probes) kept."""
     from ratchet.evaluation import champion_labels, predict_frame, score, serving
 
-    df, clf, champ = predict_frame(params, candidate, test, champion, weights)
+    df, clf, champ = predict_frame(params, candidate, test, champion, weights,
+                                   cache=Path(".ratchet/cache/predictions"))
     fresh = score(df, params)
     fresh.update(serving(df, params, clf, champ)[0])
     kept = {k: v for k, v in m.items()
@@ -170,7 +171,9 @@ def run(params: Params, *, eval_metrics: Path, eval_report: Path, validation: Pa
                                "during the run; not judged against it (re-run to decide)")]
                 break
             # Judge the candidate against the champion as it is now, never overwrite blindly.
-            evaluated = {"name": name, "version": current.version}
+            evaluated = {"name": name, "version": current.version,
+                         "fingerprint": current.fingerprint,
+                         "floor": evaluated.get("floor") or []}
             m, new_classes = reevaluate(params, m, evaluated, candidate=candidate, test=test,
                                         weights=weights_path)
             record["reevaluations"].append({"from": moved_from, "to": evaluated.get("version")})
@@ -207,6 +210,7 @@ def run(params: Params, *, eval_metrics: Path, eval_report: Path, validation: Pa
         with contextlib.suppress(AliasMoved):
             move_alias(client, name, CHALLENGER, version, by="gate", expected=challenger,
                        reason="the latest candidate")
+    record["floor"] = floor_record(client, params, m, evaluated)
     after = current_champion(client, name)
     record.update(decision=label, promote=label == "promoted", version=version, run_id=run_id,
                   evaluated_against=evaluated.get("version"), metrics=m, new_classes=new_classes,
@@ -214,6 +218,29 @@ def run(params: Params, *, eval_metrics: Path, eval_report: Path, validation: Pa
                   champion_after=after.version if after else None)
     write_json(report, record)
     return record
+
+
+def floor_record(client, params: Params, m: dict[str, float], evaluated: dict) -> dict:
+    """Keep the floor's pool up to date (`ratchet.floor.update`) and say what it judged: the
+    pool before and after, and per slice the served model the candidate faced and the numbers."""
+    from ratchet import floor
+
+    judged = {}
+    for key in sorted(m):
+        if key.startswith("n/floor:"):
+            name = key[len("n/"):]
+            judged[name[len("floor:"):]] = {
+                "version": f"{m.get(f'floor/model/{name}', math.nan):g}",
+                "n": int(m[key]),
+                "candidate": m.get(f"candidate/{name}/macro_f1"),
+                "floor": m.get(f"champion/{name}/macro_f1"),
+                "diff": m.get(f"diff/{name}/macro_f1"),
+                "p_value": m.get(f"test/{name}/p_value"),
+            }
+    before = [str(x["version"]) for x in evaluated.get("floor") or []]
+    pool = floor.update(client, params.registry.model_name, m, evaluated,
+                        params.gate.floor_models)
+    return {"models_before": before, "judged": judged, "pool": pool}
 
 
 def _register_or_tag(client, params: Params, name: str, fp: str, label: str, decision: Decision,
