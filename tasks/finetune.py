@@ -283,6 +283,8 @@ def train_classifier(params: Params, *, train: Path, val: Path, pretrained: Path
         folder = checkpoints / checkpoint_key({
             "finetune": cfg.model_dump(), "model": mcfg.model_dump(), "labels": labels,
             "train": file_digest(train), "val": file_digest(val), "init": init_used,
+            # continual mode mixes it in; a stage dep either way, so a change is a new run
+            "replay": file_digest(replay) if replay is not None else "",
             "pretrained": file_digest(pretrained) if start_from is None else "",
             "world": dist.world})
         saved = load_agreed_checkpoint(folder, dist, lambda c: c["state"]["step"])

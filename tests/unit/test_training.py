@@ -291,6 +291,15 @@ def test_a_killed_run_resumes_from_its_checkpoint_to_the_same_result(data, tmp_p
     assert pd.read_csv(whole / "curve.csv").equals(pd.read_csv(killed / "curve.csv"))
 
 
+def test_a_checkpoint_made_with_another_replay_buffer_is_not_resumed(data, tmp_path):
+    env, p, killed = two_runs(tmp_path, ("killed",), epochs=2.0)
+    frame(20, 5).to_parquet(killed / "none.parquet")  # the replay buffer the stage is given
+    kill_at_first_checkpoint(stage_cmd(data, killed, p), env, killed)
+    frame(20, 6).to_parquet(killed / "none.parquet")  # prepare wrote another buffer since
+    run_in_process(data, killed, p)
+    assert json.loads((killed / "metrics.json").read_text())["resumed_from_epoch"] == 0
+
+
 def test_shards_partition_a_batch_and_none_is_empty_while_there_is_a_row_per_rank():
     from ratchet.training import Dist
 
