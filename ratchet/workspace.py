@@ -35,6 +35,7 @@ CHAMPION_FILE = Path("champion.json")
 # {"init": "base"}; apart from champion.json so that a champion move re-trains only when the
 # training starts from it.
 INIT_FILE = Path("finetune-init.json")
+CANDIDATE = Path("models/candidate")  # the finetune stage's model
 # The run in progress: its token and the aliases it found; removed when the run is recorded.
 INFLIGHT = Path(".ratchet/inflight.json")
 GATE_REPORT = Path("reports/gate.json")
@@ -374,12 +375,35 @@ def refresh_champion(ws: Path) -> dict[str, Any]:
         "version": ref.version if ref else None,
         "fingerprint": ref.fingerprint if ref else None,
     }
-    init = {"init": "champion", **content} if params.finetune.init == "champion" else {
-        "init": "base"}
+    init = finetune_init(ws, params, content)
     for path, value in ((ws / CHAMPION_FILE, content), (ws / INIT_FILE, init)):
         if not path.is_file() or json.loads(path.read_text()) != value:
             write_json(path, value)
     return content
+
+
+def finetune_init(ws: Path, params: Params, champion: dict[str, Any]) -> dict[str, Any]:
+    """What finetune starts from: {"init": "base"}, or in continual mode the champion and the
+    newest batch it is to be trained on.
+
+    The file is kept as it is while no batch arrived and the champion is the model that was
+    trained on the current data (the workspace's candidate, just promoted): rewriting it would
+    make the next run fine-tune the new champion again on the batch it was trained on. A new
+    batch, or a champion moved to another model (a rollback), does move it.
+    """
+    if params.finetune.init != "champion":
+        return {"init": "base"}
+    ids = batch_ids(ws)
+    want = {"init": "champion", **champion, "batch": ids[-1] if ids else None}
+    path = ws / INIT_FILE
+    have = json.loads(path.read_text()) if path.is_file() else {}
+    try:
+        trained_here = champion["fingerprint"] == fingerprint(ws / CANDIDATE)
+    except OSError:  # no candidate in this checkout yet
+        trained_here = False
+    if have.get("init") == "champion" and have.get("batch") == want["batch"] and trained_here:
+        return have
+    return want
 
 
 def stage_names(ws: Path) -> list[str]:
