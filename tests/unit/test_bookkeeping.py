@@ -55,3 +55,73 @@ def test_a_promotion_does_not_make_the_next_run_retrain_the_champion_on_the_same
     move_alias(store, NAME, CHAMPION, "1", by="cli", expected="2", reason="rolled back")
     refresh_champion(ws)
     assert init()["version"] == "1"
+
+
+def _dvc_md5(text: str) -> str:
+    return yaml.safe_load(text)["outs"][0]["md5"]
+
+
+def _lock_md5(text: str, stage: str, path: str) -> str:
+    return next(d["md5"] for d in yaml.safe_load(text)["stages"][stage]["deps"]
+                if d["path"] == path)
+
+
+def test_a_batch_landing_while_a_run_is_between_stages_is_not_in_that_runs_commit(tmp_path):
+    """Today's race: `ratchet ingest` commits with `git add -A`, so it swept the run's
+    half-written dvc.lock into its own commit, and the run's commit then sat on a tree whose
+    data/batches.dvc names a batch nothing in the run trained on."""
+    import subprocess
+    import sys
+
+    from ratchet import workspace
+    from ratchet.demo_data import demo_batches
+
+    ws = workspace.init(tmp_path / "ws", {"model": {"source": "tiny"}})
+    frame = demo_batches(seed=0, scale=0.2)[0].frame
+    files = {}
+    for name, part in (("first", frame.head(40)), ("second", frame.tail(40)),
+                       ("by_hand", frame.head(40).assign(text=lambda d: d["text"] + " now"))):
+        files[name] = tmp_path / f"{name}.csv"
+        part.to_csv(files[name], index=False)
+    workspace.ingest(ws, files["first"])
+    run_commit = None
+    with workspace.retrain_lock(ws):  # a run
+        ingest = subprocess.Popen(
+            [sys.executable, "-c", "from ratchet.cli import app; app()", "ingest",
+             str(files["second"]), "-w", str(ws)],
+            stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=workspace.tool_env())
+        try:
+            workspace.repro(ws, "validate")
+            # Between stages: a person ingests a batch.
+            first_line = ingest.stderr.readline()
+            assert "waiting for the retrain in progress" in first_line, (
+                first_line + ingest.communicate()[1])
+            # A batch added by hand (file + `dvc add`, which stages data/batches.dvc) lands too.
+            pd.read_csv(files["by_hand"]).to_parquet(
+                ws / "data" / "batches" / "0002-byhand000000.parquet")
+            workspace.dvc(ws, "add", "-q", "data/batches")
+            workspace.finish_run(ws)
+            run_commit = workspace.git(ws, "rev-parse", "HEAD").strip()
+        finally:
+            if run_commit is None:
+                ingest.kill()
+    out, err = ingest.communicate(timeout=300)
+    assert ingest.returncode == 0, err
+
+    def show(rev: str, path: str) -> str:
+        return workspace.git(ws, "show", f"{rev}:{path}")
+
+    # The run's commit names exactly the batches its stage ran on.
+    used = _lock_md5(show(run_commit, "dvc.lock"), "validate", "data/batches")
+    assert _dvc_md5(show(run_commit, "data/batches.dvc")) == used
+    assert "metrics/validation.json" in workspace.git(ws, "show", "--name-only", run_commit)
+    # The ingest waited for the run, then committed its batch alone (with the one by hand).
+    assert "added as batch 0003-" in out
+    assert workspace.git(ws, "log", "-1", "--format=%s").startswith("ingest second.csv")
+    assert workspace.git(ws, "show", "--name-only", "--format=", "HEAD").split() == [
+        "data/batches.dvc"]
+    files_in = [yaml.safe_load(show(rev, "data/batches.dvc"))["outs"][0]["nfiles"]
+                for rev in (run_commit, "HEAD")]
+    assert files_in[1] == files_in[0] + 2
+    # And the next run picks both up: validate is out of date.
+    assert "validate" in workspace.changed_stages(ws)
