@@ -4,9 +4,12 @@ what a run's commit holds when a batch lands while it runs."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
+import pytest
 import yaml
 
 from ratchet.registry import CHAMPION, move_alias
@@ -70,9 +73,6 @@ def test_a_batch_landing_while_a_run_is_between_stages_is_not_in_that_runs_commi
     """Today's race: `ratchet ingest` commits with `git add -A`, so it swept the run's
     half-written dvc.lock into its own commit, and the run's commit then sat on a tree whose
     data/batches.dvc names a batch nothing in the run trained on."""
-    import subprocess
-    import sys
-
     from ratchet import workspace
     from ratchet.demo_data import demo_batches
 
@@ -125,3 +125,26 @@ def test_a_batch_landing_while_a_run_is_between_stages_is_not_in_that_runs_commi
     assert files_in[1] == files_in[0] + 2
     # And the next run picks both up: validate is out of date.
     assert "validate" in workspace.changed_stages(ws)
+
+
+def test_a_run_whose_stages_saw_two_versions_of_the_batches_records_nothing(tmp_path):
+    """A batch added by hand before prepare but after validate: the run trained on a batch set
+    its validation did not see; its commit would reproduce neither, so it is refused."""
+    from ratchet.errors import WorkspaceError
+    from ratchet.workspace import unused_inputs
+
+    def lock(*md5s: str) -> str:
+        return yaml.safe_dump({"schema": "2.0", "stages": {
+            stage: {"cmd": "x", "deps": [{"path": "data/batches", "hash": "md5", "md5": m}]}
+            for stage, m in zip(("validate", "noise", "prepare"), md5s, strict=False)}})
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "batches.dvc").write_text(yaml.safe_dump(
+        {"outs": [{"md5": "new.dir", "hash": "md5", "path": "batches"}]}))
+    (tmp_path / "dvc.lock").write_text(lock("new.dir", "new.dir", "new.dir"))
+    assert unused_inputs(tmp_path) == []
+    (tmp_path / "dvc.lock").write_text(lock("old.dir", "old.dir", "old.dir"))
+    assert unused_inputs(tmp_path) == ["data/batches.dvc"]
+    (tmp_path / "dvc.lock").write_text(lock("old.dir", "new.dir", "new.dir"))
+    with pytest.raises(WorkspaceError, match="data/batches changed while the run"):
+        unused_inputs(tmp_path)
