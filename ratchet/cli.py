@@ -133,7 +133,8 @@ def ingest(
         columns = ColumnMap(text=text_col, label=label_col, domain=domain_col, id=id_col,
                             timestamp=timestamp_col)
         try:
-            res = workspace.ingest(workspace_dir, file, columns, dry_run=dry_run)
+            res = workspace.ingest(workspace_dir, file, columns, dry_run=dry_run,
+                                   on_wait=lambda msg: err_console.print(msg, highlight=False))
         except RatchetError:
             if dry_run:
                 err_console.print("dry run: nothing was changed or quarantined", highlight=False)

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -35,6 +36,7 @@ CHAMPION_FILE = Path("champion.json")
 # {"init": "base"}; apart from champion.json so that a champion move re-trains only when the
 # training starts from it.
 INIT_FILE = Path("finetune-init.json")
+CANDIDATE = Path("models/candidate")  # the finetune stage's model
 # The run in progress: its token and the aliases it found; removed when the run is recorded.
 INFLIGHT = Path(".ratchet/inflight.json")
 GATE_REPORT = Path("reports/gate.json")
@@ -94,13 +96,42 @@ def dvc(ws: Path, *args: str, capture: bool = True) -> str:
     return _run(ws, [sys.executable, "-m", "dvc", *args], f"dvc {args[0]}", capture)
 
 
-def commit(ws: Path, message: str) -> bool:
-    """Commit whatever changed (DVC outputs are git-ignored by DVC); False if nothing did."""
-    git(ws, "add", "-A")
-    if not git(ws, "status", "--porcelain").strip():
+def commit(ws: Path, message: str, *, paths: list[Path] | None = None,
+           leave: list[str] | None = None) -> bool:
+    """Commit what changed (DVC outputs are git-ignored by DVC), or only under `paths`, but
+    never `leave` (unstaged, as DVC's autostage may have staged it); False if nothing did."""
+    git(ws, "add", "-A", "--", *(str(p) for p in paths or ["."]))
+    if leave:
+        git(ws, "reset", "-q", "--", *leave)
+    if not git(ws, "diff", "--cached", "--name-only").strip():
         return False
     git(ws, "commit", "-q", "-m", message)
     return True
+
+
+def unused_inputs(ws: Path) -> list[str]:
+    """The `.dvc` files of stage inputs (data/batches) that name another version than the one
+    the run's dvc.lock records: a batch added by hand (file + `dvc add`) while the run was
+    between stages. The run's commit leaves them out, so it names what the run used; the next
+    run's commit takes them. Raises when the run's stages saw different versions of one input.
+    """
+    lock = ws / "dvc.lock"
+    if not lock.is_file():
+        return []
+    seen: dict[str, set[str]] = {}
+    for stage in (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).values():
+        for dep in stage.get("deps", []):
+            if (ws / f"{dep['path']}.dvc").is_file() and dep.get("md5"):
+                seen.setdefault(dep["path"], set()).add(dep["md5"])
+    unused = []
+    for path, md5s in sorted(seen.items()):
+        if len(md5s) > 1:
+            raise WorkspaceError(f"{path} changed while the run was in progress (its stages saw "
+                                 f"{len(md5s)} versions): nothing is recorded; run again")
+        outs = (yaml.safe_load((ws / f"{path}.dvc").read_text()) or {}).get("outs") or [{}]
+        if outs[0].get("md5") not in md5s:
+            unused.append(f"{path}.dvc")
+    return unused
 
 
 def require(ws: Path) -> Path:
@@ -261,13 +292,25 @@ def quarantine(ws: Path, source: Path, problems: list[str], report: Any = None) 
 
 
 def ingest(ws: Path, source: Path, columns: ColumnMap | None = None, *,
-           dry_run: bool = False) -> IngestResult:
+           dry_run: bool = False, on_wait: Callable[[str], None] | None = None) -> IngestResult:
     """Validate an incoming file and, only if it passes, add it as a new immutable batch.
 
     The same content twice is one batch (the id carries the content hash). A refused file goes
     to the quarantine folder with a report, and nothing else changes: no batch, no commit, no
     DVC change. With `dry_run` nothing changes at all, refused or not.
+
+    A batch lands between retrains, never inside one: ingest takes the retrain lock (waiting,
+    with `on_wait` told why, for a run in progress), so no run trains on part of a batch set or
+    records a batch it did not train on, and its commit holds the batch alone.
     """
+    if dry_run:
+        return _ingest(ws, source, columns, dry_run=True)
+    with retrain_lock(require(ws), on_wait=on_wait):
+        return _ingest(ws, source, columns, dry_run=False)
+
+
+def _ingest(ws: Path, source: Path, columns: ColumnMap | None, *, dry_run: bool
+            ) -> IngestResult:
     from ratchet.data import (
         TEXT,
         ColumnMap,
@@ -328,7 +371,8 @@ def ingest(ws: Path, source: Path, columns: ColumnMap | None = None, *,
     write_parquet_atomic(stored, path)
     try:
         dvc(ws, "add", "-q", str(BATCHES))
-        commit(ws, f"ingest {source.name} as batch {batch_id} ({len(df)} rows)")
+        commit(ws, f"ingest {source.name} as batch {batch_id} ({len(df)} rows)",
+               paths=[BATCHES.with_name(f"{BATCHES.name}.dvc"), BATCHES.parent / ".gitignore"])
     except WorkspaceError:
         path.unlink(missing_ok=True)  # leave no trace of a batch that could not be versioned
         raise
@@ -374,18 +418,42 @@ def refresh_champion(ws: Path) -> dict[str, Any]:
         "version": ref.version if ref else None,
         "fingerprint": ref.fingerprint if ref else None,
     }
+    # finetune starts from the champion alone: the floor's pool must not re-train anything.
+    init = finetune_init(ws, params, dict(content))
     if ref and params.gate.floor_models:
         from ratchet.floor import members
 
         # The best models served before, which the candidate may not fall behind either.
         content["floor"] = members(client, params.registry.model_name, exclude=ref.version,
                                    limit=params.gate.floor_models)
-    init = {"init": "champion", **content} if params.finetune.init == "champion" else {
-        "init": "base"}
     for path, value in ((ws / CHAMPION_FILE, content), (ws / INIT_FILE, init)):
         if not path.is_file() or json.loads(path.read_text()) != value:
             write_json(path, value)
     return content
+
+
+def finetune_init(ws: Path, params: Params, champion: dict[str, Any]) -> dict[str, Any]:
+    """What finetune starts from: {"init": "base"}, or in continual mode the champion and the
+    newest batch it is to be trained on.
+
+    The file is kept as it is while no batch arrived and the champion is the model that was
+    trained on the current data (the workspace's candidate, just promoted): rewriting it would
+    make the next run fine-tune the new champion again on the batch it was trained on. A new
+    batch, or a champion moved to another model (a rollback), does move it.
+    """
+    if params.finetune.init != "champion":
+        return {"init": "base"}
+    ids = batch_ids(ws)
+    want = {"init": "champion", **champion, "batch": ids[-1] if ids else None}
+    path = ws / INIT_FILE
+    have = json.loads(path.read_text()) if path.is_file() else {}
+    try:
+        trained_here = champion["fingerprint"] == fingerprint(ws / CANDIDATE)
+    except OSError:  # no candidate in this checkout yet
+        trained_here = False
+    if have.get("init") == "champion" and have.get("batch") == want["batch"] and trained_here:
+        return have
+    return want
 
 
 def stage_names(ws: Path) -> list[str]:
@@ -472,7 +540,7 @@ def skipped_decision(drift: dict, champion: dict, skipped: list[str]) -> dict[st
 
 def record_skip(ws: Path, record: dict[str, Any]) -> None:
     """Record a skipped run in git (dvc.lock, the drift report) and push what it produced."""
-    commit(ws, f"retrain: skipped ({record['checks'][0]['reason']})")
+    commit(ws, f"retrain: skipped ({record['checks'][0]['reason']})", leave=unused_inputs(ws))
     dvc(ws, "push", "-q")
 
 
@@ -480,7 +548,7 @@ def finish_run(ws: Path) -> None:
     """Record the run in git (dvc.lock, metrics, champion.json) and push data to the remote."""
     g = _report(ws, "gate.json")
     summary = f": {g.get('decision', '?')} (version {g.get('version', '-')})" if g else ""
-    commit(ws, f"retrain{summary}")
+    commit(ws, f"retrain{summary}", leave=unused_inputs(ws))
     dvc(ws, "push", "-q")
 
 
@@ -501,6 +569,9 @@ def apply_overrides(ws: Path, overrides: dict[str, dict[str, Any]]) -> None:
         tmp.write_text(yaml.safe_dump(raw, sort_keys=False))
 
 
+_HELD: set[tuple[str, int]] = set()  # (lock file, thread) pairs this process holds
+
+
 @contextmanager
 def retrain_lock(ws: Path, *, timeout: float | None = None,
                  on_wait: Callable[[str], None] | None = None) -> Iterator[None]:
@@ -514,6 +585,10 @@ def retrain_lock(ws: Path, *, timeout: float | None = None,
     import fcntl
 
     path = ws / ".ratchet" / "retrain.lock"
+    held = (str(path.resolve()), threading.get_ident())
+    if held in _HELD:  # this thread holds it (the flow's `batch` ingests inside its run)
+        yield
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as fh:
         try:
@@ -538,9 +613,11 @@ def retrain_lock(ws: Path, *, timeout: float | None = None,
         fh.truncate()
         fh.write(f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
         fh.flush()
+        _HELD.add(held)
         try:
             yield
         finally:
+            _HELD.discard(held)
             fh.seek(0)
             fh.truncate()
             fh.flush()

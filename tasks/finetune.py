@@ -16,8 +16,8 @@ from typing import Any
 import pandas as pd
 
 from ratchet.config import FinetuneConfig, Params
-from ratchet.data import BATCH, LABEL, TEXT
-from ratchet.errors import ConfigError
+from ratchet.data import BATCH, LABEL, RECENT, TEXT
+from ratchet.errors import ConfigError, RatchetError
 from ratchet.runtime import write_json
 from ratchet.stage import stage_main
 
@@ -29,11 +29,25 @@ CURVE_FIELDS = ["step", "epoch", "loss", "lr", "val_macro_f1", "val_accuracy"]
 
 def training_frame(train: pd.DataFrame, replay: pd.DataFrame | None, cfg: FinetuneConfig, *,
                    continual: bool, seed: int) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """Everything (from base), or the newest batch plus replayed older rows (continual)."""
+    """Everything (from base), or the newest batch plus replayed older rows (continual).
+
+    The newest batch is prepare's `recent` slice, as every stage reads it: when prepare left it
+    no train row, there is nothing new to continue on (the batch before it is not "new").
+    """
     if not continual or BATCH not in train.columns:
         return train, {"train_rows": len(train)}
-    newest = sorted(train[BATCH].dropna().unique())[-1]
-    new = train[train[BATCH] == newest]
+    if "slice" in train.columns:
+        new = train[train["slice"] == RECENT]
+        if new.empty:
+            raise RatchetError(
+                "finetune: the newest batch has no row in the train split (prepare dropped its "
+                "rows as conflicts, duplicates or noise suspects, or all fell in val/test; see "
+                "metrics/prepare.json `recent/*`), so continual training has nothing new to "
+                "learn: ingest a batch with new rows, or set `finetune.init: base`")
+        newest = new[BATCH].iloc[0]
+    else:  # a train file from before prepare marked slices
+        newest = sorted(train[BATCH].dropna().unique())[-1]
+        new = train[train[BATCH] == newest]
     old = replay[replay[BATCH] != newest] if replay is not None and BATCH in replay else None
     take = 0 if old is None else min(len(old), math.ceil(cfg.replay_mix * len(new)))
     mixed = new if take == 0 else pd.concat([new, old.sample(n=take, random_state=seed)],
@@ -269,6 +283,8 @@ def train_classifier(params: Params, *, train: Path, val: Path, pretrained: Path
         folder = checkpoints / checkpoint_key({
             "finetune": cfg.model_dump(), "model": mcfg.model_dump(), "labels": labels,
             "train": file_digest(train), "val": file_digest(val), "init": init_used,
+            # continual mode mixes it in; a stage dep either way, so a change is a new run
+            "replay": file_digest(replay) if replay is not None else "",
             "pretrained": file_digest(pretrained) if start_from is None else "",
             "world": dist.world})
         saved = load_agreed_checkpoint(folder, dist, lambda c: c["state"]["step"])

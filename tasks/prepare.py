@@ -58,7 +58,10 @@ def prepare_frame(rows: pd.DataFrame, cfg: PrepareConfig, exclude: pd.Series | N
     suspects, see `ratchet.noise.exclusion_mask`): an older copy of the same text still counts,
     and the newest batch stays `recent` even if it loses rows.
     """
+    # "recent" is the newest batch as ingested, fixed before any row is dropped: if prepare
+    # empties it, recent is empty (and the stats say so), never the batch before it.
     newest = rows["batch_order"].max()
+    newest_in = rows[rows["batch_order"] == newest]
     excluded = 0
     if exclude is not None:
         excluded = int(exclude.sum())
@@ -86,6 +89,9 @@ def prepare_frame(rows: pd.DataFrame, cfg: PrepareConfig, exclude: pd.Series | N
         "conflicting_texts": conflicts,
         "conflict_rows_dropped": before - resolved,
         "noise/excluded": excluded,
+        "recent/batch": str(newest_in[BATCH].iloc[0]) if len(newest_in) else None,
+        "recent/rows_in": len(newest_in),
+        "recent/rows": int((rows["slice"] == RECENT).sum()),
     }
     return rows.drop(columns=["norm"]).reset_index(drop=True), stats
 

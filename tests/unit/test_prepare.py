@@ -95,3 +95,13 @@ def test_replay_buffer_keeps_its_rows_when_a_batch_arrives():
         new = set(after[(after[LABEL] == lab) & (after[BATCH] == batch)][TEXT])
         assert set(old[TEXT]) <= new or new <= set(old[TEXT])
     assert replay_buffer(_prepared(2), 0, "s").empty
+
+
+def test_an_emptied_newest_batch_leaves_recent_empty_and_says_so():
+    # Batch b2's only text contradicts b1's: `drop` removes both, so b2 has no row left.
+    rows = frame([("hi there", "greet"), ("lost card", "block"), ("wake me up", "alarm"),
+                  ("LOST CARD", "card")], orders=[0, 1, 1, 2])
+    out, stats = prepare_frame(rows, PrepareConfig(conflicts="drop"))
+    assert not (out["slice"] == "recent").any()  # b1 does not become recent
+    assert set(out[BATCH]) == {"b0", "b1"}
+    assert (stats["recent/batch"], stats["recent/rows_in"], stats["recent/rows"]) == ("b2", 1, 0)

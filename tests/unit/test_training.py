@@ -180,6 +180,26 @@ def test_continual_training_mixes_replay_into_the_newest_batch():
     assert len(everything) == 120
 
 
+def test_continual_new_rows_are_the_recent_slice_never_the_previous_batch():
+    """`new` is prepare's recent slice (the newest batch as ingested): a newest batch with no
+    train row (dropped by prepare, or all in val/test) must not make the batch before it new."""
+    from ratchet.errors import RatchetError
+
+    old, prev = frame(100, 0, batch="0001-a"), frame(30, 1, batch="0002-b")
+    train = pd.concat([old, prev]).assign(slice="reference")
+    cfg = params(replay_mix=1.0).finetune
+    with pytest.raises(RatchetError, match="newest batch has no row in the train split"):
+        finetune.training_frame(train, old.assign(slice="reference"), cfg, continual=True,
+                                seed=0)
+    # With recent rows, replayed rows of the newest batch are not counted twice.
+    new = frame(20, 2, batch="0003-c").assign(slice="recent")
+    replay = pd.concat([old.assign(slice="reference"), new.head(10)])
+    mixed, stats = finetune.training_frame(pd.concat([train, new]), replay, cfg,
+                                           continual=True, seed=0)
+    assert stats == {"train_rows": 40, "new_rows": 20, "replay_rows": 20, "new_batch": "0003-c"}
+    assert (mixed[BATCH] == "0003-c").sum() == 20
+
+
 def test_length_grouped_batches_cover_every_row_once_with_less_padding():
     rng = random.Random(0)
     lengths = [rng.randint(3, 60) for _ in range(1000)]
@@ -269,6 +289,15 @@ def test_a_killed_run_resumes_from_its_checkpoint_to_the_same_result(data, tmp_p
     a, b = weights(whole / "model"), weights(killed / "model")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert pd.read_csv(whole / "curve.csv").equals(pd.read_csv(killed / "curve.csv"))
+
+
+def test_a_checkpoint_made_with_another_replay_buffer_is_not_resumed(data, tmp_path):
+    env, p, killed = two_runs(tmp_path, ("killed",), epochs=2.0)
+    frame(20, 5).to_parquet(killed / "none.parquet")  # the replay buffer the stage is given
+    kill_at_first_checkpoint(stage_cmd(data, killed, p), env, killed)
+    frame(20, 6).to_parquet(killed / "none.parquet")  # prepare wrote another buffer since
+    run_in_process(data, killed, p)
+    assert json.loads((killed / "metrics.json").read_text())["resumed_from_epoch"] == 0
 
 
 def test_shards_partition_a_batch_and_none_is_empty_while_there_is_a_row_per_rank():
