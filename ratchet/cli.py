@@ -235,6 +235,14 @@ def status(workspace_dir: WorkspaceOpt = Path(".")) -> None:
         champion = next((v for v, names in aliases.items() if CHAMPION in names), None)
         if champion is not None:
             console.print(_champion_line(alias_history(client, name), champion), highlight=False)
+        from ratchet.floor import stored
+
+        pool = stored(client, name)
+        if pool:
+            shown = ", ".join(f"{m['version']} ({m.get('macro_f1', float('nan')):.4f})"
+                              for m in pool)
+            console.print(f"floor (best served, {pool[0].get('slice', 'reference')} macro-F1 "
+                          f"of their last run): {shown}", highlight=False)
         from ratchet.workspace import read_noise
 
         noise = read_noise(workspace_dir.resolve())

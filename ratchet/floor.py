@@ -31,7 +31,8 @@ from ratchet.data import REFERENCE
 FLOOR_TAG = "ratchet.floor"
 
 
-def _stored(client, name: str) -> list[dict[str, Any]]:
+def stored(client, name: str) -> list[dict[str, Any]]:
+    """The pool as the registry holds it: [{version, macro_f1, slice}], best first."""
     from ratchet.registry import registered_model
 
     model = registered_model(client, name)
@@ -64,7 +65,7 @@ def members(client, name: str, *, exclude: str | None = None, limit: int | None 
 
     out_of_it = withdrawn(alias_history(client, name))
     found = []
-    for member in _stored(client, name):
+    for member in stored(client, name):
         version = str(member["version"])
         if version == exclude or version in out_of_it:
             continue
@@ -108,10 +109,10 @@ def update(client, name: str, metrics: dict[str, float], champion: dict, size: i
     by an older evaluate) is dropped. Returns the new pool as stored.
     """
     if size <= 0 or not champion.get("version"):
-        return _stored(client, name)
+        return stored(client, name)
     scores = ranking(metrics, champion)
-    pool = next_pool([str(m["version"]) for m in _stored(client, name)], scores, size)
+    pool = next_pool([str(m["version"]) for m in stored(client, name)], scores, size)
     where = REFERENCE if metrics.get(f"n/{REFERENCE}", 0) > 0 else "all"
-    stored = [{"version": v, "macro_f1": round(scores[v], 6), "slice": where} for v in pool]
-    client.set_registered_model_tag(name, FLOOR_TAG, json.dumps(stored))
-    return stored
+    kept = [{"version": v, "macro_f1": round(scores[v], 6), "slice": where} for v in pool]
+    client.set_registered_model_tag(name, FLOOR_TAG, json.dumps(kept))
+    return kept
