@@ -172,6 +172,9 @@ class Lease:
     def release(self) -> None:
         """Give the lease up: renamed to a grave named by this token, then deleted, so a lease
         another writer took after this one expired is never deleted by mistake."""
+        lease = registry.registered_model(self.client, self.name)
+        if lease is None or (lease.tags or {}).get(TOKEN) != self.token:
+            return  # it expired and was broken: another writer's now, or nobody's
         grave = f"{self.name}.released.{self.token}"
         if not registry.rename_model(self.client, self.name, grave):
             return  # gone: it expired and was broken
