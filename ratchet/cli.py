@@ -300,18 +300,26 @@ def _print_move(event: dict[str, Any]) -> None:
 
 
 def _move_champion(client, name: str, version: str, current: str | None, reason: str, *,
-                   rollback: bool = False) -> None:
-    """Move `champion` by hand (compare-and-set against `current`), warning about a version the
-    gate rejected; a no-op when it is already there."""
-    from ratchet.registry import CHAMPION, model_version, move_alias
+                   workspace_dir: Path, rollback: bool = False) -> None:
+    """Move `champion` by hand, warning about a version the gate rejected; a no-op when it is
+    already there.
+
+    Compare-and-set against `current` (what the person saw) under the registry lock: a gate or
+    another person promoting meanwhile is waited for (seconds), and if they moved `champion`,
+    nothing is overwritten and the error says where it is now.
+    """
+    from ratchet.promotion import move_alias
+    from ratchet.registry import CHAMPION, model_version
 
     mv = model_version(client, name, version)
     if current == str(mv.version):
         console.print(f"version {current} is already the champion; nothing changed")
         return
     _print_failed(mv)
-    _print_move(move_alias(client, name, CHAMPION, str(mv.version), by="cli", reason=reason,
-                           expected=current, rollback=rollback))
+    waited = lambda msg: err_console.print(f"{msg} ...", highlight=False)  # noqa: E731
+    _print_move(move_alias(client, name, CHAMPION, str(mv.version), ws=workspace_dir.resolve(),
+                           by="cli", reason=reason, expected=current, rollback=rollback,
+                           on_wait=waited))
 
 
 @app.command()
@@ -324,7 +332,8 @@ def promote(
 
     Any registered version; one the gate rejected is promoted with a warning listing its failures.
 
-    Compare-and-set: if `champion` moves while this runs, nothing is overwritten (exit 1).
+    Compare-and-set: a promotion in progress (a run's gate, another person's) is waited for, and
+    if it moved `champion` from the version seen here, nothing is overwritten (exit 1).
 
     Example: ratchet promote 3 --reason "v4 mislabels refunds in production"
     """
@@ -332,7 +341,8 @@ def promote(
 
     with user_errors():
         client, name = _registry(workspace_dir)
-        _move_champion(client, name, version, alias_target(client, name, CHAMPION), reason)
+        _move_champion(client, name, version, alias_target(client, name, CHAMPION), reason,
+                       workspace_dir=workspace_dir)
 
 
 @app.command()
@@ -354,20 +364,17 @@ def rollback(
 
     Example: ratchet rollback --reason "latency doubled after the last promotion"
     """
-    from ratchet.registry import (
-        CHAMPION,
-        alias_history,
-        alias_target,
-        detect_manual_moves,
-        rollback_target,
-    )
+    from ratchet.promotion import record_manual_moves
+    from ratchet.registry import CHAMPION, alias_history, alias_target, rollback_target
 
     with user_errors():
         client, name = _registry(workspace_dir)
-        detect_manual_moves(client, name)  # the default target is read from a complete history
+        # The default target is read from a complete history.
+        record_manual_moves(client, name, workspace_dir.resolve())
         current = alias_target(client, name, CHAMPION)
         target = to if to is not None else rollback_target(alias_history(client, name), current)
-        _move_champion(client, name, target, current, reason, rollback=True)
+        _move_champion(client, name, target, current, reason, workspace_dir=workspace_dir,
+                       rollback=True)
 
 
 class AliasChoice(StrEnum):
@@ -389,11 +396,12 @@ def history(
 
     MLflow keeps no time or author for an alias move: a manual move's time is when it was noticed.
     """
-    from ratchet.registry import alias_history, detect_manual_moves
+    from ratchet.promotion import record_manual_moves
+    from ratchet.registry import alias_history
 
     with user_errors():
         client, name = _registry(workspace_dir)
-        detect_manual_moves(client, name)
+        record_manual_moves(client, name, workspace_dir.resolve())
         events = [e for e in alias_history(client, name)
                   if alias is AliasChoice.all or e["alias"] == alias.value]
         if not events:

@@ -45,3 +45,13 @@ class AliasMoved(RegistryError):
             f"`{alias}` of {name} moved: expected version {expected}, it is now {current}; "
             "nothing was overwritten (look at `ratchet history`, then try again)"
         )
+
+
+class RegistryBusy(RegistryError):
+    """Another writer (a run's gate, a person's promote or rollback) held the registry's
+    promotion lock for longer than the caller waits."""
+
+
+class LeaseLost(RegistryError):
+    """The lease that made this writer the registry's only alias mover is no longer its own
+    (it expired and another writer took it); nothing more was moved."""

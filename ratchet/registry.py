@@ -1,9 +1,12 @@
 """The MLflow side: tracking set-up, the champion alias and its move log, logging and registering
 candidates.
 
-Every alias move is recorded IN the registry, as registered-model tags `ratchet.move.<seq>` holding
-one JSON event each, so the history lives beside the aliases it describes and works the same
-against a remote tracking server as against the workspace's SQLite file.
+Every alias move is recorded IN the registry, as registered-model tags `ratchet.move.<seq>.<id>`
+holding one JSON event each, so the history lives beside the aliases it describes and works the
+same against a remote tracking server as against the workspace's SQLite file.
+
+These are the primitives; `ratchet.promotion` owns a promotion (the lock or lease that serializes
+writers, the run journal, the undo) and is what the gate and the CLI move aliases through.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ import getpass
 import json
 import os
 import time
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -28,7 +33,8 @@ MAX_TAG_VALUE = 5000
 MANUAL_REASON = "moved outside ratchet (e.g. in the MLflow UI)"
 ACTOR_ENV = "RATCHET_ACTOR"
 # Set by a retrain run for its stages: the gate tags the MLflow run it logs with it, so a failed
-# run can find exactly the versions it registered (see `undo_run`).
+# run can find the versions it registered even if it was killed before its journal said so
+# (see `run_versions` and `ratchet.promotion.undo`).
 RUN_TOKEN_ENV = "RATCHET_RUN_TOKEN"
 RUN_TOKEN_TAG = "ratchet.run_token"
 Mover = Literal["gate", "cli", "manual"]
@@ -170,11 +176,16 @@ def utc_now() -> str:
 
 
 def _seq_of_key(key: str) -> int | None:
+    """The seq a move-log key names: `ratchet.move.000007.<id>`, or `ratchet.move.000007` as
+    written before keys carried a writer's id."""
     suffix = key[len(MOVE_TAG_PREFIX) :] if key.startswith(MOVE_TAG_PREFIX) else ""
-    return int(suffix) if suffix.isdigit() else None
+    seq = suffix.split(".", 1)[0]
+    return int(seq) if seq.isdigit() else None
 
 
 def _events(tags: dict[str, str]) -> list[dict[str, Any]]:
+    """The events in the tags, in log order: by seq, then time, then key (two writers that did
+    not share a lock may have taken the same seq; both events are kept)."""
     events = []
     for key, value in tags.items():
         if _seq_of_key(key) is None:
@@ -184,8 +195,8 @@ def _events(tags: dict[str, str]) -> list[dict[str, Any]]:
         except ValueError:
             continue  # a tag edited by hand into something else is not an event
         if isinstance(event, dict) and isinstance(event.get("seq"), int) and "alias" in event:
-            events.append(event)
-    return sorted(events, key=lambda e: e["seq"])
+            events.append((event["seq"], str(event.get("time", "")), key, event))
+    return [event for *_, event in sorted(events, key=lambda e: e[:3])]
 
 
 def alias_history(client, name: str) -> list[dict[str, Any]]:
@@ -214,24 +225,20 @@ def _fit(event: dict[str, Any], suffix: str = " [truncated]") -> dict[str, Any]:
     return cut(lo)
 
 
-def _append(client, name: str, event: dict[str, Any], *, attempts: int = 5) -> dict[str, Any]:
-    """Store the event under the next free seq and return it as stored.
+def append_event(client, name: str, event: dict[str, Any]) -> dict[str, Any]:
+    """Store the event under the next seq and return it as stored.
 
-    MLflow tags have no create-if-absent, so two writers may pick the same seq and the later one
-    overwrites the earlier: each re-reads its tag and, if it is not its own, takes the next seq.
+    MLflow tags have no create-if-absent, so the key carries a fresh id beside the seq: a tag is
+    never overwritten, and an event is never lost even if two writers take the same seq. Writers
+    that go through `ratchet.promotion` append under its lock, so their seqs do not collide.
     """
-    for _ in range(attempts):
-        tags = client.get_registered_model(name).tags or {}
-        seqs = [s for s in map(_seq_of_key, tags) if s is not None]
-        seqs += [e["seq"] for e in _events(tags)]
-        stored = _fit({"seq": max(seqs, default=0) + 1, **event})
-        key = f"{MOVE_TAG_PREFIX}{stored['seq']:0{SEQ_WIDTH}d}"
-        value = json.dumps(stored)
-        client.set_registered_model_tag(name, key, value)
-        if (client.get_registered_model(name).tags or {}).get(key) == value:
-            return stored
-    raise RegistryError(f"could not record the move of `{event['alias']}` of {name}: "
-                        f"{attempts} concurrent writers took its sequence number")
+    tags = client.get_registered_model(name).tags or {}
+    seqs = [s for s in map(_seq_of_key, tags) if s is not None]
+    seqs += [e["seq"] for e in _events(tags)]
+    stored = _fit({"seq": max(seqs, default=0) + 1, **event})
+    key = f"{MOVE_TAG_PREFIX}{stored['seq']:0{SEQ_WIDTH}d}.{uuid.uuid4().hex[:12]}"
+    client.set_registered_model_tag(name, key, json.dumps(stored))
+    return stored
 
 
 def detect_manual_moves(client, name: str) -> list[dict[str, Any]]:
@@ -254,7 +261,7 @@ def detect_manual_moves(client, name: str) -> list[dict[str, Any]]:
         if current.get(alias) == logged.get(alias):
             continue
         now = utc_now()
-        found.append(_append(client, name, {
+        found.append(append_event(client, name, {
             "time": now, "alias": alias, "from": logged.get(alias), "to": current.get(alias),
             "by": "manual", "actor": None, "reason": MANUAL_REASON,
             "detected_at": now, "detected_by": actor(),
@@ -272,19 +279,25 @@ def move_alias(
     reason: str,
     expected: str | None,
     rollback: bool = False,
+    before_move: Callable[[str | None], None] | None = None,
 ) -> dict[str, Any]:
-    """Point `alias` at `version` if it still points at `expected` (compare-and-set), and log it.
+    """Point `alias` at `version` if it still points at `expected`, and log it.
 
     A run or a person decided against the version they saw; if someone moved the alias since,
     overwriting would silently discard that decision, so AliasMoved is raised instead (with
-    `.current`) and nothing changes. MLflow offers no atomic compare-and-set, so the check is
-    repeated after the move: a writer that got in between is reported the same way.
+    `.current`) and nothing changes. MLflow offers no atomic compare-and-set: on its own this is
+    check-then-set, and two writers that both pass the check both move. `ratchet.promotion`
+    makes it a compare-and-set by calling it under a lock every ratchet writer takes; the check
+    repeated after the move still reports a writer outside ratchet (the MLflow UI) that got in
+    between.
 
     Args:
         version: the target; an alias cannot be removed through ratchet (rollback moves it back).
         by: "gate" or "cli"; "manual" is for moves ratchet did not make.
         expected: the version (or None for unset) the caller believes the alias points at now.
         rollback: the move undoes an earlier one; `rollback_target` skips such moves.
+        before_move: called with the alias's current target once the check passed, right
+            before the move (a journal writes its intent there; a lease is verified there).
 
     Returns:
         The logged event; if the alias already points at `version`, the event that put it there.
@@ -304,11 +317,13 @@ def move_alias(
         return next(e for e in reversed(alias_history(client, name)) if e["alias"] == alias)
     if current != expected:
         raise AliasMoved(name, alias, expected, current)
+    if before_move is not None:
+        before_move(current)
     client.set_registered_model_alias(name, alias, version)
     confirmed = alias_target(client, name, alias)
     if confirmed != version:
         raise AliasMoved(name, alias, version, confirmed)
-    return _append(client, name, {
+    return append_event(client, name, {
         "time": utc_now(), "alias": alias, "from": current, "to": version, "by": by,
         "actor": actor(), "reason": reason.strip(), "rollback": rollback,
     })
@@ -350,38 +365,97 @@ def run_versions(client, name: str, token: str) -> dict[str, str]:
     return dict(sorted(ours.items(), key=lambda kv: int(kv[0])))
 
 
-def undo_run(client, name: str, token: str, before: dict[str, str | None], *,
-             reason: str) -> dict[str, Any]:
-    """Leave the registry as a failed retrain found it: aliases it moved go back, and the versions
-    it registered (fully tagged or half-registered) are deleted; their MLflow runs stay, marked
-    FAILED, for the post-mortem.
+def remove_alias(client, name: str, alias: str, *, expected: str, by: Mover, reason: str,
+                 before_move: Callable[[str | None], None] | None = None
+                 ) -> dict[str, Any] | None:
+    """Remove `alias` if it still points at `expected`, and log it as a rollback; None (and
+    nothing changes) if it points elsewhere.
 
-    An alias someone moved elsewhere since the run moved it is left alone (their decision), and
-    every restoring move is logged in the alias history with `reason`.
+    Only an undo removes an alias (it pointed at nothing before the run that set it); people
+    move aliases, they do not remove them through ratchet.
     """
-    ours = run_versions(client, name, token)
-    current = aliases(client, name)
-    restored: dict[str, Any] = {}
-    for alias, was in before.items():
-        now = current.get(alias)
-        if now is None or now not in ours or now == was:
-            continue
-        if was is not None:
-            move_alias(client, name, alias, was, by="gate", expected=now, rollback=True,
-                       reason=f"restored: {reason}"[:2000])
-        else:  # it pointed at nothing before this run: deleting the version removes it
-            client.delete_registered_model_alias(name, alias)
-            _append(client, name, {"time": utc_now(), "alias": alias, "from": now, "to": None,
-                                   "by": "gate", "actor": actor(), "rollback": True,
-                                   "reason": f"removed: {reason}"[:2000]})
-        restored[alias] = {"from": now, "to": was}
-    for version in ours:
-        client.delete_model_version(name, version)
-    for run_id in set(ours.values()):
-        client.set_tag(run_id, "decision", "failed")
-        client.set_tag(run_id, "ratchet.failure", reason[:4900])
-        client.set_terminated(run_id, "FAILED")
-    return {"deleted_versions": list(ours), "restored_aliases": restored}
+    detect_manual_moves(client, name)
+    current = alias_target(client, name, alias)
+    if current != str(expected):
+        return None
+    if before_move is not None:
+        before_move(current)
+    client.delete_registered_model_alias(name, alias)
+    return append_event(client, name, {"time": utc_now(), "alias": alias, "from": current,
+                                       "to": None, "by": by, "actor": actor(), "rollback": True,
+                                       "reason": reason.strip()})
+
+
+def _error_code(err: Exception) -> str | None:
+    return getattr(err, "error_code", None)
+
+
+def create_model_once(client, name: str, *, tags: dict[str, str], description: str) -> bool:
+    """Create the registered model `name`; False if it exists already.
+
+    The registry's name is a unique key of its table (SQLite, PostgreSQL, MySQL alike), so of
+    any number of concurrent creators, through a server or not, exactly one gets True: the one
+    atomic create-if-absent MLflow offers. The tags are written in the same transaction.
+    """
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(name, tags=tags, description=description)
+    except MlflowException as err:
+        # A creator that lost the race may also see the winner's model gone already, when the
+        # store looks it up to word its error.
+        if _error_code(err) in {"RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST",
+                                "NOT_FOUND"}:
+            return False
+        raise
+    return True
+
+
+def rename_model(client, name: str, new_name: str) -> bool:
+    """Rename a registered model; False if `name` is gone or `new_name` is taken (the new name
+    is a unique key too, so a rename to a fresh name happens once)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.rename_registered_model(name, new_name)
+    except MlflowException as err:
+        if _error_code(err) in {"RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST",
+                                "NOT_FOUND"}:
+            return False
+        raise
+    return True
+
+
+def delete_model(client, name: str) -> None:
+    """Delete a registered model (a lease or its grave); gone already is fine."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.delete_registered_model(name)
+    except MlflowException as err:
+        if not _not_found(err):
+            raise
+
+
+def models_named_like(client, pattern: str) -> list:
+    """Registered models whose name matches the SQL LIKE `pattern`."""
+    return list(client.search_registered_models(filter_string=f"name LIKE '{pattern}'"))
+
+
+def version_aliases(client, name: str, version: str) -> list[str]:
+    """The aliases that point at `version` now."""
+    return sorted(a for a, v in aliases(client, name).items() if v == str(version))
+
+
+def delete_version(client, name: str, version: str) -> None:
+    client.delete_model_version(name, str(version))
+
+
+def fail_run(client, run_id: str, reason: str) -> None:
+    """Mark an MLflow run as a failed retrain's, kept for the post-mortem."""
+    client.set_tag(run_id, "decision", "failed")
+    client.set_tag(run_id, "ratchet.failure", reason[:4900])
+    client.set_terminated(run_id, "FAILED")
 
 
 def log_candidate(

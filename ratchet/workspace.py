@@ -37,8 +37,6 @@ CHAMPION_FILE = Path("champion.json")
 # training starts from it.
 INIT_FILE = Path("finetune-init.json")
 CANDIDATE = Path("models/candidate")  # the finetune stage's model
-# The run in progress: its token and the aliases it found; removed when the run is recorded.
-INFLIGHT = Path(".ratchet/inflight.json")
 GATE_REPORT = Path("reports/gate.json")
 # Label-noise review decisions (batch id -> accept | drop), git-tracked; the noise stage reads it.
 LABELS_REVIEW = Path("labels-review.yaml")
@@ -407,11 +405,12 @@ def refresh_champion(ws: Path) -> dict[str, Any]:
     exactly evaluate and gate, and nothing else. Every run passes here, so this is also where
     such a move is first noticed and recorded in the alias history (as `manual`).
     """
-    from ratchet.registry import connect, current_champion, detect_manual_moves
+    from ratchet.promotion import record_manual_moves
+    from ratchet.registry import connect, current_champion
 
     params = load_params(ws / "params.yaml")
     client = connect(params.registry, ws)
-    detect_manual_moves(client, params.registry.model_name)
+    record_manual_moves(client, params.registry.model_name, ws)
     ref = current_champion(client, params.registry.model_name)
     content = {
         "name": params.registry.model_name if ref else None,
@@ -625,49 +624,45 @@ def retrain_lock(ws: Path, *, timeout: float | None = None,
 
 
 def recover(ws: Path, *, reason: str) -> dict[str, Any] | None:
-    """Undo what an unfinished run left in the registry (see `registry.undo_run`), if any.
+    """Undo what an unfinished run left in the registry, from its journal (see
+    `promotion.undo`), if there is one.
 
     Called when a run fails, from the flow's failure hooks, and at the start of the next run for
     a run that was killed before it could clean up. Its gate report goes too, so the gate stage
     runs again instead of DVC replaying a decision about a version that no longer exists.
     """
-    from ratchet.registry import connect, undo_run
+    from ratchet import promotion
+    from ratchet.registry import connect
 
-    path = ws / INFLIGHT
-    if not path.is_file():
+    if not promotion.Journal.unfinished(ws):
         return None
-    state = json.loads(path.read_text())
     params = load_params(ws / "params.yaml")
-    client = connect(params.registry, ws)
-    undone = undo_run(client, state["model_name"], state["token"], state["aliases"],
-                      reason=reason)
-    if undone["deleted_versions"] or undone["restored_aliases"]:
+    undone = promotion.recover(connect(params.registry, ws), ws, reason=reason)
+    if undone and (undone["deleted_versions"] or undone["reverted_moves"]):
         (ws / GATE_REPORT).unlink(missing_ok=True)
-    path.unlink()
     return undone
 
 
 @contextmanager
 def run_guard(ws: Path, *, log: Callable[[str], None] = print) -> Iterator[str]:
-    """Bracket a retrain (inside `retrain_lock`): on any failure, including Ctrl-C, the registry
-    is left as the run found it, with no half-registered version and no moved alias.
+    """Bracket a retrain (inside `retrain_lock`): on any failure, including Ctrl-C, what the run
+    did to the registry is undone (its alias moves and the versions it registered; see
+    `promotion.undo`), and nothing anyone else did meanwhile.
 
-    Yields the run's token, which the stages inherit in $RATCHET_RUN_TOKEN and the gate tags
-    its MLflow run with.
+    Yields the run's token, which the stages inherit in $RATCHET_RUN_TOKEN: the gate tags its
+    MLflow run with it and finds the run's journal by it.
     """
     import uuid
 
-    from ratchet.registry import CHALLENGER, CHAMPION, RUN_TOKEN_ENV, aliases, connect
+    from ratchet.promotion import Journal
+    from ratchet.registry import RUN_TOKEN_ENV
 
     leftover = recover(ws, reason="an earlier retrain stopped before it was recorded")
     if leftover is not None:
         log(f"an earlier retrain was killed mid-run; undone in the registry: {leftover}")
     params = load_params(ws / "params.yaml")
-    name = params.registry.model_name
-    found = aliases(connect(params.registry, ws), name)
     token = uuid.uuid4().hex
-    write_json(ws / INFLIGHT, {"token": token, "model_name": name, "started": time.time(),
-                               "aliases": {a: found.get(a) for a in (CHAMPION, CHALLENGER)}})
+    journal = Journal.begin(ws, token, params.registry.model_name)
     previous = os.environ.get(RUN_TOKEN_ENV)
     os.environ[RUN_TOKEN_ENV] = token
     try:
@@ -682,7 +677,7 @@ def run_guard(ws: Path, *, log: Callable[[str], None] = print) -> Iterator[str]:
                 f"the next run retries the undo")
         raise
     else:
-        (ws / INFLIGHT).unlink(missing_ok=True)
+        journal.close()
     finally:
         if previous is None:
             os.environ.pop(RUN_TOKEN_ENV, None)

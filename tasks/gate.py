@@ -1,4 +1,5 @@
-"""gate: decide promotion by the rule, register the candidate, move aliases compare-and-set."""
+"""gate: decide promotion by the rule, register the candidate, move aliases compare-and-set
+(through `ratchet.promotion`: under the registry lock, journaled for the run's undo)."""
 
 from __future__ import annotations
 
@@ -96,6 +97,7 @@ def run(params: Params, *, eval_metrics: Path, eval_report: Path, validation: Pa
         report: Path, curve: Path | None = None, pretrain_curve: Path | None = None,
         finetune_metrics: Path | None = None, pretrain_metrics: Path | None = None,
         noise: Path | None = None) -> dict[str, Any]:
+    from ratchet.promotion import Journal, move_alias
     from ratchet.registry import (
         CHALLENGER,
         CHAMPION,
@@ -103,7 +105,6 @@ def run(params: Params, *, eval_metrics: Path, eval_report: Path, validation: Pa
         alias_target,
         connect,
         current_champion,
-        move_alias,
         tracking_uri,
     )
     from ratchet.workspace import fingerprint as model_fingerprint
@@ -120,6 +121,7 @@ def run(params: Params, *, eval_metrics: Path, eval_report: Path, validation: Pa
     ws = Path.cwd()
     name = params.registry.model_name
     client = connect(params.registry, ws)
+    journal = Journal.of_run(ws)  # None outside a guarded run (e.g. `dvc repro` alone)
     fp = model_fingerprint(candidate)
     before = current_champion(client, name)
     record: dict[str, Any] = {
@@ -184,10 +186,12 @@ def run(params: Params, *, eval_metrics: Path, eval_report: Path, validation: Pa
             client, params, name, fp, label, decision, m, version=version, run_id=run_id,
             evaluated=evaluated, val=val, drift=drift, drift_report=drift_report, lock=lock,
             card=card, paths=paths)
+        if journal is not None:  # before any alias points at it: undo must know it is ours
+            journal.version(version, registered=run_id is not None, run_id=run_id)
         if label != "promoted":
             break
         try:
-            move_alias(client, name, CHAMPION, version, by="gate",
+            move_alias(client, name, CHAMPION, version, by="gate", ws=ws, journal=journal,
                        expected=evaluated.get("version"),
                        reason=f"gate promoted version {version} over "
                               f"{evaluated.get('version') or 'no champion'}")
@@ -204,12 +208,14 @@ def run(params: Params, *, eval_metrics: Path, eval_report: Path, validation: Pa
             client, params, name, fp, label, decision, m, version=version, run_id=run_id,
             evaluated=evaluated, val=val, drift=drift, drift_report=drift_report, lock=lock,
             card=card, paths=paths)
+        if journal is not None:
+            journal.version(version, registered=run_id is not None, run_id=run_id)
     challenger = alias_target(client, name, CHALLENGER)
     if challenger != version:
         # If another candidate took `challenger` meanwhile, it is the latest: keep it.
         with contextlib.suppress(AliasMoved):
-            move_alias(client, name, CHALLENGER, version, by="gate", expected=challenger,
-                       reason="the latest candidate")
+            move_alias(client, name, CHALLENGER, version, by="gate", ws=ws, journal=journal,
+                       expected=challenger, reason="the latest candidate")
     record["floor"] = floor_record(client, params, m, evaluated)
     after = current_champion(client, name)
     record.update(decision=label, promote=label == "promoted", version=version, run_id=run_id,
@@ -238,8 +244,11 @@ def floor_record(client, params: Params, m: dict[str, float], evaluated: dict) -
                 "p_value": m.get(f"test/{name}/p_value"),
             }
     before = [str(x["version"]) for x in evaluated.get("floor") or []]
-    pool = floor.update(client, params.registry.model_name, m, evaluated,
-                        params.gate.floor_models)
+    from ratchet.promotion import registry_lock
+
+    name = params.registry.model_name
+    with registry_lock(client, name, Path.cwd()):  # the pool's tag has writers in turn too
+        pool = floor.update(client, name, m, evaluated, params.gate.floor_models)
     return {"models_before": before, "judged": judged, "pool": pool}
 
 

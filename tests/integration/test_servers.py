@@ -303,7 +303,7 @@ def pipeline(stack: Stack) -> dict[str, Any]:
               "versions": [str(mv.version) for mv in
                            client.search_model_versions(f"name = '{name}'")],
               "history": alias_history(client, name),
-              "inflight": (ws / ".ratchet" / "inflight.json").exists(),
+              "inflight": any((ws / ".ratchet" / "runs").glob("*")),
               "gate_report": (ws / "reports" / "gate.json").exists()}
     hook.unlink()
     t = time.perf_counter()
@@ -443,7 +443,7 @@ def test_after_the_second_run_the_workspace_is_clean(stack, pipeline):
     from ratchet import workspace
 
     ws = pipeline["ws"]
-    assert not (ws / ".ratchet" / "inflight.json").exists()
+    assert not any((ws / ".ratchet" / "runs").glob("*"))  # no run journal left open
     assert workspace.changed_stages(ws) == set()
     assert workspace.git(ws, "status", "--porcelain").strip() == ""
 

@@ -87,7 +87,7 @@ def test_move_alias_sets_the_alias_and_records_the_event(client, monkeypatch):
         "reason": "first"}
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", event["time"])
     tags = client.get_registered_model(NAME).tags
-    assert json.loads(tags[f"{MOVE_TAG_PREFIX}000001"]) == event
+    assert [json.loads(v) for k, v in tags.items() if k.startswith(MOVE_TAG_PREFIX)] == [event]
 
     second = move_alias(client, NAME, CHAMPION, 2, by="gate", reason="better", expected="1")
     assert (second["seq"], second["from"], second["to"]) == (2, "1", "2")
@@ -187,7 +187,8 @@ def test_an_unregistered_model_is_named_in_the_error(tmp_path):
 @pytest.mark.parametrize("char", ["x", "é", '"'])  # escaped characters take more than one
 def test_a_long_reason_is_cut_to_fit_one_tag_value(client, char):
     move_alias(client, NAME, CHAMPION, "1", by="cli", reason=char * 9000, expected=None)
-    value = client.get_registered_model(NAME).tags[f"{MOVE_TAG_PREFIX}000001"]
+    [value] = [v for k, v in client.get_registered_model(NAME).tags.items()
+               if k.startswith(f"{MOVE_TAG_PREFIX}000001")]
     assert len(value) <= MAX_TAG_VALUE
     reason = json.loads(value)["reason"]
     assert reason.endswith("[truncated]") and len(reason) > 500

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 
 import pytest
 
+from ratchet import promotion
 from ratchet.config import RegistryConfig
+from ratchet.promotion import JOURNALS, Journal
 from ratchet.registry import (
     CHALLENGER,
     CHAMPION,
@@ -18,7 +19,7 @@ from ratchet.registry import (
     aliases,
     move_alias,
 )
-from ratchet.workspace import GATE_REPORT, INFLIGHT, run_guard, template
+from ratchet.workspace import GATE_REPORT, run_guard, template
 from tests.unit.test_history import NAME, fresh_store, register
 
 
@@ -45,14 +46,19 @@ def register_as_this_run(client) -> str:
     return str(mv.version)
 
 
+def gate_move(path, client, alias: str, version: str, expected: str | None) -> None:
+    """What the gate does: a compare-and-set move under the registry lock, in the run's journal."""
+    promotion.move_alias(client, NAME, alias, version, ws=path, by="gate", expected=expected,
+                         reason="gate", journal=Journal.of_run(path))
+
+
 def test_a_failure_after_promotion_restores_the_aliases_and_deletes_the_version(ws):
     path, client = ws
     with pytest.raises(RuntimeError, match="dvc push"), run_guard(path, log=lambda m: None):
-        assert json.loads((path / INFLIGHT).read_text())["aliases"] == {CHAMPION: "1",
-                                                                        CHALLENGER: "2"}
+        assert Journal.of_run(path).model_name == NAME  # begun, found by the run's token
         version = register_as_this_run(client)
-        move_alias(client, NAME, CHAMPION, version, by="gate", expected="1", reason="promoted")
-        move_alias(client, NAME, CHALLENGER, version, by="gate", expected="2", reason="latest")
+        gate_move(path, client, CHAMPION, version, expected="1")
+        gate_move(path, client, CHALLENGER, version, expected="2")
         (path / GATE_REPORT).write_text("{}")
         raise RuntimeError("dvc push: remote unreachable")
 
@@ -60,13 +66,14 @@ def test_a_failure_after_promotion_restores_the_aliases_and_deletes_the_version(
     kept = {str(mv.version) for mv in client.search_model_versions(f"name = '{NAME}'")}
     assert kept == {"1", "2"}
     undo = [e for e in alias_history(client, NAME) if e["rollback"]]
-    assert [(e["alias"], e["from"], e["to"]) for e in undo] == [(CHAMPION, "3", "1"),
-                                                                (CHALLENGER, "3", "2")]
+    # the run's moves, reverted newest first
+    assert [(e["alias"], e["from"], e["to"]) for e in undo] == [(CHALLENGER, "3", "2"),
+                                                                (CHAMPION, "3", "1")]
     assert all("dvc push: remote unreachable" in e["reason"] for e in undo)
     failed = client.search_runs([client.get_experiment_by_name("ratchet").experiment_id],
                                 filter_string="attributes.status = 'FAILED'")
     assert [r.data.tags["decision"] for r in failed] == ["failed"]
-    assert not (path / INFLIGHT).exists()
+    assert not list((path / JOURNALS).glob("*"))
     assert not (path / GATE_REPORT).exists()  # so the gate runs again instead of replaying
     assert RUN_TOKEN_ENV not in os.environ
 
@@ -75,7 +82,7 @@ def test_an_alias_moved_by_someone_else_since_is_left_alone(ws):
     path, client = ws
     with pytest.raises(KeyboardInterrupt), run_guard(path, log=lambda m: None):
         version = register_as_this_run(client)
-        move_alias(client, NAME, CHAMPION, version, by="gate", expected="1", reason="promoted")
+        gate_move(path, client, CHAMPION, version, expected="1")
         move_alias(client, NAME, CHAMPION, "2", by="cli", expected=version, reason="a person")
         raise KeyboardInterrupt
     assert aliases(client, NAME)[CHAMPION] == "2"
@@ -98,7 +105,7 @@ def test_a_killed_run_is_undone_when_the_next_run_starts(ws, monkeypatch):
     assert not (path / GATE_REPORT).exists()
     # A run that ends normally keeps what it registered.
     assert kept in {str(mv.version) for mv in client.search_model_versions(f"name = '{NAME}'")}
-    assert not (path / INFLIGHT).exists()
+    assert not list((path / JOURNALS).glob("*"))
     assert aliases(client, NAME) == {CHAMPION: "1", CHALLENGER: "2"}
     del killed
 
