@@ -357,6 +357,12 @@ class GateConfig(_Section):
     min_domain_rows: int = Field(
         30, ge=1, description="Domains with fewer test rows are reported but not judged."
     )
+    experiments: Literal["log", "register"] = Field(
+        "log", description="In a `dvc exp run`: log an MLflow run named after the experiment "
+        "(params, metrics, the decision it would get) and register nothing, move no alias "
+        "(log); or gate it like a real run (register; its `git_commit` is the baseline, which "
+        "lacks the experiment's params)."
+    )
 
 
 class RegistryConfig(_Section):
