@@ -363,6 +363,12 @@ class GateConfig(_Section):
         "the best of them on reference and on every judged domain (0: the current champion "
         "only, so losses of up to max_regression per promotion can add up)."
     )
+    experiments: Literal["log", "register"] = Field(
+        "log", description="In a `dvc exp run`: log an MLflow run named after the experiment "
+        "(params, metrics, the decision it would get) and register nothing, move no alias "
+        "(log); or gate it like a real run (register; its `git_commit` is the baseline, which "
+        "lacks the experiment's params)."
+    )
 
 
 class RegistryConfig(_Section):

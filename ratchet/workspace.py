@@ -38,6 +38,7 @@ CHAMPION_FILE = Path("champion.json")
 INIT_FILE = Path("finetune-init.json")
 CANDIDATE = Path("models/candidate")  # the finetune stage's model
 GATE_REPORT = Path("reports/gate.json")
+MODEL_CARD = Path("reports/eval/model_card.md")  # written by the gate beside the eval report
 # Label-noise review decisions (batch id -> accept | drop), git-tracked; the noise stage reads it.
 LABELS_REVIEW = Path("labels-review.yaml")
 NOISE_REPORT = Path("reports/validation/noise.json")
@@ -408,6 +409,7 @@ def refresh_champion(ws: Path) -> dict[str, Any]:
     from ratchet.promotion import record_manual_moves
     from ratchet.registry import connect, current_champion
 
+    forget_experiment(ws)
     params = load_params(ws / "params.yaml")
     client = connect(params.registry, ws)
     record_manual_moves(client, params.registry.model_name, ws)
@@ -453,6 +455,22 @@ def finetune_init(ws: Path, params: Params, champion: dict[str, Any]) -> dict[st
     if have.get("init") == "champion" and have.get("batch") == want["batch"] and trained_here:
         return have
     return want
+
+
+def forget_experiment(ws: Path) -> bool:
+    """Drop a gate record a `dvc exp run` left (decision `experiment`), so that a real run after
+    `dvc exp apply` gates the model for real instead of DVC finding the gate up to date."""
+    path = ws / GATE_REPORT
+    if not path.is_file():
+        return False
+    try:
+        decision = json.loads(path.read_text()).get("decision")
+    except ValueError:
+        return False
+    if decision != "experiment":
+        return False
+    path.unlink()
+    return True
 
 
 def stage_names(ws: Path) -> list[str]:
@@ -544,11 +562,20 @@ def record_skip(ws: Path, record: dict[str, Any]) -> None:
 
 
 def finish_run(ws: Path) -> None:
-    """Record the run in git (dvc.lock, metrics, champion.json) and push data to the remote."""
+    """Record the run in git (dvc.lock, metrics, champion.json), push data to the remote, then
+    point the version at the commit that records it (`lineage.stamp_commit`)."""
     g = _report(ws, "gate.json")
     summary = f": {g.get('decision', '?')} (version {g.get('version', '-')})" if g else ""
     commit(ws, f"retrain{summary}", leave=unused_inputs(ws))
     dvc(ws, "push", "-q")
+    stamp_lineage(ws)
+
+
+def stamp_lineage(ws: Path) -> dict[str, Any] | None:
+    """The version's `git_commit` tag and logged card, once the run's commit and data exist."""
+    from ratchet.lineage import stamp_commit
+
+    return stamp_commit(ws, ws / GATE_REPORT, ws / MODEL_CARD)
 
 
 def apply_overrides(ws: Path, overrides: dict[str, dict[str, Any]]) -> None:

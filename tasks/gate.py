@@ -7,35 +7,31 @@ import contextlib
 import hashlib
 import json
 import math
-import subprocess
+import os
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from ratchet.config import Params
 from ratchet.data import RECENT, REFERENCE
 from ratchet.gate import Check, Decision, decide, gate_inputs
+from ratchet.lineage import Experiment, code_at_gate, commit_tags, dvc_experiment
 from ratchet.runtime import read_json, write_json, write_text_atomic
 from ratchet.stage import stage_main
 
 
 def data_hashes(lock: Path) -> dict[str, str]:
-    """md5 of every data and model path in dvc.lock: the exact inputs of this model."""
-    if not lock.is_file():
-        return {}
-    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
-    hashes = {}
-    for stage in stages.values():
-        for entry in stage.get("deps", []) + stage.get("outs", []):
-            if entry.get("md5") and entry["path"].startswith(("data/", "models/")):
-                hashes[entry["path"]] = entry["md5"]
-    return hashes
+    """md5 of every data and model path in dvc.lock as this run computed it (not the gate's
+    own entry, which is the previous run's): the exact inputs and output of this model."""
+    from ratchet.lineage import data_hashes as this_run
+
+    return this_run(lock)
 
 
 def git_commit() -> str:
-    proc = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False)
-    return proc.stdout.strip() if proc.returncode == 0 else "unknown"
+    """HEAD: at gate time the run's parent (the run is committed after the gate)."""
+    from ratchet.lineage import git_head
+
+    return git_head()
 
 
 def params_hash(params: Params) -> str:
@@ -52,7 +48,7 @@ def version_tags(decision: Decision, label: str, *, fingerprint: str, compared_w
         "warnings": " | ".join(c.reason for c in decision.warnings)[:4900],
         "fingerprint": fingerprint,
         "compared_with": str(compared_with),
-        "git_commit": git_commit(),
+        **commit_tags(dvc_experiment()),
         "params_hash": params_hash(params),
         "validation": "passed" if validation.get("passed") else "failed",
         "validation_warnings": str(len(validation.get("warnings", []))),
@@ -139,6 +135,15 @@ def run(params: Params, *, eval_metrics: Path, eval_report: Path, validation: Pa
         "reevaluations": [],
     }
     card = eval_report.parent / "model_card.md"
+    experiment = dvc_experiment()
+    if experiment is not None and params.gate.experiments == "log":
+        record.update(log_experiment(
+            params, experiment, m, evaluated=evaluated, noise=noise, new_classes=new_classes,
+            fp=fp, identical=bool(before and before.fingerprint == fp), val=val, drift=drift,
+            drift_report=drift_report, lock=lock, card=card, paths=paths),
+            champion_after=record["champion_before"])
+        write_json(report, record)
+        return record
     if before and before.fingerprint == fp:
         decision = decide(gate_inputs(m, evaluated, noise=noise, new_classes=new_classes),
                           params.gate)
@@ -250,6 +255,64 @@ def floor_record(client, params: Params, m: dict[str, float], evaluated: dict) -
     with registry_lock(client, name, Path.cwd()):  # the pool's tag has writers in turn too
         pool = floor.update(client, name, m, evaluated, params.gate.floor_models)
     return {"models_before": before, "judged": judged, "pool": pool}
+
+
+def flat_params(params: Params) -> dict[str, str]:
+    """params.yaml as MLflow params: `section.key` -> value (as `dvc exp show` names them)."""
+    return {f"{k}.{kk}": str(vv)[:500] for k, v in params.model_dump(by_alias=True).items()
+            for kk, vv in v.items()}
+
+
+def log_experiment(params: Params, experiment: Experiment, m: dict[str, float], *,
+                   evaluated: dict, noise: dict | None, new_classes: list[str], fp: str,
+                   identical: bool,
+                   val: dict, drift: Path, drift_report: dict, lock: Path, card: Path,
+                   paths: tuple[Path, ...]) -> dict[str, Any]:
+    """A `dvc exp run` stays an experiment: its MLflow run, named after the DVC experiment, has
+    its params, metrics, curves and the card with the decision the gate would have made, and
+    nothing is registered and no alias moves (`gate.experiments: register` opts out).
+
+    Returns the record's entries: decision `experiment`, what it would have been, the run.
+    """
+    import mlflow
+
+    from ratchet.registry import RUN_TOKEN_ENV, RUN_TOKEN_TAG
+
+    decision = decide(gate_inputs(m, evaluated, noise=noise, new_classes=new_classes),
+                      params.gate)
+    would_be = "unchanged" if identical else "promoted" if decision.promote else "rejected"
+    checks = [*decision.checks, Check(
+        "experiment", False, f"DVC experiment `{experiment.name}` (baseline "
+        f"{experiment.baseline[:12]}): logged, not registered, no alias moved; the gate would "
+        f"have said {would_be} (`dvc exp apply {experiment.name}`, then `ratchet run`, to "
+        "decide for real)")]
+    decision = Decision(False, checks)
+    write_text_atomic(card, model_card(params, params.registry.model_name,
+                                       f"experiment (would be {would_be})", decision, m,
+                                       val=val, drift=drift_report, evaluated=evaluated,
+                                       lock=lock))
+    (validation, eval_metrics, eval_report, candidate, curve, pretrain_curve, finetune_metrics,
+     pretrain_metrics) = paths
+    tags = {**experiment.tags(), "decision": "experiment", "would_be": would_be,
+            "compared_with": str(evaluated.get("version")),
+            "fingerprint": fp, "params_hash": params_hash(params),
+            **{f"data_hash.{p}": h for p, h in data_hashes(lock).items()}}
+    token = os.environ.get(RUN_TOKEN_ENV)
+    with mlflow.start_run(run_name=experiment.name) as run:
+        mlflow.set_tags({**tags, **({RUN_TOKEN_TAG: token} if token else {})})
+        mlflow.log_params(flat_params(params))
+        mlflow.log_metrics({k: v for k, v in m.items()
+                            if isinstance(v, float) and not math.isnan(v)})
+        for path in (validation, eval_metrics, eval_report, card, drift):
+            if path.is_file():
+                mlflow.log_artifact(str(path), artifact_path="reports")
+    log_training(run.info.run_id, curve=curve, pretrain_curve=pretrain_curve,
+                 finetune_metrics=finetune_metrics, pretrain_metrics=pretrain_metrics)
+    return {"decision": "experiment", "would_be": would_be, "promote": False, "version": None,
+            "run_id": run.info.run_id, "experiment": {"name": experiment.name,
+                                                      "baseline": experiment.baseline},
+            "metrics": m,
+            "checks": decision.to_dict()["checks"]}
 
 
 def _register_or_tag(client, params: Params, name: str, fp: str, label: str, decision: Decision,
@@ -451,8 +514,8 @@ def model_card(params: Params, name: str, label: str, decision: Decision, m: dic
         f"- Fine-tuning: {params.finetune.epochs:g} epochs, batch {params.finetune.batch_size}, "
         f"learning rate {params.finetune.learning_rate:g}; continued MLM pre-training "
         f"{'on' if params.pretrain.enabled else 'off'}.",
-        f"- Code: git commit `{git_commit()}`; params hash `{params_hash(params)}`.",
-        "- Data (md5 from dvc.lock):",
+        f"{code_at_gate(dvc_experiment())}; params hash `{params_hash(params)}`.",
+        "- Data (md5 from dvc.lock, as this run computed them):",
         *[f"  - `{p}`: `{h}`" for p, h in sorted(hashes.items())],
         f"- Validation: {'passed' if val.get('passed') else 'failed'} with "
         f"{len(val.get('warnings', []))} warning(s).",

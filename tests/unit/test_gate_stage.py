@@ -195,3 +195,62 @@ def test_slices_keep_domains_apart_and_weights_are_checked(tmp_path):
         pd.DataFrame({"text": df["text"], "weight": bad}).to_parquet(tmp_path / "w.parquet")
         with pytest.raises(RatchetError, match="finite, non-negative"):
             load_test_weights(tmp_path / "w.parquet", df)
+
+
+def test_gate_in_a_dvc_experiment_logs_a_run_and_registers_nothing(ws, monkeypatch):
+    """In a `dvc exp run` (DVC sets DVC_EXP_NAME and DVC_EXP_BASELINE_REV in the stage's
+    environment) the gate logs an MLflow run named after the experiment, with the decision it
+    would have made, and registers no version and moves no alias; `gate.experiments:
+    register` opts into gating it like a real run."""
+    from ratchet.registry import alias_history, aliases, move_alias
+    from ratchet.workspace import fingerprint
+    from tasks import evaluate, gate
+
+    raw = json.loads((ws / "params.yaml").read_text())
+    params = parse_params(raw)
+    name = params.registry.model_name
+    client = connect(params.registry, ws)
+    v1 = _register(ws, params, tiny_classifier(ws / "m1", seed=1))
+    client.set_model_version_tag(name, v1, "fingerprint", fingerprint(ws / "m1"))
+    move_alias(client, name, CHAMPION, v1, by="cli", reason="first", expected=None)
+    candidate = tiny_classifier(ws / "candidate", seed=2)
+    write_json(ws / "champion.json", {"name": name, "version": v1})
+    evaluate.run(params, candidate=candidate, test=ws / "test.parquet",
+                 champion=ws / "champion.json", metrics=ws / "eval.json",
+                 predictions=ws / "pred.parquet", report=ws / "eval" / "report.json")
+    paths = dict(eval_metrics=ws / "eval.json", eval_report=ws / "eval" / "report.json",
+                 validation=ws / "validation.json", drift=ws / "drift.json", candidate=candidate,
+                 champion=ws / "champion.json", test=ws / "test.parquet",
+                 weights=ws / "absent.parquet", lock=ws / "dvc.lock", report=ws / "gate.json")
+    baseline = "0123456789abcdef0123456789abcdef01234567"
+    monkeypatch.setenv("DVC_EXP_NAME", "spiky-oboe")
+    monkeypatch.setenv("DVC_EXP_BASELINE_REV", baseline)
+    found, history = aliases(client, name), alias_history(client, name)
+
+    record = gate.run(params, **paths)
+
+    assert record["decision"] == "experiment" and record["version"] is None
+    assert record["would_be"] in ("promoted", "rejected")
+    assert record["experiment"] == {"name": "spiky-oboe", "baseline": baseline}
+    assert record["champion_after"] == v1
+    assert [str(mv.version) for mv in client.search_model_versions(f"name = '{name}'")] == [v1]
+    assert aliases(client, name) == found and alias_history(client, name) == history
+    [run] = client.search_runs([client.get_experiment_by_name(params.registry.experiment)
+                                .experiment_id], "attributes.run_name = 'spiky-oboe'")
+    assert run.info.run_id == record["run_id"]
+    assert run.data.tags["dvc.experiment"] == "spiky-oboe"
+    assert run.data.tags["dvc.baseline_rev"] == baseline
+    assert (run.data.tags["decision"], run.data.tags["would_be"]) == ("experiment",
+                                                                      record["would_be"])
+    metrics = json.loads((ws / "eval.json").read_text())
+    assert run.data.metrics["candidate/all/macro_f1"] == metrics["candidate/all/macro_f1"]
+    assert run.data.params["model.source"] == "tiny"
+    assert "experiment" in [c["name"] for c in record["checks"] if not c["passed"]]
+    assert "DVC experiment `spiky-oboe`" in (ws / "eval" / "model_card.md").read_text()
+
+    # Opted in: gated and registered like a run, its lineage saying it is an experiment.
+    registered = gate.run(parse_params({**raw, "gate": {"experiments": "register"}}), **paths)
+    assert registered["decision"] in ("promoted", "rejected") and registered["version"] != v1
+    tags = client.get_model_version(name, registered["version"]).tags
+    assert tags["dvc.experiment"] == "spiky-oboe" and tags["lineage"] == "experiment"
+    assert tags["git_commit"] == baseline
