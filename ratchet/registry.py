@@ -397,13 +397,19 @@ def create_model_once(client, name: str, *, tags: dict[str, str], description: s
     any number of concurrent creators, through a server or not, exactly one gets True: the one
     atomic create-if-absent MLflow offers. The tags are written in the same transaction.
     """
+    # A creator that lost the race may also see the winner's model gone already, when the
+    # store looks it up to word its error.
+    return _lost_race_is_false(lambda: client.create_registered_model(
+        name, tags=tags, description=description))
+
+
+def _lost_race_is_false(call) -> bool:
+    """True when `call` succeeds; False when the name it creates or renames is taken or gone."""
     from mlflow.exceptions import MlflowException
 
     try:
-        client.create_registered_model(name, tags=tags, description=description)
+        call()
     except MlflowException as err:
-        # A creator that lost the race may also see the winner's model gone already, when the
-        # store looks it up to word its error.
         if _error_code(err) in {"RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST",
                                 "NOT_FOUND"}:
             return False
@@ -414,16 +420,7 @@ def create_model_once(client, name: str, *, tags: dict[str, str], description: s
 def rename_model(client, name: str, new_name: str) -> bool:
     """Rename a registered model; False if `name` is gone or `new_name` is taken (the new name
     is a unique key too, so a rename to a fresh name happens once)."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        client.rename_registered_model(name, new_name)
-    except MlflowException as err:
-        if _error_code(err) in {"RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST",
-                                "NOT_FOUND"}:
-            return False
-        raise
-    return True
+    return _lost_race_is_false(lambda: client.rename_registered_model(name, new_name))
 
 
 def delete_model(client, name: str) -> None:
