@@ -161,7 +161,8 @@ def init(ws: Path, overrides: dict[str, dict[str, Any]] | None = None, *,
         "Unlabeled texts for the pretrain stage's MLM training, beside the batches' texts:\n"
         ".txt files (one text per line) or .csv/.jsonl/.parquet files with a `text` column.\n"
         "Version big files with `dvc add`.\n")
-    write_json(ws / CHAMPION_FILE, {"name": None, "version": None, "fingerprint": None})
+    write_json(ws / CHAMPION_FILE, {"name": None, "version": None, "fingerprint": None,
+                                    "split_scheme": None})
     write_json(ws / INIT_FILE, {"init": "base"})
     if not (ws / ".git").exists():
         git(ws, "init", "-q", "-b", "main")
@@ -363,7 +364,7 @@ def refresh_champion(ws: Path) -> dict[str, Any]:
     exactly evaluate and gate, and nothing else. Every run passes here, so this is also where
     such a move is first noticed and recorded in the alias history (as `manual`).
     """
-    from ratchet.registry import connect, current_champion, detect_manual_moves
+    from ratchet.registry import connect, current_champion, detect_manual_moves, split_scheme
 
     params = load_params(ws / "params.yaml")
     client = connect(params.registry, ws)
@@ -373,6 +374,8 @@ def refresh_champion(ws: Path) -> dict[str, Any]:
         "name": params.registry.model_name if ref else None,
         "version": ref.version if ref else None,
         "fingerprint": ref.fingerprint if ref else None,
+        # What prepare holds fixed while this champion serves (see tasks.prepare).
+        "split_scheme": split_scheme(client, ref.name, ref.version) if ref else None,
     }
     init = {"init": "champion", **content} if params.finetune.init == "champion" else {
         "init": "base"}

@@ -15,6 +15,7 @@ import yaml
 from ratchet.config import Params
 from ratchet.data import RECENT, REFERENCE
 from ratchet.gate import Behaviour, Check, Decision, GateInputs, Latency, decide
+from ratchet.registry import SPLIT_SCHEME_TAG
 from ratchet.runtime import read_json, write_json, write_text_atomic
 from ratchet.stage import stage_main
 from ratchet.stats import Comparison
@@ -137,6 +138,7 @@ def version_tags(decision: Decision, label: str, *, fingerprint: str, compared_w
         "compared_with": str(compared_with),
         "git_commit": git_commit(),
         "params_hash": params_hash(params),
+        SPLIT_SCHEME_TAG: json.dumps(params.prepare.scheme()),
         "validation": "passed" if validation.get("passed") else "failed",
         "validation_warnings": str(len(validation.get("warnings", []))),
         # Where the great-expectations Data Docs are: in the workspace, and logged with the run.
