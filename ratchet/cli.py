@@ -111,6 +111,11 @@ def ingest(
         str | None,
         typer.Option(help="Source column holding a timestamp (default: `timestamp` if present)."),
     ] = None,
+    group_col: Annotated[
+        str | None,
+        typer.Option(help="Source column naming each row's group (a conversation, a writer): "
+                     "a group's rows stay in one split (default: `group` if present)."),
+    ] = None,
     dry_run: Annotated[
         bool,
         typer.Option(
@@ -131,7 +136,7 @@ def ingest(
 
     with user_errors():
         columns = ColumnMap(text=text_col, label=label_col, domain=domain_col, id=id_col,
-                            timestamp=timestamp_col)
+                            timestamp=timestamp_col, group=group_col)
         try:
             res = workspace.ingest(workspace_dir, file, columns, dry_run=dry_run,
                                    on_wait=lambda msg: err_console.print(msg, highlight=False))

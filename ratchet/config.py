@@ -66,7 +66,15 @@ class ValidateConfig(_Section):
 class PrepareConfig(_Section):
     val_frac: float = Field(0.15, gt=0, lt=1, description="Share of texts in the val split.")
     test_frac: float = Field(0.2, gt=0, lt=1, description="Share of texts in the test split.")
-    salt: str = Field("ratchet", description="Mixed into the split hash; changing it reshuffles.")
+    salt: str = Field("ratchet", description="Mixed into the split hash; changing it reshuffles "
+                      "the splits, so it is refused once a champion exists (see split_key).")
+    split_key: Literal[1, 2] = Field(
+        2, description="Which texts count as the same for dedup and the split hash: 2 ignores "
+        "case, spacing, Unicode width and punctuation; 1 (workspaces made before it) keeps "
+        "punctuation. With `salt` it is the split scheme, recorded with every version and held "
+        "fixed while a champion exists: a champion trained on rows a new scheme puts in test "
+        "would be judged on its own training rows.",
+    )
     conflicts: Literal["latest", "majority", "drop"] = Field(
         "latest",
         description="The same (normalised) text with different labels: keep the latest label "
@@ -77,6 +85,10 @@ class PrepareConfig(_Section):
         2000, ge=0, description="Rows in the replay buffer (0: none); stratified by label, then "
         "by batch, drawn from the train split.",
     )
+
+    def scheme(self) -> dict[str, int | str]:
+        """The split scheme: what fixes every row's split besides its text or group."""
+        return {"key": self.split_key, "salt": self.salt}
 
     @model_validator(mode="after")
     def _fractions_leave_train(self) -> PrepareConfig:

@@ -14,12 +14,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ratchet.config import PrepareConfig
 from ratchet.errors import BatchRefused
 from ratchet.runtime import atomic_path
 
 TEXT, LABEL, DOMAIN, BATCH = "text", "label", "domain", "batch_id"
 ID, TIMESTAMP = "id", "timestamp"
-COLUMNS = (TEXT, LABEL, DOMAIN, ID, TIMESTAMP)  # what a stored batch may hold, in this order
+# Rows that must share a split (turns of one conversation, paraphrases by one writer, ...).
+GROUP = "group"
+COLUMNS = (TEXT, LABEL, DOMAIN, ID, TIMESTAMP, GROUP)  # what a stored batch may hold, in order
 SUFFIXES = {".csv", ".jsonl", ".json", ".parquet"}
 SPLITS = ("train", "val", "test")
 # The slices prepare marks: rows of the newest batch, and rows of every batch before it.
@@ -28,28 +31,120 @@ _SPACE = re.compile(r"\s+")
 
 
 def normalise(text: str) -> str:
-    """The form used for dedup and split hashing: NFKC, lower case, single spaces."""
+    """NFKC, lower case, single spaces: the form the drift and validation reports count words of."""
     return _SPACE.sub(" ", unicodedata.normalize("NFKC", text)).strip().casefold()
 
 
-def unit_hash(text: str, salt: str) -> float:
-    """A number in [0, 1) fixed by the normalised text and the salt: a seeded coin per text."""
-    digest = hashlib.sha256(f"{salt}\x00{normalise(text)}".encode()).digest()
+# The versions of "the same text" (`prepare.split_key`). 1: `normalise`, which keeps punctuation,
+# so "what's my balance?" and "whats my balance" could sit in train and test; workspaces made
+# before version 2 keep it until they start a fresh baseline. 2: punctuation ignored too.
+SPLIT_KEYS = (1, 2)
+
+
+def text_key(text: str, version: int = 2) -> str:
+    """The identity of a text for dedup, the split hash and the augmentation leak check.
+
+    Version 2 drops every Unicode punctuation character (category P*: `'`, `?`, `-`, `«`, ...)
+    from the normalised text, so `w-2` and `w2` are one text; symbols (`$`, `+`) stay, as they
+    carry meaning. A text of punctuation only keeps its version-1 form rather than becoming "".
+    """
+    norm = normalise(text)
+    if version == 1:
+        return norm
+    if version != 2:
+        raise ValueError(f"unknown split key version {version!r} (known: {SPLIT_KEYS})")
+    # casefold can leave compatibility forms (and NFKC can undo a fold): settle both first.
+    bare = "".join(c for c in unicodedata.normalize("NFKC", norm)
+                   if not unicodedata.category(c).startswith("P"))
+    return _SPACE.sub(" ", bare).strip() or norm
+
+
+def _coin(key: str, salt: str) -> float:
+    """A number in [0, 1) fixed by a key and the salt: a seeded coin per key."""
+    digest = hashlib.sha256(f"{salt}\x00{key}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def split_of(text: str, *, val_frac: float, test_frac: float, salt: str) -> str:
-    """Assign a split from a hash of the normalised text.
+def unit_hash(text: str, salt: str) -> float:
+    """A seeded coin per normalised text (the replay buffer's priorities)."""
+    return _coin(normalise(text), salt)
 
-    The same text always lands in the same split, whatever batch it came in, so test sets only
-    grow and no text can be in two splits.
-    """
-    u = unit_hash(text, salt)
+
+def _split_at(u: float, val_frac: float, test_frac: float) -> str:
     if u < test_frac:
         return "test"
     if u < test_frac + val_frac:
         return "val"
     return "train"
+
+
+def split_of(text: str, *, val_frac: float, test_frac: float, salt: str, key: int = 2) -> str:
+    """Assign a split from a hash of the text's key (`text_key`), for a row in no group.
+
+    The same text always lands in the same split, whatever batch it came in, so test sets only
+    grow and no text can be in two splits.
+    """
+    return _split_at(_coin(text_key(text, key), salt), val_frac, test_frac)
+
+
+def _group_key(group: str) -> str:
+    # Its own namespace: a group called "hello" is not the text "hello".
+    return f"\x01group\x00{group}"
+
+
+def assign_splits(rows: pd.DataFrame, cfg: PrepareConfig) -> pd.Series:
+    """Each row's split (None for a row without text), over rows of all batches.
+
+    A row without a group hashes its text key (exactly `split_of`); a row with a `group` hashes
+    the group, so a group never straddles splits. Groups and texts form units: two groups that
+    hold the same text (by key) are one unit, and a text and every group it appears in share one
+    split. A unit's split is the hash of its oldest row's group (or its text, if that row had
+    none), oldest in arrival order: `batch_order`, then position. So a new batch never moves
+    rows it does not touch, and a new group that repeats an old text joins the old unit's split;
+    only two old units joined by a new row can move (the younger joins the older).
+    """
+    key, salt = cfg.split_key, cfg.salt
+    order = (np.argsort(rows["batch_order"].to_numpy(), kind="stable")
+             if "batch_order" in rows.columns else np.arange(len(rows)))
+    texts = rows[TEXT].tolist()
+    groups = rows[GROUP].tolist() if GROUP in rows.columns else [None] * len(rows)
+    parent: dict[str, str] = {}
+    oldest: dict[str, tuple[int, str]] = {}  # unit root -> its oldest row's (rank, hash key)
+
+    def find(node: str) -> str:
+        while parent[node] != node:
+            parent[node] = parent[parent[node]]
+            node = parent[node]
+        return node
+
+    nodes: list[str | None] = [None] * len(rows)
+    for rank, i in enumerate(order):
+        text, group = texts[i], groups[i]
+        if not isinstance(text, str):
+            continue
+        tnode = text_key(text, key)
+        own = _group_key(str(group).strip()) if isinstance(group, str) and group.strip() \
+            else tnode
+        for node in {tnode, own}:
+            if node not in parent:  # first seen here: this row is the oldest of its unit
+                parent[node] = node
+                oldest[node] = (rank, own)
+        a, b = find(tnode), find(own)
+        if a != b:  # join two units; the one whose oldest row came first keeps its split
+            young, old = (a, b) if oldest[a] > oldest[b] else (b, a)
+            parent[young] = old
+        nodes[i] = tnode
+    coins: dict[str, str] = {}
+    out = []
+    for node in nodes:
+        if node is None:
+            out.append(None)
+            continue
+        root = find(node)
+        if root not in coins:
+            coins[root] = _split_at(_coin(oldest[root][1], salt), cfg.val_frac, cfg.test_frac)
+        out.append(coins[root])
+    return pd.Series(out, index=rows.index, dtype=object)
 
 
 def _decode(raw: bytes, name: str) -> str:
@@ -146,15 +241,17 @@ class ColumnMap:
     domain: str | None = None
     id: str | None = None
     timestamp: str | None = None
+    group: str | None = None
 
     def sources(self) -> dict[str, str]:
         """canonical name -> source column name."""
         return {TEXT: self.text, LABEL: self.label, DOMAIN: self.domain or DOMAIN,
-                ID: self.id or ID, TIMESTAMP: self.timestamp or TIMESTAMP}
+                ID: self.id or ID, TIMESTAMP: self.timestamp or TIMESTAMP,
+                GROUP: self.group or GROUP}
 
     def required(self) -> list[str]:
         """The optional canonical columns the user asked for by name."""
-        asked = {DOMAIN: self.domain, ID: self.id, TIMESTAMP: self.timestamp}
+        asked = {DOMAIN: self.domain, ID: self.id, TIMESTAMP: self.timestamp, GROUP: self.group}
         return [col for col, src in asked.items() if src is not None]
 
     def apply(self, df: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
@@ -188,7 +285,7 @@ def value_type(value: object) -> str | None:
 def value_types(df: pd.DataFrame) -> pd.DataFrame:
     """Per row, the type of each text-like column's value, before canonical() makes it a string."""
     out = pd.DataFrame(index=df.index)
-    for col in (TEXT, LABEL, DOMAIN):
+    for col in (TEXT, LABEL, DOMAIN, GROUP):
         if col in df.columns:
             out[col] = pd.Series([value_type(v) for v in df[col].tolist()], index=df.index,
                                  dtype=object)
@@ -245,6 +342,8 @@ def load_batches(batches_dir: Path) -> pd.DataFrame:
         if col not in out.columns:
             out[col] = pd.NA
         out[col] = out[col].astype("string")
+    if GROUP in out.columns:  # only when a batch has groups: no empty column for the others
+        out[GROUP] = out[GROUP].astype("string")
     return out
 
 

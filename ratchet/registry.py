@@ -37,6 +37,9 @@ ACTOR_ENV = "RATCHET_ACTOR"
 # (see `run_versions` and `ratchet.promotion.undo`).
 RUN_TOKEN_ENV = "RATCHET_RUN_TOKEN"
 RUN_TOKEN_TAG = "ratchet.run_token"
+# The split scheme (`prepare.split_key`, `prepare.salt`) a version was trained and tested under,
+# as JSON; prepare refuses another scheme while that version is champion.
+SPLIT_SCHEME_TAG = "split_scheme"
 Mover = Literal["gate", "cli", "manual"]
 
 
@@ -90,6 +93,24 @@ def current_champion(client, name: str) -> ChampionRef | None:
     except MlflowException:
         return None
     return ChampionRef(name, str(mv.version), (mv.tags or {}).get("fingerprint"))
+
+
+def split_scheme(client, name: str, version: str) -> dict[str, Any] | None:
+    """The split scheme a version was trained under: its tag, else its run's logged params (a
+    version registered before the tag; without `prepare.split_key` among them, key 1 was all
+    there was); None when neither tells."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mv = client.get_model_version(name, version)
+        if (mv.tags or {}).get(SPLIT_SCHEME_TAG):
+            return json.loads(mv.tags[SPLIT_SCHEME_TAG])
+        logged = client.get_run(mv.run_id).data.params if mv.run_id else {}
+    except (MlflowException, ValueError):
+        return None
+    if "prepare.salt" not in logged:
+        return None
+    return {"key": int(logged.get("prepare.split_key", 1)), "salt": logged["prepare.salt"]}
 
 
 def find_version(client, name: str, fingerprint: str, compared_with: str) -> str | None:

@@ -20,7 +20,7 @@ from typing import Any
 import pandas as pd
 
 from ratchet.config import DataConfig, ValidateConfig
-from ratchet.data import DOMAIN, ID, LABEL, TEXT, TIMESTAMP, normalise
+from ratchet.data import DOMAIN, GROUP, ID, LABEL, TEXT, TIMESTAMP, normalise
 from ratchet.models import MINILM
 
 CRITICAL, WARNING = "critical", "warning"
@@ -233,6 +233,13 @@ def build_suite(
             add(gxe.ExpectColumnValuesToBeInSet(
                 column=f"_type_{col}", value_set=["str"],
                 meta=_meta(C, f"{col} type", f"have a {col} that is not a string", col)))
+    if f"_type_{GROUP}" in cols:
+        # An id: text or a whole number. A float or bool would name another group in a file
+        # that writes the same id as text ("7.0" is not "7").
+        add(gxe.ExpectColumnValuesToBeInSet(
+            column=f"_type_{GROUP}", value_set=["str", "int"],
+            meta=_meta(C, "group type", "have a group that is neither text nor a whole number",
+                       GROUP)))
     if TEXT in cols:
         add(gxe.ExpectColumnValuesToNotBeNull(column=TEXT, meta=_meta(C, "text", "have no text")))
         add(gxe.ExpectColumnValuesToNotMatchRegex(
@@ -308,7 +315,7 @@ def _missing_column(col: str, columns: Sequence[str] | None,
         close = difflib.get_close_matches(src, list(columns), n=1, cutoff=0.5)
         if close:
             msg += f"; did you mean `{close[0]}`? (--{col}-col {close[0]})"
-        elif col in (TEXT, LABEL, DOMAIN, ID, TIMESTAMP):
+        elif col in (TEXT, LABEL, DOMAIN, ID, TIMESTAMP, GROUP):
             msg += f"; map one with --{col}-col"
     return msg + ")"
 

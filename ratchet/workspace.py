@@ -191,7 +191,8 @@ def init(ws: Path, overrides: dict[str, dict[str, Any]] | None = None, *,
         "Unlabeled texts for the pretrain stage's MLM training, beside the batches' texts:\n"
         ".txt files (one text per line) or .csv/.jsonl/.parquet files with a `text` column.\n"
         "Version big files with `dvc add`.\n")
-    write_json(ws / CHAMPION_FILE, {"name": None, "version": None, "fingerprint": None})
+    write_json(ws / CHAMPION_FILE, {"name": None, "version": None, "fingerprint": None,
+                                    "split_scheme": None})
     write_json(ws / INIT_FILE, {"init": "base"})
     if not (ws / ".git").exists():
         git(ws, "init", "-q", "-b", "main")
@@ -407,7 +408,7 @@ def refresh_champion(ws: Path) -> dict[str, Any]:
     such a move is first noticed and recorded in the alias history (as `manual`).
     """
     from ratchet.promotion import record_manual_moves
-    from ratchet.registry import connect, current_champion
+    from ratchet.registry import connect, current_champion, split_scheme
 
     forget_experiment(ws)
     params = load_params(ws / "params.yaml")
@@ -418,6 +419,8 @@ def refresh_champion(ws: Path) -> dict[str, Any]:
         "name": params.registry.model_name if ref else None,
         "version": ref.version if ref else None,
         "fingerprint": ref.fingerprint if ref else None,
+        # What prepare holds fixed while this champion serves (see tasks.prepare).
+        "split_scheme": split_scheme(client, ref.name, ref.version) if ref else None,
     }
     # finetune starts from the champion alone: the floor's pool must not re-train anything.
     init = finetune_init(ws, params, dict(content))

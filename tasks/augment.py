@@ -4,6 +4,10 @@ Operations (drawn at random for each copy): `synonym` and `insert` use the neare
 of a word in the model's own word-embedding table (no downloaded thesaurus), `swap` and `delete`
 move or drop words, and `contextual` lets the MLM from `pretrain` fill a masked word, when that
 MLM is good enough to be trusted. Smaller classes get more copies when `balance` is on.
+
+A copy can reproduce a val or test text (a swap that restores another row's order, a deletion,
+a synonym): such copies are dropped and counted (`leak/dropped`), by the same text key that
+dedup and the splits use, so no text the models are judged on is trained on.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from ratchet.config import AugmentConfig, Params
-from ratchet.data import LABEL, TEXT, write_parquet_atomic
+from ratchet.data import LABEL, TEXT, text_key, write_parquet_atomic
 from ratchet.runtime import write_json
 from ratchet.stage import stage_main
 
@@ -226,6 +230,22 @@ def augment_frame(train: pd.DataFrame, cfg: AugmentConfig, lexicon: Lexicon | No
     return out
 
 
+def drop_leaks(aug: pd.DataFrame, held_out: set[str], key: int) -> tuple[pd.DataFrame, int]:
+    """Leave out augmented rows whose text key is among `held_out` (the val and test keys);
+    returns the rest and how many left. Originals are prepare's business and stay."""
+    leak = aug["augmented_from"].notna().to_numpy() & np.array(
+        [text_key(t, key) in held_out for t in aug[TEXT]], dtype=bool)
+    return aug[~leak].reset_index(drop=True), int(leak.sum())
+
+
+def held_out_keys(paths: list[Path], key: int) -> set[str]:
+    """The text keys of the val and test splits."""
+    keys: set[str] = set()
+    for path in paths:
+        keys.update(text_key(t, key) for t in pd.read_parquet(path, columns=[TEXT])[TEXT])
+    return keys
+
+
 def contextual_ready(pretrain_metrics: Path, cfg: AugmentConfig) -> tuple[bool, str]:
     """Whether the pretrained MLM may propose words: it trained, and perplexity is low enough."""
     if "contextual" not in cfg.ops:
@@ -241,7 +261,7 @@ def contextual_ready(pretrain_metrics: Path, cfg: AugmentConfig) -> tuple[bool, 
 
 
 def run(params: Params, *, train: Path, pretrained: Path, pretrain_metrics: Path, out: Path,
-        metrics: Path) -> dict:
+        metrics: Path, val: Path | None = None, test: Path | None = None) -> dict:
     cfg = params.augment
     base = pd.read_parquet(train)
     lexicon = mlm = None
@@ -254,10 +274,17 @@ def run(params: Params, *, train: Path, pretrained: Path, pretrain_metrics: Path
     elif cfg.enabled and "contextual" in cfg.ops:
         print(f"augment: contextual substitution skipped: {why}")
     aug = augment_frame(base, cfg, lexicon, mlm)
+    held = [p for p in (val, test) if p is not None]
+    if not held:  # a dvc.yaml made before the check: say so rather than pass in silence
+        print("augment: no --val/--test given, augmented rows are not checked against them; "
+              "copy the augment stage of ratchet's dvc.yaml into this workspace's")
+    aug, leaked = drop_leaks(aug, held_out_keys(held, params.prepare.split_key),
+                             params.prepare.split_key)
     write_parquet_atomic(aug, out)
     added = aug[aug["augmented_from"].notna()]
     stats: dict = {"rows_original": len(base), "rows_augmented": len(added),
-                   "contextual_used": int(mlm is not None)}
+                   "contextual_used": int(mlm is not None), "leak/checked": int(bool(held)),
+                   "leak/dropped": leaked}
     for label, n in copies_per_label(base[LABEL], cfg).items():
         stats[f"copies/{label}"] = n
     write_json(metrics, stats)
@@ -267,11 +294,13 @@ def run(params: Params, *, train: Path, pretrained: Path, pretrain_metrics: Path
 def main() -> None:
     stage_main("augment", __doc__.split("\n")[0], {
         "train": "prepared train split (parquet); only training rows are augmented",
+        "val": "prepared val split (parquet): no augmented row may repeat one of its texts",
+        "test": "prepared test split (parquet): no augmented row may repeat one of its texts",
         "pretrained": "model folder from pretrain (word embeddings, MLM)",
         "pretrain_metrics": "pretrain metrics JSON (is the MLM good enough?)",
         "out": "augmented train parquet to write",
         "metrics": "augment metrics JSON to write",
-    }, run)
+    }, run, optional=("val", "test"))
 
 
 if __name__ == "__main__":

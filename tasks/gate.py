@@ -15,6 +15,7 @@ from ratchet.config import Params
 from ratchet.data import RECENT, REFERENCE
 from ratchet.gate import Check, Decision, decide, gate_inputs
 from ratchet.lineage import Experiment, code_at_gate, commit_tags, dvc_experiment
+from ratchet.registry import SPLIT_SCHEME_TAG
 from ratchet.runtime import read_json, write_json, write_text_atomic
 from ratchet.stage import stage_main
 
@@ -50,6 +51,7 @@ def version_tags(decision: Decision, label: str, *, fingerprint: str, compared_w
         "compared_with": str(compared_with),
         **commit_tags(dvc_experiment()),
         "params_hash": params_hash(params),
+        SPLIT_SCHEME_TAG: json.dumps(params.prepare.scheme()),
         "validation": "passed" if validation.get("passed") else "failed",
         "validation_warnings": str(len(validation.get("warnings", []))),
         # Where the great-expectations Data Docs are: in the workspace, and logged with the run.

@@ -25,9 +25,9 @@ from ratchet.data import (
     BATCH,
     LABEL,
     TEXT,
+    assign_splits,
     content_hash,
     load_batches,
-    split_of,
     write_parquet_atomic,
 )
 from ratchet.errors import WorkspaceError
@@ -94,16 +94,23 @@ def load_champion(params: Params, champion: dict):
     return model, [str(c) for c in model.unwrap_python_model().labels]
 
 
+def held_splits(rows: pd.DataFrame, new: list[str], params: Params) -> pd.DataFrame:
+    """The earlier batches' labelled rows with the split prepare gave them before `new` came
+    (groups and texts decide it together, so it is assigned over those batches alone)."""
+    old = rows[~rows[BATCH].isin(new)]
+    old = old.assign(split=assign_splits(old, params.prepare))
+    return old.dropna(subset=[TEXT, LABEL])
+
+
 def baseline_rows(rows: pd.DataFrame, new: list[str], entries: dict[str, dict],
                   suspects: pd.DataFrame, params: Params) -> pd.DataFrame:
     """Held-out rows the champion served: earlier batches' test split, quarantined suspects
     left out, a seeded sample of at most `noise.baseline_rows`."""
     from ratchet.data import normalise
 
-    cfg, prep = params.noise, params.prepare
-    old = rows[~rows[BATCH].isin(new)].dropna(subset=[TEXT, LABEL])
-    test = old[[split_of(t, val_frac=prep.val_frac, test_frac=prep.test_frac, salt=prep.salt)
-                == "test" for t in old[TEXT]]]
+    cfg = params.noise
+    old = held_splits(rows, new, params)
+    test = old[old["split"] == "test"].drop(columns="split")
     away = {(str(b), normalise(str(t))) for b, t in zip(suspects[BATCH], suspects[TEXT],
                                                         strict=True)
             if quarantined(entries.get(str(b), {}))}
@@ -121,11 +128,8 @@ def judge_with_champion(params: Params, champion: dict, rows: pd.DataFrame, new:
     model, classes = load_champion(params, champion)
     # What the champion learnt from: the labels of the earlier batches' train split. Its head
     # may hold more (a declared `data.labels` set), whose probabilities mean nothing yet.
-    prep = params.prepare
-    old = rows[~rows[BATCH].isin(new)].dropna(subset=[TEXT, LABEL])
-    known = {str(lab) for t, lab in zip(old[TEXT], old[LABEL], strict=True)
-             if split_of(t, val_frac=prep.val_frac, test_frac=prep.test_frac, salt=prep.salt)
-             == "train"}
+    old = held_splits(rows, new, params)
+    known = {str(lab) for lab in old.loc[old["split"] == "train", LABEL]}
     base = baseline_rows(rows, new, entries, suspects, params)
     parts = {b: rows[rows[BATCH] == b].dropna(subset=[TEXT, LABEL]) for b in new}
     texts = base[TEXT].astype(str).tolist()

@@ -15,15 +15,17 @@ from ratchet.data import (
     REFERENCE,
     SPLITS,
     TEXT,
+    assign_splits,
     load_batches,
-    normalise,
-    split_of,
+    text_key,
     unit_hash,
     write_parquet_atomic,
 )
+from ratchet.errors import ConfigError
 from ratchet.noise import exclusion_mask
 from ratchet.runtime import read_json, write_json
 from ratchet.stage import stage_main
+from ratchet.workspace import CHAMPION_FILE
 
 
 def resolve_conflicts(rows: pd.DataFrame, policy: str) -> tuple[pd.DataFrame, int]:
@@ -48,12 +50,47 @@ def resolve_conflicts(rows: pd.DataFrame, policy: str) -> tuple[pd.DataFrame, in
     return rows[keep], len(conflicted)
 
 
+def check_split_scheme(champion: dict, model_name: str, cfg: PrepareConfig) -> None:
+    """Refuse a split scheme other than the one the champion was trained and tested under.
+
+    A new salt or key moves rows between splits: rows the champion trained on would land in
+    test, where it would be judged on them, and its scores (and every candidate's comparison
+    with it) would mean nothing. With no champion of `model_name` (a first run, or a fresh
+    baseline under a new name) or a champion whose scheme nobody recorded, there is nothing to
+    hold.
+    """
+    held = champion.get("split_scheme")
+    if not champion.get("version") or champion.get("name") != model_name or not held:
+        return
+    now = cfg.scheme()
+    if held.get("key") == now["key"] and held.get("salt") in (None, now["salt"]):
+        return
+    changes = [f"prepare.{field} `{held.get(part)}` -> `{now[part]}`"
+               for field, part in (("salt", "salt"), ("split_key", "key"))
+               if held.get(part) is not None and held.get(part) != now[part]]
+    back = ", ".join(f"prepare.{field}: {held[part]}" for field, part in
+                     (("salt", "salt"), ("split_key", "key")) if held.get(part) is not None)
+    raise ConfigError(
+        f"the split scheme changed ({'; '.join(changes)}) but champion {model_name} version "
+        f"{champion['version']} was trained and tested under the old one: the new splits would "
+        "put rows it trained on into the test split and judge it on them. Set it back "
+        f"({back}) to keep the splits, or start a fresh baseline with no champion: change "
+        "registry.model_name too (or use a new workspace), and the first run of the new scheme "
+        "is judged by the absolute floor alone"
+    )
+
+
 def prepare_frame(rows: pd.DataFrame, cfg: PrepareConfig, exclude: pd.Series | None = None
                   ) -> tuple[pd.DataFrame, dict[str, int]]:
     """Pure core: rows of all batches (oldest first) -> deduplicated rows with split and slice.
 
-    Exact repeats of a text are counted apart from texts that only match after normalisation
-    (case, width, spacing), so a user sees both kinds of repetition; both are deduplicated.
+    Exact repeats of a text are counted apart from texts that only match by their key
+    (`text_key`: case, width, spacing, punctuation), so a user sees both kinds of repetition;
+    both are deduplicated. Dedup and the split hash use the one key: were dedup finer, variants
+    of one text would train the model twice and be tested twice; were it coarser, it would
+    drop rows the split treats as different texts. Splits are assigned before anything is
+    dropped (`ratchet.data.assign_splits`), so a row's split never depends on noise verdicts,
+    the conflict policy or which copy of a text wins.
     `exclude` (aligned with `rows`) marks rows kept out before anything else (the noise stage's
     suspects, see `ratchet.noise.exclusion_mask`): an older copy of the same text still counts,
     and the newest batch stays `recent` even if it loses rows.
@@ -62,13 +99,14 @@ def prepare_frame(rows: pd.DataFrame, cfg: PrepareConfig, exclude: pd.Series | N
     # empties it, recent is empty (and the stats say so), never the batch before it.
     newest = rows["batch_order"].max()
     newest_in = rows[rows["batch_order"] == newest]
+    rows = rows.assign(split=assign_splits(rows, cfg))
     excluded = 0
     if exclude is not None:
         excluded = int(exclude.sum())
         rows = rows[~exclude.to_numpy(dtype=bool)]
     rows = rows.dropna(subset=[TEXT, LABEL]).copy()
     before = len(rows)
-    rows["norm"] = rows[TEXT].map(normalise)
+    rows["norm"] = [text_key(t, cfg.split_key) for t in rows[TEXT]]
     exact = int(rows.duplicated(subset=[TEXT]).sum())
     near = int((rows.duplicated(subset=["norm"]) & ~rows.duplicated(subset=[TEXT])).sum())
     rows, conflicts = resolve_conflicts(rows, cfg.conflicts)
@@ -76,10 +114,6 @@ def prepare_frame(rows: pd.DataFrame, cfg: PrepareConfig, exclude: pd.Series | N
     # The latest occurrence wins among what is left: its text form and its batch.
     rows = rows.drop_duplicates(subset="norm", keep="last")
     rows["slice"] = [RECENT if o == newest else REFERENCE for o in rows["batch_order"]]
-    rows["split"] = [
-        split_of(t, val_frac=cfg.val_frac, test_frac=cfg.test_frac, salt=cfg.salt)
-        for t in rows[TEXT]
-    ]
     stats = {
         "rows_in": before,
         "rows_out": len(rows),
@@ -93,7 +127,8 @@ def prepare_frame(rows: pd.DataFrame, cfg: PrepareConfig, exclude: pd.Series | N
         "recent/rows_in": len(newest_in),
         "recent/rows": int((rows["slice"] == RECENT).sum()),
     }
-    return rows.drop(columns=["norm"]).reset_index(drop=True), stats
+    cols = [c for c in rows.columns if c not in ("norm", "split")] + ["split"]
+    return rows[cols].reset_index(drop=True), stats
 
 
 def allocate(capacity: dict, total: int) -> dict:
@@ -143,16 +178,20 @@ def noise_exclusions(rows: pd.DataFrame, params: Params, noise: Path | None,
     workspaces, whose dvc.yaml has no noise stage)."""
     if noise is None or suspects is None or not noise.is_file() or not suspects.is_file():
         return None
-    cfg = params.prepare
-    splits = pd.Series([split_of(str(t), val_frac=cfg.val_frac, test_frac=cfg.test_frac,
-                                 salt=cfg.salt) for t in rows[TEXT].fillna("")], index=rows.index)
     return exclusion_mask(rows, pd.read_parquet(suspects), read_json(noise)["batches"],
-                          train=params.noise.train, splits=splits)
+                          train=params.noise.train, splits=assign_splits(rows, params.prepare))
 
 
 def run(params: Params, *, batches: Path, out: Path, replay: Path, metrics: Path,
-        noise: Path | None = None, suspects: Path | None = None) -> dict:
+        noise: Path | None = None, suspects: Path | None = None,
+        champion: Path | None = None) -> dict:
     cfg = params.prepare
+    # champion.json is read, not a DVC dependency: a champion move must not re-run prepare, and
+    # the scheme can only change with `prepare` params, which re-run this stage. A dvc.yaml made
+    # before `--champion` existed still gets the check, from the workspace's file.
+    champion = champion or (CHAMPION_FILE if CHAMPION_FILE.is_file() else None)
+    if champion is not None and champion.is_file():
+        check_split_scheme(read_json(champion), params.registry.model_name, cfg)
     rows = load_batches(batches)
     rows, stats = prepare_frame(rows, cfg, noise_exclusions(rows, params, noise, suspects))
     for split in SPLITS:
@@ -182,7 +221,8 @@ def main() -> None:
         "metrics": "prepare metrics JSON to write",
         "noise": "the noise stage's report (which batches are flagged or reviewed)",
         "suspects": "the noise stage's suspect rows (parquet)",
-    }, run, optional=("noise", "suspects"))
+        "champion": "champion.json: the split scheme the champion was trained under",
+    }, run, optional=("noise", "suspects", "champion"))
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ def test_story(tmp_path, prefect_server, engines):
     rows = run_demo(ws, model="tiny", scale=0.5, engine=engines, seed=0, overrides=TINY)
     assert [r.get("engine") for r in rows] == [str(e) for e in engines] + [None]
     assert_story(ws, rows)
+    assert_no_leakage(ws, rows)
     assert_prefect_runs(ws, [r for r, e in zip(rows, engines, strict=False)
                              if e is Engine.prefect])
     if engines == MIXED:
@@ -150,6 +151,32 @@ def assert_story(ws: Path, rows: list[dict[str, Any]]) -> None:
     out = served.predict(pd.DataFrame({"text": ["file a claim for my car", "wake me up at 6 am"]}))
     assert list(out.columns) == ["label", "score", "probabilities"]
     assert all(abs(sum(p) - 1) < 1e-4 for p in out["probabilities"])
+
+
+def assert_no_leakage(ws: Path, rows: list[dict[str, Any]]) -> None:
+    """No text (by the test's own key: case, width, spacing, punctuation ignored) of val or test
+    is in train or among the augmented rows, and each version records its split scheme."""
+    import json
+
+    import pandas as pd
+
+    from tests.unit.test_leakage import same_text
+
+    prepared = ws / "data" / "prepared"
+    held = {same_text(t) for s in ("val", "test")
+            for t in pd.read_parquet(prepared / f"{s}.parquet")["text"]}
+    trained = pd.concat([pd.read_parquet(prepared / "train.parquet")["text"],
+                         pd.read_parquet(ws / "data" / "augmented" / "train.parquet")["text"]])
+    assert not {same_text(t) for t in trained} & held
+    augment = json.loads((ws / "metrics" / "augment.json").read_text())
+    assert augment["leak/checked"] == 1 and augment["leak/dropped"] >= 0
+    params = load_params(ws / "params.yaml")
+    client = connect(params.registry, ws)
+    scheme = params.prepare.scheme()
+    for row in rows[:3]:
+        mv = client.get_model_version(params.registry.model_name, row["version"])
+        assert json.loads(mv.tags["split_scheme"]) == scheme
+    assert json.loads((ws / "champion.json").read_text())["split_scheme"] == scheme
 
 
 def assert_trigger_skips(ws: Path, rows: list[dict[str, Any]]) -> None:
