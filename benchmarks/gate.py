@@ -1037,8 +1037,12 @@ def run(*, with_ratchet: bool = True, cases: int = CASES, with_type1: bool = Tru
             "sections": sorted(keep),
             "keys": sorted(kept),
             "from": f"{previous.name} as of commit {_results_commit(previous)}",
-            "why": "the whole run would exceed the time budget on this busy machine; these "
-                   "sections are deterministic (seeded) and their code path did not change",
+            "why": "the whole run would exceed the time budget on this busy machine. The kept "
+                   "sections are seeded; the baselines re-run here match the kept file on "
+                   "the same cases. Not re-run: ratchet's scenario arm (score and "
+                   "rule_decision have since moved into ratchet/ and gained the floor, "
+                   "which frames without served:<v> columns do not engage) and type1 "
+                   "(ratchet.stats unchanged but for a docstring)",
             # The baselines re-run here on the same seeded cases: equal to the kept file's,
             # they show the kept sections were computed on the same cases.
             "baselines_match_previous": {
