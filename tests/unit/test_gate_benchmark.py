@@ -162,3 +162,100 @@ def test_type1_section_on_synthetic_models(monkeypatch):
     # The better candidate is found more often than the equal ones at the largest size.
     assert (detail["power_better"]["1000"]["permutation"]["test"]
             >= detail["uniform"]["1000"]["permutation"]["test"])
+
+
+def test_mlflow_two_sided_adds_a_reference_bound_at_the_champion_minus_the_margin():
+    kw = {"min_delta": 0.01, "floor": 0.5, "max_regression": 0.02}
+    assert gate.mlflow_two_sided_rule(0.93, 0.90, 0.89, 0.90, **kw)  # loses 1 pt: within
+    assert gate.mlflow_two_sided_rule(0.93, 0.90, 0.875, 0.895, **kw)  # exactly the margin
+    assert not gate.mlflow_two_sided_rule(0.93, 0.90, 0.87, 0.90, **kw)  # loses 3 pts
+    assert not gate.mlflow_two_sided_rule(0.905, 0.90, 0.95, 0.90, **kw)  # recent gain too small
+    assert not gate.mlflow_two_sided_rule(0.45, 0.40, 0.95, 0.90, **kw)  # below the floor
+    # numpy scores, as the simulation passes them (MLflow wants a plain number as threshold).
+    assert gate.mlflow_two_sided_rule(*np.array([0.93, 0.90, 0.89, 0.90]), **kw)
+    # The recent half is exactly the one-sided rule's.
+    assert gate.mlflow_rule(0.93, 0.90, min_delta=0.01, floor=0.5)
+
+
+def test_the_adversary_loses_at_most_what_it_is_given_and_gains_what_it_is_asked():
+    rng = np.random.default_rng(5)
+    y = rng.integers(0, CLASSES, 2000)
+    top = top2_of(noisy(y, 0.93, rng), y, rng)
+    pred, runner_up = top[:, 0], gate.most_likely_wrong(top, y)
+    base = gate.f1_of(y, pred, CLASSES)
+    for loss in (0.0, 0.004, 0.013, 0.02):
+        broken = gate.break_to_loss(pred, y, runner_up, rng.permutation(len(y)), loss, CLASSES)
+        lost = base - gate.f1_of(y, broken, CLASSES)
+        assert 0 <= lost <= loss + 1e-12 and lost >= loss - 0.002
+        assert np.all(broken[broken != pred] != y[broken != pred])  # only right answers broken
+    fixed = gate.fix_to_gain(pred, y, rng.permutation(len(y)), 0.02, CLASSES)
+    assert gate.f1_of(y, fixed, CLASSES) - base == pytest.approx(0.02, abs=0.002)
+
+
+def _sequence(rules, params, seq=0, rounds=6):
+    rng = np.random.default_rng(11)
+    y_rec, y_ref = rng.integers(0, CLASSES, 1500), rng.integers(0, CLASSES, 1500)
+    top = top2_of(noisy(y_ref, 0.95, rng), y_ref, rng)
+    names = np.array([f"c{i}" for i in range(CLASSES)], dtype=object)
+    return gate.long_horizon_sequence(
+        seq, y_recent=y_rec, y_reference=y_ref, base_recent=noisy(y_rec, 0.95, rng),
+        base_reference=top[:, 0], runner_up=gate.most_likely_wrong(top, y_ref), names=names,
+        params=params, rounds=rounds, n_recent=800, n_reference=800, rules=rules)
+
+
+def test_long_horizon_creeps_without_a_floor_and_the_ratchet_holds():
+    from ratchet.config import Params
+
+    params = Params.model_validate({"evaluate": {"bootstrap_resamples": 300}})
+    margin = params.gate.max_regression
+    out = _sequence(gate.RULES, params)
+    naive, ratchet = out["naive"], out["ratchet"]
+    # The naive rule takes every candidate: each loses up to the margin against its own
+    # champion, on the model it was built from, so the drops add up past one margin.
+    assert all(naive["promoted"]) and len(naive["losses"]) == 6
+    assert all(0 <= x <= margin + 1e-12 for x in naive["losses"])
+    assert naive["drops"] == sorted(naive["drops"])
+    assert naive["final_drop"] == pytest.approx(sum(naive["losses"]))
+    assert naive["worst_drop"] > margin
+    # Rules that promoted alike served the same models (one lineage, one set of predictions).
+    if out["mlflow_threshold"]["promoted"] == naive["promoted"]:
+        assert out["mlflow_threshold"]["drops"] == naive["drops"]
+    assert sum(out["mlflow_two_sided"]["promoted"]) <= sum(naive["promoted"])
+    # ratchet: the project's score and rule with the floor pool; never a margin below the best.
+    assert ratchet["worst_drop"] <= margin + 0.005
+    assert any(ratchet["promoted"]) and ratchet["floor_judged"] >= 1
+    assert 1 <= len(ratchet["pool"]) <= params.gate.floor_models
+
+
+def test_long_horizon_summary_and_seeding():
+    from ratchet.config import Params
+
+    params = Params()
+    rules = ("naive", "mlflow_threshold", "mlflow_two_sided")
+    runs = [_sequence(rules, params, seq) for seq in range(3)]
+    assert runs[0] == _sequence(rules, params, 0)  # seeded: the same sequence again
+    assert runs[0]["naive"]["drops"] != runs[1]["naive"]["drops"]
+    out = gate.summarise_long_horizon(runs, params)
+    for rule in rules:
+        cell = out[rule]
+        assert cell["worst_drop"] == max(cell["worst_drop_by_sequence"])
+        assert cell["worst_drop"] == round(max(r[rule]["worst_drop"] for r in runs), 4)
+        assert 0 <= cell["promoted_share"] <= 1 and len(cell["mean_drop_by_round"]) == 6
+    assert out["naive"]["promoted_share"] == 1.0
+    assert out["naive"]["sequences_over_target"] == 3
+
+
+def test_long_horizon_gives_the_same_numbers_with_two_workers():
+    from ratchet.config import Params
+
+    rng = np.random.default_rng(2)
+    y = {"val": rng.integers(0, CLASSES, 600), "test": rng.integers(0, CLASSES, 600)}
+    preds = {s: {p: top2_of(noisy(y[p], 0.93, rng), y[p], rng) for p in ("val", "test")}
+             for s in gate.RECIPE_SEEDS}
+    names = np.array([f"c{i}" for i in range(CLASSES)], dtype=object)
+    rules = ("naive", "mlflow_two_sided")
+    kw = {"sequences": 3, "rounds": 4, "rules": rules}
+    one = gate.long_horizon(y, names, preds, Params(), **kw)
+    two = gate.long_horizon(y, names, preds, Params(), workers=2, **kw)
+    assert {r: one[r] for r in rules} == {r: two[r] for r in rules}
+    assert one["setup"]["workers"] == 1 and two["setup"]["workers"] == 2
