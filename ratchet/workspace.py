@@ -32,6 +32,9 @@ CORPUS = Path("data/corpus")  # optional unlabeled texts for pretrain (a DVC dep
 INCOMING = Path("data/incoming")
 QUARANTINE = Path("data/quarantine")
 CHAMPION_FILE = Path("champion.json")
+# The floor's models besides the champion (`ratchet.floor`): apart from champion.json, so that a
+# change of the pool re-runs only evaluate and gate, not the stages that read the champion.
+FLOOR_FILE = Path("floor.json")
 # What finetune starts from: the champion in continual mode (finetune.init: champion), else
 # {"init": "base"}; apart from champion.json so that a champion move re-trains only when the
 # training starts from it.
@@ -191,6 +194,7 @@ def init(ws: Path, overrides: dict[str, dict[str, Any]] | None = None, *,
         "Unlabeled texts for the pretrain stage's MLM training, beside the batches' texts:\n"
         ".txt files (one text per line) or .csv/.jsonl/.parquet files with a `text` column.\n"
         "Version big files with `dvc add`.\n")
+    write_json(ws / FLOOR_FILE, {"floor": []})
     write_json(ws / CHAMPION_FILE, {"name": None, "version": None, "fingerprint": None,
                                     "split_scheme": None})
     write_json(ws / INIT_FILE, {"init": "base"})
@@ -422,15 +426,16 @@ def refresh_champion(ws: Path) -> dict[str, Any]:
         # What prepare holds fixed while this champion serves (see tasks.prepare).
         "split_scheme": split_scheme(client, ref.name, ref.version) if ref else None,
     }
-    # finetune starts from the champion alone: the floor's pool must not re-train anything.
-    init = finetune_init(ws, params, dict(content))
+    init = finetune_init(ws, params, content)
+    floor: dict[str, Any] = {"floor": []}
     if ref and params.gate.floor_models:
         from ratchet.floor import members
 
         # The best models served before, which the candidate may not fall behind either.
-        content["floor"] = members(client, params.registry.model_name, exclude=ref.version,
-                                   limit=params.gate.floor_models)
-    for path, value in ((ws / CHAMPION_FILE, content), (ws / INIT_FILE, init)):
+        floor["floor"] = members(client, params.registry.model_name, exclude=ref.version,
+                                 limit=params.gate.floor_models)
+    for path, value in ((ws / CHAMPION_FILE, content), (ws / INIT_FILE, init),
+                        (ws / FLOOR_FILE, floor)):
         if not path.is_file() or json.loads(path.read_text()) != value:
             write_json(path, value)
     return content

@@ -84,15 +84,18 @@ def details(df: pd.DataFrame, params: Params, clf, champ, candidate: Path,
 
 def run(params: Params, *, candidate: Path, test: Path, champion: Path, metrics: Path,
         predictions: Path, report: Path, weights: Path | None = None,
-        cache: Path | None = None) -> dict:
-    df, clf, champ = predict_frame(params, candidate, test, read_json(champion), weights,
-                                   cache=cache)
+        floor: Path | None = None, cache: Path | None = None) -> dict:
+    judged = read_json(champion)
+    if floor is not None and floor.is_file():
+        judged["floor"] = read_json(floor).get("floor") or []
+    df, clf, champ = predict_frame(params, candidate, test, judged, weights, cache=cache)
     out = score(df, params)
     extra, sections = details(df, params, clf, champ, candidate, report.parent)
     out.update(extra)
     out = {k: (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v)
            for k, v in out.items()}
     sections["predicted"] = df.attrs.get("predicted", {})
+    sections["floor"] = judged.get("floor") or []  # the served models the candidate faced
     write_json(report, sections)
     write_json(metrics, out)
     write_parquet_atomic(df, predictions)
@@ -109,9 +112,10 @@ def main() -> None:
         "predictions": "per-example predictions parquet to write",
         "report": "evaluation details JSON to write (behaviour, per class, label sets); the "
                   "confusion matrix PNG goes beside it",
+        "floor": "floor.json: the served models kept as the floor (`ratchet.floor`)",
         "cache": "folder of the prediction cache (by model fingerprint and text): each model "
                  "predicts a text once across runs",
-    }, run, optional=("cache",))
+    }, run, optional=("floor", "cache"))
 
 
 if __name__ == "__main__":

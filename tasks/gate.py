@@ -111,6 +111,7 @@ def run(params: Params, *, eval_metrics: Path, eval_report: Path, validation: Pa
     details = read_json(eval_report) if eval_report.is_file() else {}
     new_classes = details.get("new_classes", [])
     evaluated = read_json(champion)
+    evaluated["floor"] = details.get("floor") or []  # what evaluate held the candidate against
     val, drift_report = read_json(validation), read_json(drift)
     noise_report = read_json(noise) if noise is not None and noise.is_file() else None
     noise = newest_noise(noise_report)

@@ -211,10 +211,10 @@ def test_evaluate_scores_the_floor_models_and_predicts_each_text_once(tmp_path, 
     move_alias(client, name, CHAMPION, v2, by="cli", reason="test", expected=None)
     floor.update(client, name, {"n/reference": 9.0, "champion/reference/macro_f1": 0.5},
                  {"version": v1}, 3)
-    champion = {"name": name, "version": v2, "fingerprint": fp2,
-                "floor": floor.members(client, name, exclude=v2)}
-    assert champion["floor"] == [{"version": v1, "fingerprint": fp1}]
-    write_json(tmp_path / "champion.json", champion)
+    members = floor.members(client, name, exclude=v2)
+    assert members == [{"version": v1, "fingerprint": fp1}]
+    write_json(tmp_path / "champion.json", {"name": name, "version": v2, "fingerprint": fp2})
+    write_json(tmp_path / "floor.json", {"floor": members})
     candidate = tiny_classifier(tmp_path / "candidate", seed=3)
     cache = tmp_path / ".ratchet" / "cache"
 
@@ -222,8 +222,10 @@ def test_evaluate_scores_the_floor_models_and_predicts_each_text_once(tmp_path, 
         m = evaluate.run(params, candidate=candidate, test=tmp_path / "test.parquet",
                          champion=tmp_path / "champion.json", metrics=tmp_path / "eval.json",
                          predictions=tmp_path / "pred.parquet", report=tmp_path / "r.json",
-                         cache=cache)
-        return m, json.loads((tmp_path / "r.json").read_text())["predicted"]
+                         floor=tmp_path / "floor.json", cache=cache)
+        report = json.loads((tmp_path / "r.json").read_text())
+        assert report["floor"] == members  # what the gate reads back
+        return m, report["predicted"]
 
     m, predicted = run()
     assert m["floor/models"] == 1
