@@ -69,6 +69,7 @@ def _lock_md5(text: str, stage: str, path: str) -> str:
                 if d["path"] == path)
 
 
+@pytest.mark.slow  # a real stage and CLI ingest (~50 s); quick variant: the test below
 def test_a_batch_landing_while_a_run_is_between_stages_is_not_in_that_runs_commit(tmp_path):
     """Today's race: `ratchet ingest` commits with `git add -A`, so it swept the run's
     half-written dvc.lock into its own commit, and the run's commit then sat on a tree whose

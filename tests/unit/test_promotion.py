@@ -140,6 +140,7 @@ def moves(client) -> list[tuple]:
             for e in alias_history(client, NAME)]
 
 
+@pytest.mark.slow  # the real gate stage; quick variant: ..._person_chose_mid_run_quick
 def test_undo_keeps_the_champion_a_person_chose_mid_run(stage):
     """champion=1; a person moves it to 2 mid-run; the gate re-evaluates and promotes 3 over 2;
     `dvc push` fails: undo moves champion 3 -> 2 (the person's choice), not back to 1."""
@@ -162,6 +163,7 @@ def test_undo_keeps_the_champion_a_person_chose_mid_run(stage):
     assert not list((ws / JOURNALS).glob("*"))
 
 
+@pytest.mark.slow  # the real gate stage (find_version); the journal's side is quick below
 def test_undo_reverts_the_move_of_a_version_reused_from_an_earlier_run(stage):
     """A version found by `find_version` (same model, same baseline) was registered by an
     earlier run, under that run's token: the failing run's move of it is still undone, and the
@@ -200,6 +202,36 @@ def store(tmp_path, monkeypatch):
     register(client, 2)
     move_alias(client, NAME, CHAMPION, "1", by="gate", expected=None, reason="first")
     return tmp_path, client
+
+
+def test_undo_keeps_the_champion_a_person_chose_mid_run_quick(store):
+    """The stale-snapshot case on the journal alone: champion=1, a person moves it to 2, the
+    run's gate moves 2 -> 3, the run fails: champion ends at 2, not at the run's start 1."""
+    path, client = store
+    with pytest.raises(RuntimeError, match="dvc push"), run_guard(path, **QUIET):
+        version = register_as_this_run(client)
+        journal = Journal.of_run(path)
+        journal.version(version, registered=True)
+        move_alias(client, NAME, CHAMPION, "2", by="cli", expected="1", reason="a person")
+        promotion.move_alias(client, NAME, CHAMPION, version, ws=path, by="gate",
+                             expected="2", reason="promoted", journal=journal)
+        raise RuntimeError("dvc push: remote unreachable")
+    assert aliases(client, NAME) == {CHAMPION: "2"}
+    assert moves(client)[-1] == (CHAMPION, version, "2", "gate", True)
+
+
+def test_undo_reverts_a_journaled_move_of_a_version_registered_by_an_earlier_run(store):
+    """A reused version carries an older run's token: the journal, not the token, says the
+    failing run moved it, so the move is undone and the version kept."""
+    path, client = store
+    with pytest.raises(KeyboardInterrupt), run_guard(path, **QUIET):
+        journal = Journal.of_run(path)
+        journal.version("2", registered=False)  # reused: registered before this run
+        promotion.move_alias(client, NAME, CHAMPION, "2", ws=path, by="gate", expected="1",
+                             reason="promoted", journal=journal)
+        raise KeyboardInterrupt
+    assert aliases(client, NAME) == {CHAMPION: "1"}
+    assert "2" in {str(mv.version) for mv in client.search_model_versions(f"name = '{NAME}'")}
 
 
 def test_a_run_killed_between_its_move_and_the_log_entry_is_undone_and_logged(store):
