@@ -851,6 +851,14 @@ SECONDS_OF = {"type1": ("type1",), "scenarios_ratchet": ("ratchet_rule", "simula
 RESULTS_FILE = Path(__file__).resolve().parent / "results" / "gate.json"
 
 
+KEEP_WHY = {  # why a section may be kept from an earlier run (`--keep`)
+    "type1": "type1 (the recent test's type-I error: ratchet.stats and the recent check are "
+             "unchanged since it was measured)",
+    "scenarios_ratchet": "ratchet's scenario arm (its frames carry no served:<v> columns, so "
+                         "the floor does not engage)",
+}
+
+
 def run(*, with_ratchet: bool = True, cases: int = CASES, with_type1: bool = True,
         with_long_horizon: bool = True, keep: frozenset[str] = frozenset(),
         previous: Path = RESULTS_FILE, params=None) -> dict[str, Any]:
@@ -1037,12 +1045,10 @@ def run(*, with_ratchet: bool = True, cases: int = CASES, with_type1: bool = Tru
             "sections": sorted(keep),
             "keys": sorted(kept),
             "from": f"{previous.name} as of commit {_results_commit(previous)}",
-            "why": "the whole run would exceed the time budget on this busy machine. The kept "
-                   "sections are seeded; the baselines re-run here match the kept file on "
-                   "the same cases. Not re-run: ratchet's scenario arm (score and "
-                   "rule_decision have since moved into ratchet/ and gained the floor, "
-                   "which frames without served:<v> columns do not engage) and type1 "
-                   "(ratchet.stats unchanged but for a docstring)",
+            "why": "the whole run would exceed the time budget on this busy machine; the "
+                   "kept sections are seeded and computed on the same cases (the baselines "
+                   "re-run here match the kept file). Not re-run: "
+                   + ", ".join(KEEP_WHY.get(k, k) for k in sorted(keep)),
             # The baselines re-run here on the same seeded cases: equal to the kept file's,
             # they show the kept sections were computed on the same cases.
             "baselines_match_previous": {
