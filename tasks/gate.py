@@ -366,12 +366,10 @@ def _log(params: Params, name: str, fp: str, label: str, m: dict[str, float], *,
 
     (validation, eval_metrics, eval_report, candidate, curve, pretrain_curve, finetune_metrics,
      pretrain_metrics) = paths
-    flat_params = {f"{k}.{kk}": str(vv)[:500] for k, v in params.model_dump(by_alias=True)
-                   .items() for kk, vv in v.items()}
     plots = sorted(eval_report.parent.glob("*.png"))
     docs = [Path(val["data_docs"]).parent] if val.get("data_docs") else []
     run_id, version = log_candidate(
-        candidate, name=name, params=flat_params, metrics=m,
+        candidate, name=name, params=flat_params(params), metrics=m,
         artifacts=[drift, drift.with_suffix(".png"), validation, eval_metrics, eval_report,
                    card, *plots, *docs],
         run_tags={"fingerprint": fp, "decision": label},
