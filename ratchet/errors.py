@@ -55,3 +55,29 @@ class RegistryBusy(RegistryError):
 class LeaseLost(RegistryError):
     """The lease that made this writer the registry's only alias mover is no longer its own
     (it expired and another writer took it); nothing more was moved."""
+
+
+class RegistryUnreachable(RegistryError):
+    """The MLflow tracking server did not answer within the registry's time budget
+    (`registry.timeout_s`): nothing was read or written there."""
+
+    def __init__(self, uri: str, waited: float, cause: str):
+        self.uri = uri
+        self.waited = waited
+        self.cause = cause
+        super().__init__(
+            f"the MLflow registry at {uri} is unreachable after {waited:.0f} s ({cause}): "
+            "start it or fix registry.tracking_uri"
+        )
+
+
+class DiskFull(RatchetError):
+    """A write ran out of space; what it was writing was removed, nothing half-written stays."""
+
+    def __init__(self, path: str, free: str):
+        self.path = path
+        self.free = free
+        super().__init__(
+            f"no space left on device writing {path} ({free} free): free some space and run "
+            "again"
+        )

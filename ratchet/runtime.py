@@ -50,18 +50,115 @@ def publish(tmp: str | Path, path: Path) -> None:
     os.replace(tmp, path)
 
 
+# Below this many free bytes a write error that does not say why (torch's and safetensors'
+# C++ streams report a full disk as `basic_ios::clear: iostream error`) is taken for a full disk.
+FULL_BELOW = 1 << 20
+
+
+def free_bytes(path: Path) -> int | None:
+    """Bytes an unprivileged writer may still use on the file system holding `path` (its
+    nearest existing ancestor); None when that cannot be told."""
+    path = Path(path).absolute()
+    for where in (path, *path.parents):
+        try:
+            st = os.statvfs(where)
+        except OSError:
+            continue
+        return st.f_bavail * st.f_frsize
+    return None
+
+
+def size_text(n: int | None) -> str:
+    if n is None:
+        return "unknown space"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def disk_full(err: BaseException, path: Path):
+    """The `DiskFull` error that `err` (raised writing `path`) stands for, or None: an OSError
+    with errno ENOSPC (or EDQUOT), or a RuntimeError from a C++ writer (torch.save, safetensors)
+    while the file system holding `path` has (almost) no space left. Call it before the partial
+    file is removed: removing it frees the space that tells."""
+    import errno
+
+    from ratchet.errors import DiskFull
+
+    if isinstance(err, DiskFull):
+        return err
+    free = free_bytes(path)
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DiskFull(str(path), size_text(free))
+    # torch.save fails with `basic_ios::clear: iostream error`, then, closing the archive, with
+    # `[enforce fail at inline_container.cc] unexpected pos`: neither names the cause.
+    # safetensors' SafetensorError (an Exception) names it: "No space left on device (os error
+    # 28)".
+    text = str(err).lower()
+    if "no space left on device" in text or "os error 28" in text:
+        return DiskFull(str(path), size_text(free))
+    if isinstance(err, RuntimeError | OSError) and free is not None and free < FULL_BELOW:
+        return DiskFull(str(path), size_text(free))
+    return None
+
+
+@contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """Report a full disk met in the block as one `DiskFull` error naming `path`."""
+    try:
+        yield
+    except Exception as err:
+        full = disk_full(err, path)
+        if full is None or full is err:
+            raise
+        raise full from err
+
+
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """A temporary name beside `path` to write to; renamed onto `path` only if the block ends
-    without an error, removed otherwise: readers never see a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    without an error, removed otherwise: readers never see a half-written file. A full disk
+    fails as one `DiskFull` error naming `path`, with the temporary file gone."""
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
     try:
         yield Path(tmp)
         publish(tmp, path)
-    except BaseException:
+    except BaseException as err:
+        full = disk_full(err, path) if isinstance(err, Exception) else None
         Path(tmp).unlink(missing_ok=True)
+        if full is not None and full is not err:
+            raise full from err
+        raise
+
+
+@contextmanager
+def atomic_dir(path: Path) -> Iterator[Path]:
+    """`atomic_path` for a directory (a saved model): a fresh temporary directory beside `path`,
+    put in its place only if the block ends without an error, removed otherwise."""
+    import shutil
+
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        with writing(path):
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700
+            if path.exists():
+                shutil.rmtree(path)
+            tmp.rename(path)
+    except BaseException as err:
+        full = disk_full(err, path) if isinstance(err, Exception) else None
+        shutil.rmtree(tmp, ignore_errors=True)
+        if full is not None and full is not err:
+            raise full from err
         raise
 
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ratchet.runtime import atomic_dir, atomic_path
+
 
 @dataclass(frozen=True)
 class Schedule:
@@ -292,13 +294,22 @@ def load_agreed_checkpoint(folder: Path, dist_info: Dist, step_of) -> dict[str, 
 
 
 def save_checkpoint(folder: Path, state: dict[str, Any]) -> None:
-    """Write the state atomically: a kill mid-write leaves the previous checkpoint intact."""
+    """Write the state atomically: a kill mid-write leaves the previous checkpoint intact, and a
+    full disk fails as one `DiskFull` error with the partial file removed."""
     import torch
 
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / "state.pt.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, folder / "state.pt")
+    with atomic_path(folder / "state.pt") as tmp:
+        torch.save(state, tmp)
+
+
+def save_model(out: Path, model, tokenizer=None) -> None:
+    """`save_pretrained` (weights, config, tokenizer) into `out` as a whole: written to a
+    temporary directory beside it and renamed; a full disk fails as one `DiskFull` error and
+    leaves neither a partial model nor the temporary directory."""
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
 
 
 def load_checkpoint(folder: Path) -> dict[str, Any] | None:
@@ -327,12 +338,10 @@ def write_curve(curve: Path, rows: list[dict], fields: list[str], *, evaluated: 
     import matplotlib.pyplot as plt
 
     curve.parent.mkdir(parents=True, exist_ok=True)
-    tmp = curve.with_name(curve.name + ".tmp")
-    with open(tmp, "w", newline="") as fh:
+    with atomic_path(curve) as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, curve)
     fig, (ax_loss, ax_lr) = plt.subplots(1, 2, figsize=(10, 3.5))
     steps = [r["step"] for r in rows]
     ax_loss.plot(steps, [r["loss"] for r in rows], lw=1, label="train loss")
@@ -354,6 +363,8 @@ def write_curve(curve: Path, rows: list[dict], fields: list[str], *, evaluated: 
     ax_lr.set_title("learning rate")
     fig.tight_layout()
     png = curve.with_suffix(".png")
-    fig.savefig(png.with_name(png.name + ".tmp"), dpi=100, format="png")
-    plt.close(fig)
-    os.replace(png.with_name(png.name + ".tmp"), png)
+    try:
+        with atomic_path(png) as tmp:
+            fig.savefig(tmp, dpi=100, format="png")
+    finally:
+        plt.close(fig)

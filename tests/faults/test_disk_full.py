@@ -1,0 +1,94 @@
+"""A full disk while writing: one `no space left on device` error naming the path, and nothing
+half-written left (neither the file nor its temporary). Real writes: to /dev/full, and a real
+checkpoint and model into a 2 MiB tmpfs (skipped, with the reason, where mounting is refused)."""
+
+from __future__ import annotations
+
+import errno
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ratchet.errors import DiskFull
+from ratchet.runtime import atomic_path, write_json
+from tests.conftest import tiny_classifier
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.rglob("*") if ".tmp" in p.name)
+
+
+def test_a_full_device_inside_atomic_path_is_one_no_space_error_and_no_temp(tmp_path):
+    target = tmp_path / "report.json"
+    with pytest.raises(DiskFull) as caught, atomic_path(target) as tmp:
+        tmp.write_text("partial")
+        with open("/dev/full", "w") as full:  # the kernel's always-full device: ENOSPC
+            full.write("x" * 10_000)
+            full.flush()
+    message = str(caught.value)
+    assert message.startswith(f"no space left on device writing {target} (")
+    assert "free): free some space and run again" in message
+    assert isinstance(caught.value.__cause__, OSError)
+    assert caught.value.__cause__.errno == errno.ENOSPC
+    assert not target.exists() and leftovers(tmp_path) == []
+
+
+@pytest.fixture
+def small_disk(tmp_path) -> Iterator[Path]:
+    """A 2 MiB tmpfs mounted on a fresh folder; unmounted afterwards, whatever happened."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if shutil.which("mount") is None:
+        pytest.skip("no `mount` on this machine")
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)],
+                          capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        pytest.skip(f"mounting a tmpfs is not allowed here: {proc.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_checkpoint_on_a_full_disk_says_no_space_and_leaves_no_temp(small_disk):
+    from ratchet.training import save_checkpoint
+
+    model, _ = tiny_classifier(["a", "b"])  # ~8 MB of weights for a 2 MiB disk
+    folder = small_disk / "ckpt" / "abc"
+    with pytest.raises(DiskFull) as caught:
+        save_checkpoint(folder, {"model": model.state_dict(), "step": 3})
+    message = str(caught.value)
+    assert "no space left on device writing" in message and str(folder / "state.pt") in message
+    assert "iostream" not in message
+    assert not (folder / "state.pt").exists() and leftovers(small_disk) == []
+
+
+def test_a_model_saved_on_a_full_disk_says_no_space_and_leaves_nothing(small_disk):
+    from ratchet.training import save_model
+
+    model, tok = tiny_classifier(["a", "b"])
+    out = small_disk / "models" / "candidate"
+    with pytest.raises(DiskFull) as caught:
+        save_model(out, model, tok)
+    assert f"no space left on device writing {out}" in str(caught.value)
+    assert not out.exists() and leftovers(small_disk) == []
+    assert list((small_disk / "models").iterdir()) == []
+
+
+def test_json_on_a_full_disk_keeps_the_previous_file_whole(small_disk):
+    target = small_disk / "metrics.json"
+    write_json(target, {"kept": True})
+    with open(small_disk / "filler", "wb", buffering=0) as fh:  # fill it to the last block
+        try:
+            while True:
+                fh.write(b"\0" * 65536)
+        except OSError as err:
+            assert err.errno == errno.ENOSPC
+    with pytest.raises(DiskFull) as caught:
+        write_json(target, {"rows": ["x" * 100] * 10_000})
+    assert f"no space left on device writing {target}" in str(caught.value)
+    assert target.read_text() == '{\n  "kept": true\n}\n'
+    assert leftovers(small_disk) == []
