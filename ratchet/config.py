@@ -391,6 +391,14 @@ class RegistryConfig(_Section):
         description="MLflow tracking URI (sqlite:///... or http://server); relative sqlite "
         "paths are inside the workspace.",
     )
+    timeout_s: float = Field(
+        60.0,
+        gt=0,
+        le=3600,
+        description="Seconds a tracking server (http/https) is waited for, retrying, before a "
+        "command or stage fails with one `unreachable` error; also bounds MLflow's own request "
+        "retries (MLFLOW_HTTP_REQUEST_* set in the environment win).",
+    )
 
 
 class Params(_Section):

@@ -56,12 +56,81 @@ def tracking_uri(cfg: RegistryConfig, workspace: Path) -> str:
     return uri
 
 
+# Tracking servers found unreachable in this process: a second `connect` (the undo after a
+# failed run, say) tries once more but does not wait the whole budget again.
+_UNREACHABLE: set[str] = set()
+
+
+def http_budget(timeout_s: float) -> dict[str, str]:
+    """MLflow's HTTP retry settings that keep one request to a dead server within about
+    `timeout_s`: urllib3 sleeps 0, 2f, 4f, ... seconds between tries (backoff factor f), so
+    n retries sleep about f * (2**n - 2) s; MLflow's own default (7 retries, factor 2, 120 s a
+    try) waits some 4 minutes."""
+    retries = 1
+    while 2 ** (retries + 1) - 2 <= timeout_s / 2 and retries < 7:
+        retries += 1
+    return {
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(retries),
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+        "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(max(5, int(timeout_s))),
+    }
+
+
+def _reachable(uri: str, timeout_s: float) -> None:
+    """Wait, retrying, until a tracking server answers (any HTTP status below 500) or
+    `timeout_s` has passed, then raise `RegistryUnreachable`; a local store (sqlite, a file) is
+    not probed. Sets MLflow's HTTP retry policy (`http_budget`) unless the environment already
+    does, so that a server going away later also fails a request within about the budget."""
+    import requests
+
+    from ratchet.errors import RegistryUnreachable
+
+    if not uri.startswith(("http://", "https://")):
+        return
+    for key, value in http_budget(timeout_s).items():
+        os.environ.setdefault(key, value)
+    start = time.monotonic()
+    deadline = start + (0.0 if uri in _UNREACHABLE else timeout_s)
+    delay, cause = 0.5, "no answer"
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            resp = requests.get(f"{uri.rstrip('/')}/health", timeout=max(1.0, min(10.0, left)))
+            if resp.status_code < 500:
+                _UNREACHABLE.discard(uri)
+                return
+            cause = f"HTTP {resp.status_code} {resp.reason}".strip()
+        except requests.RequestException as err:
+            cause = _cause(err)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            _UNREACHABLE.add(uri)
+            raise RegistryUnreachable(uri, time.monotonic() - start, cause)
+        time.sleep(min(delay, left))
+        delay = min(delay * 2, 5.0)
+
+
+def _cause(err: Exception) -> str:
+    """The reason inside a requests error, e.g. `[Errno 111] Connection refused`."""
+    import re
+
+    import requests
+
+    if isinstance(err, requests.Timeout):
+        return "timed out"
+    found = re.search(r"\[Errno -?\d+\][^\"')]*", str(err))
+    return found.group(0).strip() if found else f"{type(err).__name__}: {str(err)[:160]}"
+
+
 def connect(cfg: RegistryConfig, workspace: Path):
-    """Point MLflow at the workspace's store and make sure the experiment exists."""
+    """Point MLflow at the workspace's store and make sure the experiment exists; a tracking
+    server that does not answer within `cfg.timeout_s` fails as `RegistryUnreachable`."""
     import mlflow
     from mlflow import MlflowClient
 
     uri = tracking_uri(cfg, workspace)
+    _reachable(uri, cfg.timeout_s)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     client = MlflowClient(uri, uri)
