@@ -3,10 +3,12 @@ demo."""
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from enum import StrEnum
 from pathlib import Path
@@ -37,17 +39,149 @@ class Engine(StrEnum):
     dvc = "dvc"
 
 
+@app.callback()
+def main(
+    debug: Annotated[
+        bool,
+        typer.Option("--debug", help="On a failure, print the full traceback (the pipeline "
+                     "stages' too) instead of one line and a log."),
+    ] = False,
+) -> None:
+    """ratchet: continual fine-tuning of text classifiers that only ever moves forward."""
+    from ratchet.runtime import DEBUG_ENV
+
+    if debug:
+        os.environ[DEBUG_ENV] = "1"  # the stages (DVC's children) inherit it
+
+
+class _Tee(io.TextIOBase):
+    """A text stream that also copies what is written to a log file."""
+
+    def __init__(self, stream, log):
+        self._stream, self._log = stream, log
+
+    def write(self, text: str) -> int:
+        self._log.write(text)
+        self._log.flush()
+        return self._stream.write(text)
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+    def isatty(self) -> bool:
+        return self._stream.isatty()
+
+    def fileno(self) -> int:
+        return self._stream.fileno()
+
+    @property
+    def encoding(self):  # noqa: D401 - the wrapped stream's
+        return getattr(self._stream, "encoding", "utf-8")
+
+
+# Commands whose progress (everything they print, and warnings logged) goes to their log too.
+LOGGED = {"run", "demo"}
+
+
+def _click():
+    """The click that typer runs on: typer 0.2x vendors its own (`typer._click`)."""
+    try:
+        import typer._click as click
+        import typer._click.globals  # noqa: F401 - the submodule, for get_current_context
+    except ImportError:  # an older typer, on click itself
+        import click
+        import click.globals  # noqa: F401
+    return click
+
+
+def _command() -> tuple[Path | None, str]:
+    """The workspace (if the command names one that exists) and the command's name."""
+    try:
+        ctx = _click().globals.get_current_context(silent=True)
+        given = ctx.params.get("workspace_dir") or ctx.params.get("path")
+        ws = Path(given).resolve() if given is not None else None
+    except Exception:  # noqa: BLE001 - no context: the log goes to the temp folder
+        return None, "ratchet"
+    return (ws if ws is not None and (ws / "params.yaml").is_file() else None), ctx.info_name
+
+
+@contextmanager
+def _progress_log(ws: Path | None, what: str) -> Iterator[Path | None]:
+    """For `run` and `demo`: a log file in the workspace that gets what the command prints."""
+    import logging
+    import sys
+
+    from ratchet.runtime import log_file
+
+    if what not in LOGGED or ws is None:
+        yield None
+        return
+    path = log_file(ws, what)
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(f"ratchet {' '.join(sys.argv[1:])} (pid {os.getpid()}, {time.ctime()})\n")
+        handler = logging.StreamHandler(fh)
+        handler.setLevel(logging.WARNING)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logging.getLogger().addHandler(handler)
+        out, err = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = _Tee(out, fh), _Tee(err, fh)
+        try:
+            yield path
+        finally:
+            sys.stdout, sys.stderr = out, err
+            logging.getLogger().removeHandler(handler)
+
+
+def _log_traceback(ws: Path | None, what: str, err: BaseException, log: Path | None) -> Path:
+    import traceback
+
+    from ratchet.runtime import log_file
+
+    log = log or log_file(ws, what)
+    with open(log, "a", encoding="utf-8") as fh:
+        fh.write("".join(traceback.format_exception(err)))
+    return log
+
+
 @contextmanager
 def user_errors():
-    """Print the project's own errors without a traceback and exit non-zero."""
-    from ratchet.runtime import setup
+    """Every failure as one `error:` line, exit non-zero: the project's own errors as they are,
+    Ctrl-C as `error: interrupted` (exit 130), anything else as `error: <type>: <message>
+    (details: <log>)` with the traceback in that log (`.ratchet/logs/` of the workspace, else a
+    `ratchet-logs` temp folder); with `--debug`, the traceback is printed instead."""
+    from rich.markup import escape
+
+    from ratchet.runtime import debug, disk_full, one_line, setup
 
     setup()
-    try:
-        yield
-    except RatchetError as err:
-        err_console.print(f"[bold red]error:[/] {err}", markup=True, highlight=False)
-        raise typer.Exit(1) from None
+    ws, what = _command()
+    with _progress_log(ws, what) as log:
+        try:
+            yield
+        except (typer.Exit, typer.Abort, _click().ClickException):
+            raise
+        except KeyboardInterrupt:
+            where = f" (log: {log})" if log else ""
+            err_console.print(f"[bold red]error:[/] interrupted{where}", markup=True,
+                              highlight=False)
+            raise typer.Exit(130) from None
+        except Exception as err:  # noqa: BLE001 - every failure becomes one line (and a log)
+            full = None if isinstance(err, RatchetError) else disk_full(
+                err, Path(getattr(err, "filename", None) or ws or Path.cwd()))
+            known = err if isinstance(err, RatchetError) else full
+            if debug():
+                raise
+            if known is not None:
+                if log is not None:
+                    _log_traceback(ws, what, err, log)
+                where = f" (log: {log})" if log else ""
+                err_console.print(f"[bold red]error:[/] {escape(str(known))}{where}",
+                                  markup=True, highlight=False)
+                raise typer.Exit(1) from None
+            path = _log_traceback(ws, what, err, log)
+            err_console.print(f"[bold red]error:[/] {escape(one_line(err))} (details: {path})",
+                              markup=True, highlight=False)
+            raise typer.Exit(1) from None
 
 
 @app.command()

@@ -42,6 +42,34 @@ def setup(level: int = logging.WARNING) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+LOGS = Path(".ratchet/logs")
+DEBUG_ENV = "RATCHET_DEBUG"  # "1": failures print their traceback (`ratchet --debug` sets it)
+
+
+def debug() -> bool:
+    return os.environ.get(DEBUG_ENV) == "1"
+
+
+def log_file(ws: Path | None, what: str) -> Path:
+    """A new log file for one command or stage: under the workspace's `.ratchet/logs/` (git
+    ignores `.ratchet/`), or a `ratchet-logs` folder in the temp dir when there is no workspace."""
+    import time
+
+    if ws is not None and (ws / "params.yaml").is_file():
+        folder = ws / LOGS
+    else:
+        folder = Path(tempfile.gettempdir()) / "ratchet-logs"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"{time.strftime('%Y%m%d-%H%M%S')}-{what}-{os.getpid()}.log"
+
+
+def one_line(err: BaseException, limit: int = 500) -> str:
+    """`<type>: <message>` of an unexpected exception, whitespace folded onto one line."""
+    text = " ".join(str(err).split())
+    text = text if len(text) <= limit else text[: limit - 1] + "…"
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
 def publish(tmp: str | Path, path: Path) -> None:
     """Give a finished temp file normal permissions (mkstemp makes it 0600), then rename it."""
     umask = os.umask(0)

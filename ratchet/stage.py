@@ -1,15 +1,29 @@
-"""The thin `main()` every stage module shares: parse paths, load params, run, report errors."""
+"""The thin `main()` every stage module shares: parse paths, load params, run, report errors.
+
+A stage runs under DVC, in the workspace. Whatever stops it is one line on stderr,
+`ratchet <stage>: ...`: the project's own errors as they are, anything unexpected as `<type>:
+<message> (details: <log>)` with the traceback in that log under `.ratchet/logs/` (printed too
+with RATCHET_DEBUG=1, which `ratchet --debug` sets). The same line goes to
+`.ratchet/logs/stage-failed.json`, from which `ratchet run` names the stage that failed and why.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
+import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from ratchet.config import Params, load_params
 from ratchet.errors import RatchetError
-from ratchet.runtime import setup
+from ratchet.runtime import LOGS, debug, disk_full, log_file, one_line, read_json, setup, write_json
+
+FAILED = LOGS / "stage-failed.json"
 
 
 def stage_main(name: str, doc: str, paths: dict[str, str], fn: Callable[..., object],
@@ -34,6 +48,52 @@ def stage_main(name: str, doc: str, paths: dict[str, str], fn: Callable[..., obj
     try:
         params: Params = load_params(ns.pop("params"))
         fn(params, **ns)
-    except RatchetError as err:
-        print(f"ratchet {name}: {err}", file=sys.stderr)
-        sys.exit(1)
+    except KeyboardInterrupt:
+        fail(name, "interrupted")
+        sys.exit(130)
+    except Exception as err:  # noqa: BLE001 - every failure becomes one line (and a log)
+        sys.exit(report(name, err))
+
+
+def report(name: str, err: Exception, ws: Path | None = None) -> int:
+    """Print the one line for a stage's failure (the traceback goes to a log unless it is one of
+    the project's errors); returns the exit code."""
+    ws = Path.cwd() if ws is None else ws
+    if not isinstance(err, RatchetError):
+        full = disk_full(err, Path(getattr(err, "filename", None) or ws))
+        if full is not None:
+            full.__cause__ = err
+            err = full
+    if debug():
+        traceback.print_exception(err)
+    log = None
+    if isinstance(err, RatchetError):
+        message = str(err)
+    else:
+        log = log_file(ws, f"stage-{name}")
+        log.write_text(f"ratchet stage `{name}` failed (pid {os.getpid()}, {time.ctime()}):\n"
+                       + "".join(traceback.format_exception(err)), encoding="utf-8")
+        message = f"{one_line(err)} (details: {log})"
+    print(f"ratchet {name}: {message}", file=sys.stderr)
+    fail(name, message, log, ws)
+    return 1
+
+
+def fail(name: str, message: str, log: Path | None = None, ws: Path | None = None) -> None:
+    """Leave the failure for the process that ran the stage (`last_failure`); best effort."""
+    ws = Path.cwd() if ws is None else ws
+    if not (ws / "params.yaml").is_file():
+        return
+    with contextlib.suppress(Exception):  # best effort: the line on stderr is what matters
+        write_json(ws / FAILED, {"stage": name, "message": message,
+                                 "log": str(log) if log else None, "time": time.time(),
+                                 "pid": os.getpid()})
+
+
+def last_failure(ws: Path, since: float) -> dict[str, Any] | None:
+    """The stage failure recorded in `ws` at or after `since` (time.time()), if any."""
+    try:
+        record = read_json(ws / FAILED)
+    except (OSError, ValueError):
+        return None
+    return record if record.get("time", 0) >= since else None

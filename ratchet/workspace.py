@@ -498,14 +498,19 @@ def fingerprint(model_dir: Path) -> str:
 def repro(ws: Path, stage: str | None = None, *, upstream: bool = False) -> float:
     """`dvc repro`: everything, one stage (`--single-item`), or a stage and what it needs
     (`upstream`); returns the wall time in seconds."""
-    start = time.perf_counter()
+    start, started = time.perf_counter(), time.time()
     args = ["repro"] + ([stage] if upstream else ["--single-item", stage]) if stage else ["repro"]
     try:
         # Streamed, not captured: the stages' progress bars and errors reach the person watching.
         dvc(ws, *args, capture=False)
     except WorkspaceError as err:
+        from ratchet.stage import last_failure
+
+        failed = last_failure(ws, since=started)
+        if failed is not None:  # the stage's own line (printed above too), and its log
+            raise WorkspaceError(f"stage `{failed['stage']}` failed: {failed['message']}") from err
         what = f"stage `{stage}`" if stage and not upstream else "the pipeline"
-        raise WorkspaceError(f"{what} failed; the stage's own error is printed above "
+        raise WorkspaceError(f"{what} failed; DVC's and the stage's output is above "
                              f"(`dvc {' '.join(args)}` in {ws})") from err
     return time.perf_counter() - start
 
