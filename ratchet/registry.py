@@ -56,9 +56,9 @@ def tracking_uri(cfg: RegistryConfig, workspace: Path) -> str:
     return uri
 
 
-# Tracking servers found unreachable in this process: a second `connect` (the undo after a
-# failed run, say) tries once more but does not wait the whole budget again.
-_UNREACHABLE: set[str] = set()
+# Tracking servers found unreachable in this process, and the seconds waited for them: a second
+# `connect` (the undo after a failed run, say) tries once more but does not wait the budget again.
+_UNREACHABLE: dict[str, float] = {}
 
 
 def http_budget(timeout_s: float) -> dict[str, str]:
@@ -98,15 +98,16 @@ def _reachable(uri: str, timeout_s: float) -> None:
         try:
             resp = requests.get(f"{uri.rstrip('/')}/health", timeout=max(1.0, min(10.0, left)))
             if resp.status_code < 500:
-                _UNREACHABLE.discard(uri)
+                _UNREACHABLE.pop(uri, None)
                 return
             cause = f"HTTP {resp.status_code} {resp.reason}".strip()
         except requests.RequestException as err:
             cause = _cause(err)
         left = deadline - time.monotonic()
         if left <= 0:
-            _UNREACHABLE.add(uri)
-            raise RegistryUnreachable(uri, time.monotonic() - start, cause)
+            waited = _UNREACHABLE.get(uri, 0.0) + time.monotonic() - start
+            _UNREACHABLE[uri] = waited
+            raise RegistryUnreachable(uri, waited, cause)
         time.sleep(min(delay, left))
         delay = min(delay * 2, 5.0)
 
