@@ -322,8 +322,9 @@ def _check_registry(ws: Path, history: list[dict[str, str]]) -> list[str]:
         if mv.run_id and not token:
             problems.append(f"[tags] version {v}'s MLflow run has no ratchet.run_token tag")
         if run_tags.get("decision") == "failed" or status == "FAILED":
+            why = run_tags.get("ratchet.failure", "")[:120]
             problems.append(f"[failed-run] version {v} remains although an undo marked its "
-                            f"MLflow run {mv.run_id} failed ({run_tags.get('ratchet.failure', '')[:120]})")
+                            f"MLflow run {mv.run_id} failed ({why})")
         if token in dead:
             problems.append(f"[failed-run] version {v} belongs to run {token}, whose journal "
                             f"{JOURNALS}/{token}.jsonl is unfinished and whose process is gone "
