@@ -254,7 +254,8 @@ class Outcome:
         return f"{self.fault.sig.lower()}:{self.landed}"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "planned": self.fault.kind, "engine": self.fault.engine, "frac": self.fault.frac,
+        return {"kind": self.kind, "planned": self.fault.kind, "engine": self.fault.engine,
+                "frac": self.fault.frac,
                 "landed": self.landed, "held": self.held, "problems": self.problems,
                 "interrupt_exit_s": self.interrupt_exit_s, "rc": self.rc,
                 "notes": self.notes}
