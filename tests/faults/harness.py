@@ -274,6 +274,7 @@ class Chain:
         self.runs = 0
         self.outcomes: list[Outcome] = []
         self._pending: Outcome | None = None  # the last fault, checked after the next recovery
+        self.known: set[str] = set()  # broken invariants already charged to an earlier fault
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
 
     # -- changes between runs
@@ -302,7 +303,12 @@ class Chain:
         path.write_text(yaml.safe_dump(raw, sort_keys=False))
 
     def check(self) -> list[str]:
-        return invariants.check(self.ws, accepted=self.accepted, refused=self.refused)
+        """The broken invariants not already charged to an earlier fault (a commit naming a
+        deleted version stays broken; it is the fault that broke it that did not hold)."""
+        found = invariants.check(self.ws, accepted=self.accepted, refused=self.refused)
+        new = [p for p in found if p not in self.known]
+        self.known.update(found)
+        return new
 
     # -- runs
     def start_run(self, engine: str) -> Proc:
@@ -427,7 +433,8 @@ class Chain:
                                capture_output=True, check=False).stdout.strip()
         if dirty:
             problems.append(f"[next-run] git status not clean: {' '.join(dirty.split())[:300]}")
-        return problems + self.check()
+        return problems + invariants.check(self.ws, accepted=self.accepted,
+                                           refused=self.refused)
 
 
 def play(ws: Path, logs: Path, n: int, seed: int, *, prefect_every: int = 6,
