@@ -223,3 +223,13 @@ def test_a_missing_store_is_reported_and_not_created(ws):
     found = invariants.check(ws)
     assert any(p.startswith("[store]") and "missing" in p for p in found), found
     assert not (ws / "mlflow.db").exists()
+
+
+def test_a_dvc_output_committed_to_git(ws):
+    out = ws / "models" / "candidate" / "config.json"
+    out.parent.mkdir(parents=True)
+    out.write_text("{}")
+    workspace.git(ws, "add", "-f", str(out))
+    workspace.git(ws, "commit", "-q", "-m", "retrain: promoted (version 1)")
+    found = _only(invariants.check(ws), "outputs")
+    assert found and "models/candidate/config.json" in found[0], found
