@@ -11,7 +11,7 @@ export DVC_NO_ANALYTICS=1 GX_ANALYTICS_ENABLED=False HF_HUB_OFFLINE=1 HF_HUB_DIS
 # some machines set PYTHONDONTWRITEBYTECODE, which would make every process compile torch anew.
 export PYTHONDONTWRITEBYTECODE :=
 
-.PHONY: setup demo test test-all lint bench clean
+.PHONY: setup demo test test-all test-faults lint bench clean
 
 setup: $(STAMP)
 
@@ -38,13 +38,18 @@ LANE_A := tests/e2e tests/unit/test_training.py
 test: lint
 	@rm -f .lane.log .lane.rc; \
 	( $(BIN)/python -m pytest -m "not slow" $(LANE_A) > .lane.log 2>&1; echo $$? > .lane.rc ) & \
-	$(BIN)/python -m pytest -m "not slow" tests/integration tests/data tests/unit \
+	$(BIN)/python -m pytest -m "not slow" tests/integration tests/data tests/unit tests/faults \
 		--ignore=tests/unit/test_training.py; rest=$$?; \
 	wait; echo "--- $(LANE_A) ---"; cat .lane.log; lane=$$(cat .lane.rc); \
 	rm -f .lane.log .lane.rc; test $$rest -eq 0 && test $$lane -eq 0
 
 test-all: lint
 	$(BIN)/python -m pytest -n 2 --dist loadfile
+
+# The fault suite: seeded kills and interrupts at every stage, concurrent writers, servers
+# killed mid-run, a full disk, corruptions; tens of minutes (its quick subset is in `make test`).
+test-faults: setup
+	$(BIN)/python -m pytest -m faults tests/faults
 
 bench: setup
 	$(BIN)/python -m benchmarks

@@ -1,7 +1,7 @@
 """Run the benchmarks named on the command line (default: all) and write benchmarks/results/*.json.
 
 Each benchmark is a module in this package with a `run() -> dict` function, registered in
-BENCHMARKS: drift, gate, orchestration, stream and training.
+BENCHMARKS: drift, faults, gate, noise, orchestration, robustness, stream and training.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from pathlib import Path
 RESULTS = Path(__file__).parent / "results"
 BENCHMARKS: dict[str, str] = {  # name -> module
     "drift": "benchmarks.drift",
+    "faults": "benchmarks.faults",
     "gate": "benchmarks.gate",
     "noise": "benchmarks.noise",
     "orchestration": "benchmarks.orchestration",
