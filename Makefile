@@ -49,7 +49,7 @@ test-all: lint
 # The fault suite: seeded kills and interrupts at every stage, concurrent writers, servers
 # killed mid-run, a full disk, corruptions; tens of minutes (its quick subset is in `make test`).
 test-faults: setup
-	$(BIN)/python -m pytest -m faults tests/faults
+	$(BIN)/python -m pytest -m faults tests/faults tests/unit/test_training.py
 
 bench: setup
 	$(BIN)/python -m benchmarks

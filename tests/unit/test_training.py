@@ -333,7 +333,8 @@ def test_two_gloo_processes_match_one_with_the_same_global_batch(data, tmp_path)
     assert abs(s1["best_val_macro_f1"] - s2["best_val_macro_f1"]) < 0.05
 
 
-@pytest.mark.slow  # ~70 s on 2 cores (make test-faults); the one-process kill stays quick
+@pytest.mark.slow
+@pytest.mark.faults  # ~70 s on 2 cores; the one-process kill stays quick
 def test_two_killed_gloo_processes_resume_to_the_same_weights_with_dropout_on(data, tmp_path):
     """Each rank's dropout draws its own masks: the checkpoint keeps every rank's generator."""
     from transformers import AutoConfig
@@ -439,7 +440,8 @@ def test_pretrain_under_two_gloo_processes_matches_one(data, tmp_path):
     assert worst < 1e-4, f"largest weight difference {worst}"
 
 
-@pytest.mark.slow  # ~60 s on 2 cores; a fault test (make test-faults); finetune's kill stays quick
+@pytest.mark.slow
+@pytest.mark.faults  # ~60 s on 2 cores; finetune's kill stays quick
 def test_a_killed_pretrain_resumes_from_its_checkpoint_to_the_same_weights(data, tmp_path,
                                                                         monkeypatch):
     import yaml
