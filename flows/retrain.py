@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
+from prefect.exceptions import MissingContextError
 
 from ratchet import workspace
 
@@ -36,14 +38,58 @@ def run_stage(ws: Path, stage: str) -> float:
     return workspace.repro(ws, stage)
 
 
+def _log() -> Callable[[str], None]:
+    """A warning line in the run's log (in a flow or task run), else on stderr."""
+    try:
+        return get_run_logger().warning
+    except MissingContextError:
+        return workspace._warn
+
+
+def publish(markdown: str, description: str, log: Callable[[str], None]) -> bool:
+    """The gate-decision artifact, best effort: its failure (the Prefect API gone: Prefect's
+    client retries a lost connection PREFECT_CLIENT_MAX_RETRIES times, with growing pauses)
+    is a warning, never a failed run: reports/gate.json holds the same decision."""
+    try:
+        create_markdown_artifact(key="gate-decision", markdown=markdown,
+                                 description=description)
+        return True
+    except Exception as err:  # noqa: BLE001 - best effort, see above
+        log(f"the gate-decision artifact was not published ({type(err).__name__}: "
+            f"{str(err).strip()[:200]}); the decision is in reports/gate.json")
+        return False
+
+
+def finish(ws: Path, gate: dict, timings: dict[str, float],
+           log: Callable[[str], None] | None = None) -> None:
+    """Record a gated run: the artifact (best effort), `dvc push`, the commit (from here on
+    the run counts as recorded: its journal is closed to undo), the lineage stamp (retried,
+    else a warning that the next run acts on)."""
+    log = log or _log()
+    markdown = decision_markdown(gate, timings, workspace.read_noise(ws))
+    workspace.finish_run(
+        ws, log=log,
+        publish=lambda: publish(markdown, f"gate decision: {gate.get('decision')}", log))
+
+
 @task(name="record", **IO_RETRIES)
-def record(ws: Path) -> None:
-    workspace.finish_run(ws)
+def record(ws: Path, gate: dict, timings: dict[str, float]) -> None:
+    finish(ws, gate, timings)
+    RECORDED.append(gate)
 
 
 @task(name="record-skip", **IO_RETRIES)
-def record_skip(ws: Path, record: dict) -> None:
+def record_skip(ws: Path, record: dict, timings: dict[str, float]) -> None:
+    log = _log()
+    publish(skipped_markdown(record, timings, workspace.read_noise(ws)),
+            "gate decision: skipped", log)
     workspace.record_skip(ws, record)
+    RECORDED.append(record)
+
+
+# What this process's flow run recorded (see `run_once`): the flow's own result, kept for when
+# Prefect cannot report how the run ended because its API went away after the commit.
+RECORDED: list[dict] = []
 
 
 def noise_line(noise: dict | None) -> str:
@@ -201,21 +247,14 @@ def _retrain(ws: Path, logger) -> dict:
             skip = workspace.skipped_decision(drift, champion, stages[i + 1 :])
             skip["timings"] = timings
             logger.info("not retraining: %s", drift.get("retrain_reason"))
-            record_skip(ws, skip)
-            create_markdown_artifact(key="gate-decision",
-                                     markdown=skipped_markdown(skip, timings,
-                                                               workspace.read_noise(ws)),
-                                     description="gate decision: skipped")
+            record_skip(ws, skip, timings)
             return skip
     gate = workspace.read_gate(ws)
     gate["timings"] = timings
     if sweep is not None:
         gate["sweep"] = {k: sweep[k] for k in ("best", "best_overrides", "metric", "trials",
                                                "mlflow_parent_run")}
-    record(ws)
-    create_markdown_artifact(key="gate-decision",
-                             markdown=decision_markdown(gate, timings, workspace.read_noise(ws)),
-                             description=f"gate decision: {gate.get('decision')}")
+    record(ws, gate, timings)
     return gate
 
 

@@ -20,6 +20,7 @@ import pytest
 
 from ratchet import promotion, workspace
 from ratchet.config import load_params
+from ratchet.lineage import commit_tags
 from ratchet.promotion import Journal
 from ratchet.registry import CHAMPION, RUN_TOKEN_ENV, aliases, connect, log_candidate
 from tests.conftest import save_tiny_classifier
@@ -44,6 +45,8 @@ def _gate_promotes_a_version(ws: Path, tmp_path: Path):
     save_tiny_classifier(model, ["a", "b"])
     run_id, version = log_candidate(model, name=name, params={}, metrics={}, artifacts=[card],
                                     run_tags={"fingerprint": "f"}, model_card=card)
+    for key, value in commit_tags().items():  # git_commit: the parent; lineage: pending
+        client.set_model_version_tag(name, version, key, value)
     promotion.move_alias(client, name, CHAMPION, version, ws=ws, by="gate", expected=None,
                          reason="gate", journal=Journal.of_run(ws))
     (ws / workspace.GATE_REPORT).write_text(json.dumps({
@@ -69,7 +72,7 @@ def test_a_stamp_failing_after_the_commit_keeps_the_recorded_version(tmp_path):
     with workspace.run_guard(ws, log=said.append):
         client, name, version, run_id = _gate_promotes_a_version(ws, tmp_path)
         blocker = _block_card_upload(client, run_id)
-        workspace.finish_run(ws)
+        workspace.finish_run(ws, log=said.append)
         commit = workspace.git(ws, "rev-parse", "HEAD").strip()
 
     assert f"version {version}" in workspace.git(ws, "log", "-1", "--format=%s")
