@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -265,8 +266,113 @@ def sweep_grid(ws: Path) -> dict:
 
 
 def run_once(ws: Path) -> dict:
-    """Run the flow in this process (Prefect's ephemeral server unless PREFECT_API_URL is set)."""
+    """Run the flow in this process (against a temporary Prefect server of its own unless
+    PREFECT_API_URL is set; see `prefect_api`).
+
+    The run counts as recorded once its commit is made; if Prefect then cannot be told how the
+    run ended (its API went away), that is a warning and the run's record is the result. A run
+    that failed before that is undone, and its error names the lost API when that was it.
+    """
+    import httpx
+
+    from ratchet.errors import WorkspaceError
+
     start = time.perf_counter()
-    result = retrain(str(ws))
+    RECORDED.clear()
+    with prefect_api() as api:
+        try:
+            result = retrain(str(ws))
+        except (httpx.HTTPError, OSError) as err:
+            if RECORDED:
+                workspace._warn(f"the run is recorded, but Prefect's API at {api} could not be "
+                                f"told how it ended ({type(err).__name__}: {err})")
+                result = dict(RECORDED[-1])
+            else:
+                raise WorkspaceError(
+                    f"the Prefect API at {api} went away during the run ({type(err).__name__}: "
+                    f"{err}); nothing of the run is recorded and the registry is as it was; "
+                    "start the Prefect server again and re-run (or use --engine dvc)") from err
     result["wall_s"] = time.perf_counter() - start
     return result
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+    import ctypes
+    import signal
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+@contextmanager
+def prefect_api() -> Iterator[str]:
+    """The Prefect API a run in this process talks to: PREFECT_API_URL when set, else a
+    temporary server (Prefect's own app, as its ephemeral mode runs it), stopped at the end.
+
+    Unlike the ephemeral server Prefect would start on first use, this one runs in a session of
+    its own: a terminal's Ctrl-C stops the run, not the API that the run then reports its crash
+    to (with the API gone, Prefect's client would retry every state and log call for minutes).
+    It gets SIGTERM if this process dies without stopping it (PR_SET_PDEATHSIG, Linux).
+    """
+    import socket
+    import subprocess
+    import sys
+
+    import httpx
+    import prefect
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+        temporary_settings,
+    )
+
+    if PREFECT_API_URL.value():
+        yield str(PREFECT_API_URL.value())
+        return
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
+           "PREFECT__SERVER_FINAL": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(prefect.__file__).parent.parent),
+         "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1",
+         "--port", str(port), "--log-level", "error", "--lifespan", "on"],
+        env=env, stdin=subprocess.DEVNULL, start_new_session=True,
+        preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+    try:
+        deadline = time.monotonic() + PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
+        with httpx.Client() as client:
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"the temporary Prefect server exited ({proc.returncode})")
+                try:
+                    if client.get(f"{url}/health", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the temporary Prefect server did not start at {url}")
+                time.sleep(0.1)
+        with temporary_settings(updates={PREFECT_API_URL: url}):
+            try:
+                yield url
+            finally:
+                _drain_to_api()
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _drain_to_api(timeout: float = 5.0) -> None:
+    """Ship the logs and events still queued while the API is up (bounded)."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
+        with suppress(Exception):  # best effort on the way out
+            worker.drain_all(timeout=timeout)

@@ -500,14 +500,76 @@ def repro(ws: Path, stage: str | None = None, *, upstream: bool = False) -> floa
     (`upstream`); returns the wall time in seconds."""
     start = time.perf_counter()
     args = ["repro"] + ([stage] if upstream else ["--single-item", stage]) if stage else ["repro"]
+    # Streamed, not captured: the stages' progress bars and errors reach the person watching.
+    # In this process's group, so that a terminal's Ctrl-C and a kill of the group reach the
+    # stage as they reach the run.
+    proc = subprocess.Popen([sys.executable, "-m", "dvc", *args], cwd=ws, env=tool_env())
     try:
-        # Streamed, not captured: the stages' progress bars and errors reach the person watching.
-        dvc(ws, *args, capture=False)
-    except WorkspaceError as err:
+        code = proc.wait()
+    except BaseException:  # Ctrl-C, SIGTERM (see cli `run`), a flow cancelled: stop the stage
+        stop_tree(proc)
+        raise
+    if code != 0:
         what = f"stage `{stage}`" if stage and not upstream else "the pipeline"
-        raise WorkspaceError(f"{what} failed; the stage's own error is printed above "
-                             f"(`dvc {' '.join(args)}` in {ws})") from err
+        raise WorkspaceError(f"{what} failed (exit {code}); the stage's own error is printed "
+                             f"above (`dvc {' '.join(args)}` in {ws})")
     return time.perf_counter() - start
+
+
+STOP_GRACE_S = 3.0  # how long an interrupted stage may take to stop before it is killed
+
+
+def _descendants(pid: int) -> list[int]:
+    """The live processes under `pid`, from /proc (Linux), children before grandchildren."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            raw = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        parents[int(entry)] = int(raw[raw.rindex(")") + 2:].split()[1])
+    out, frontier = [], [pid]
+    while frontier:
+        parent = frontier.pop(0)
+        kids = [p for p, pp in parents.items() if pp == parent]
+        out += kids
+        frontier += kids
+    return out
+
+
+def _signal(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        with suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, sig)
+
+
+def stop_tree(proc: subprocess.Popen, grace: float = STOP_GRACE_S) -> None:
+    """Stop `proc` (dvc) and everything under it, bounded: SIGINT to the stages (dvc ignores
+    SIGINT while a stage runs and ends when its stage does), then SIGKILL to whatever is left
+    after `grace` seconds. Without this a signal sent to the run alone would leave the stage
+    running on, reparented, after the run had exited."""
+    import signal
+
+    tree = _descendants(proc.pid)
+    _signal(tree, signal.SIGINT)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        if proc.poll() is not None and not [p for p in tree if _alive(p)]:
+            return
+        time.sleep(0.05)
+    _signal([proc.pid, *tree, *_descendants(proc.pid)], signal.SIGKILL)
+    with suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=grace)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
 
 
 def changed_stages(ws: Path) -> set[str]:
