@@ -209,6 +209,7 @@ def retrain(workspace_dir: str = ".", batch: str | None = None,
             `{"finetune": {"epochs": 2}}`; validated, then committed with the run.
     """
     logger = get_run_logger()
+    RECORDED.clear()
     ws = workspace.require(Path(workspace_dir))
     with workspace.retrain_lock(ws, on_wait=logger.info), \
             workspace.run_guard(ws, log=logger.warning):
