@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
+from prefect.exceptions import MissingContextError
 
 from ratchet import workspace
 
@@ -36,14 +39,58 @@ def run_stage(ws: Path, stage: str) -> float:
     return workspace.repro(ws, stage)
 
 
+def _log() -> Callable[[str], None]:
+    """A warning line in the run's log (in a flow or task run), else on stderr."""
+    try:
+        return get_run_logger().warning
+    except MissingContextError:
+        return workspace._warn
+
+
+def publish(markdown: str, description: str, log: Callable[[str], None]) -> bool:
+    """The gate-decision artifact, best effort: its failure (the Prefect API gone: Prefect's
+    client retries a lost connection PREFECT_CLIENT_MAX_RETRIES times, with growing pauses)
+    is a warning, never a failed run: reports/gate.json holds the same decision."""
+    try:
+        create_markdown_artifact(key="gate-decision", markdown=markdown,
+                                 description=description)
+        return True
+    except Exception as err:  # noqa: BLE001 - best effort, see above
+        log(f"the gate-decision artifact was not published ({type(err).__name__}: "
+            f"{str(err).strip()[:200]}); the decision is in reports/gate.json")
+        return False
+
+
+def finish(ws: Path, gate: dict, timings: dict[str, float],
+           log: Callable[[str], None] | None = None) -> None:
+    """Record a gated run: the artifact (best effort), `dvc push`, the commit (from here on
+    the run counts as recorded: its journal is closed to undo), the lineage stamp (retried,
+    else a warning that the next run acts on)."""
+    log = log or _log()
+    markdown = decision_markdown(gate, timings, workspace.read_noise(ws))
+    workspace.finish_run(
+        ws, log=log,
+        publish=lambda: publish(markdown, f"gate decision: {gate.get('decision')}", log))
+
+
 @task(name="record", **IO_RETRIES)
-def record(ws: Path) -> None:
-    workspace.finish_run(ws)
+def record(ws: Path, gate: dict, timings: dict[str, float]) -> None:
+    finish(ws, gate, timings)
+    RECORDED.append(gate)
 
 
 @task(name="record-skip", **IO_RETRIES)
-def record_skip(ws: Path, record: dict) -> None:
+def record_skip(ws: Path, record: dict, timings: dict[str, float]) -> None:
+    log = _log()
+    publish(skipped_markdown(record, timings, workspace.read_noise(ws)),
+            "gate decision: skipped", log)
     workspace.record_skip(ws, record)
+    RECORDED.append(record)
+
+
+# What this process's flow run recorded (see `run_once`): the flow's own result, kept for when
+# Prefect cannot report how the run ended because its API went away after the commit.
+RECORDED: list[dict] = []
 
 
 def noise_line(noise: dict | None) -> str:
@@ -162,6 +209,7 @@ def retrain(workspace_dir: str = ".", batch: str | None = None,
             `{"finetune": {"epochs": 2}}`; validated, then committed with the run.
     """
     logger = get_run_logger()
+    RECORDED.clear()
     ws = workspace.require(Path(workspace_dir))
     with workspace.retrain_lock(ws, on_wait=logger.info), \
             workspace.run_guard(ws, log=logger.warning):
@@ -201,21 +249,14 @@ def _retrain(ws: Path, logger) -> dict:
             skip = workspace.skipped_decision(drift, champion, stages[i + 1 :])
             skip["timings"] = timings
             logger.info("not retraining: %s", drift.get("retrain_reason"))
-            record_skip(ws, skip)
-            create_markdown_artifact(key="gate-decision",
-                                     markdown=skipped_markdown(skip, timings,
-                                                               workspace.read_noise(ws)),
-                                     description="gate decision: skipped")
+            record_skip(ws, skip, timings)
             return skip
     gate = workspace.read_gate(ws)
     gate["timings"] = timings
     if sweep is not None:
         gate["sweep"] = {k: sweep[k] for k in ("best", "best_overrides", "metric", "trials",
                                                "mlflow_parent_run")}
-    record(ws)
-    create_markdown_artifact(key="gate-decision",
-                             markdown=decision_markdown(gate, timings, workspace.read_noise(ws)),
-                             description=f"gate decision: {gate.get('decision')}")
+    record(ws, gate, timings)
     return gate
 
 
@@ -226,8 +267,113 @@ def sweep_grid(ws: Path) -> dict:
 
 
 def run_once(ws: Path) -> dict:
-    """Run the flow in this process (Prefect's ephemeral server unless PREFECT_API_URL is set)."""
+    """Run the flow in this process (against a temporary Prefect server of its own unless
+    PREFECT_API_URL is set; see `prefect_api`).
+
+    The run counts as recorded once its commit is made; if Prefect then cannot be told how the
+    run ended (its API went away), that is a warning and the run's record is the result. A run
+    that failed before that is undone, and its error names the lost API when that was it.
+    """
+    import httpx
+
+    from ratchet.errors import WorkspaceError
+
     start = time.perf_counter()
-    result = retrain(str(ws))
+    RECORDED.clear()
+    with prefect_api() as api:
+        try:
+            result = retrain(str(ws))
+        except (httpx.HTTPError, OSError) as err:
+            if RECORDED:
+                workspace._warn(f"the run is recorded, but Prefect's API at {api} could not be "
+                                f"told how it ended ({type(err).__name__}: {err})")
+                result = dict(RECORDED[-1])
+            else:
+                raise WorkspaceError(
+                    f"the Prefect API at {api} went away during the run ({type(err).__name__}: "
+                    f"{err}); nothing of the run is recorded and the registry is as it was; "
+                    "start the Prefect server again and re-run (or use --engine dvc)") from err
     result["wall_s"] = time.perf_counter() - start
     return result
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+    import ctypes
+    import signal
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+@contextmanager
+def prefect_api() -> Iterator[str]:
+    """The Prefect API a run in this process talks to: PREFECT_API_URL when set, else a
+    temporary server (Prefect's own app, as its ephemeral mode runs it), stopped at the end.
+
+    Unlike the ephemeral server Prefect would start on first use, this one runs in a session of
+    its own: a terminal's Ctrl-C stops the run, not the API that the run then reports its crash
+    to (with the API gone, Prefect's client would retry every state and log call for minutes).
+    It gets SIGTERM if this process dies without stopping it (PR_SET_PDEATHSIG, Linux).
+    """
+    import socket
+    import subprocess
+    import sys
+
+    import httpx
+    import prefect
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+        temporary_settings,
+    )
+
+    if PREFECT_API_URL.value():
+        yield str(PREFECT_API_URL.value())
+        return
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
+           "PREFECT__SERVER_FINAL": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(prefect.__file__).parent.parent),
+         "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1",
+         "--port", str(port), "--log-level", "error", "--lifespan", "on"],
+        env=env, stdin=subprocess.DEVNULL, start_new_session=True,
+        preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+    try:
+        deadline = time.monotonic() + PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
+        with httpx.Client() as client:
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"the temporary Prefect server exited ({proc.returncode})")
+                try:
+                    if client.get(f"{url}/health", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the temporary Prefect server did not start at {url}")
+                time.sleep(0.1)
+        with temporary_settings(updates={PREFECT_API_URL: url}):
+            try:
+                yield url
+            finally:
+                _drain_to_api()
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _drain_to_api(timeout: float = 5.0) -> None:
+    """Ship the logs and events still queued while the API is up (bounded)."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
+        with suppress(Exception):  # best effort on the way out
+            worker.drain_all(timeout=timeout)

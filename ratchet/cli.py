@@ -313,9 +313,20 @@ def run(
     ] = Engine.prefect,
 ) -> None:
     """Retrain once: refresh the champion, run the stages, gate the candidate."""
-    with user_errors():
-        gate = _run(workspace_dir.resolve(), engine)
-        _print_gate(gate)
+    import signal
+
+    def terminated(signum, _frame):
+        # SIGTERM as Ctrl-C: the run stops its stage, undoes and exits (by default Python
+        # would die at once, leaving the stage, dvc and the temporary Prefect server running).
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+    previous = signal.signal(signal.SIGTERM, terminated)
+    try:
+        with user_errors():
+            gate = _run(workspace_dir.resolve(), engine)
+            _print_gate(gate)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _print_gate(gate: dict[str, Any]) -> None:

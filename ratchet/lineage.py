@@ -113,13 +113,15 @@ def restamp(card: str, code: str) -> str:
     return CODE_LINE.sub(lambda _m: code, card, count=1)
 
 
-def stamp_commit(ws: Path, gate_report: Path, card: Path) -> dict[str, Any] | None:
+def stamp_commit(ws: Path, gate_report: Path, card: Path, commit: str | None = None
+                 ) -> dict[str, Any] | None:
     """Once the run is committed: point the version the gate tagged at that commit.
 
-    Sets the version's `git_commit` tag (and its run's) to HEAD, `lineage` to `recorded`, and
-    logs the card naming that commit in place of the gate's (on the run and in the registered
-    model's artifacts). A no-op for a run that tagged no version (skipped, unchanged,
-    experiment); safe to repeat (a retried record step).
+    Sets the version's `git_commit` tag (and its run's) to `commit` (default HEAD), logs the
+    card naming that commit in place of the gate's (on the run and in the registered model's
+    artifacts), and last sets `lineage` to `recorded`: a stamp that failed half-way leaves it
+    `pending`. A no-op for a run that tagged no version (skipped, unchanged, experiment); safe
+    to repeat (a retried record step, the next run finishing a failed stamp).
     """
     import json
 
@@ -135,9 +137,8 @@ def stamp_commit(ws: Path, gate_report: Path, card: Path) -> dict[str, Any] | No
     params = load_params(ws / "params.yaml")
     client = connect(params.registry, ws)
     name = record.get("model_name") or params.registry.model_name
-    commit = git_head(ws)
+    commit = commit or git_head(ws)
     client.set_model_version_tag(name, version, "git_commit", commit)
-    client.set_model_version_tag(name, version, LINEAGE_TAG, RECORDED)
     mv = client.get_model_version(name, version)
     run_id = record.get("run_id") or mv.run_id
     if run_id:
@@ -152,6 +153,7 @@ def stamp_commit(ws: Path, gate_report: Path, card: Path) -> dict[str, Any] | No
             model_id = getattr(mv, "model_id", None) or logged_model_id(mv.source)
             if model_id:
                 client.log_model_artifact(model_id, str(stamped), "artifacts")
+    client.set_model_version_tag(name, version, LINEAGE_TAG, RECORDED)
     return {"version": version, "git_commit": commit}
 
 

@@ -298,12 +298,33 @@ class Journal:
         return cls(path) if path.is_file() else None
 
     @classmethod
-    def unfinished(cls, ws: Path) -> list[Journal]:
-        """Journals of runs that ended without being recorded or undone, oldest first."""
+    def _all(cls, ws: Path) -> list[Journal]:
         folder = ws / JOURNALS
         if not folder.is_dir():
             return []
         return [cls(p) for p in sorted(folder.glob("*.jsonl"), key=lambda p: p.stat().st_mtime)]
+
+    @classmethod
+    def unfinished(cls, ws: Path) -> list[Journal]:
+        """Journals of runs that ended without being recorded or undone, oldest first: the ones
+        an undo may take back. A run is recorded once a commit names it (`trailer`), even if it
+        was killed before it could say so in its journal: that is noted here, and the run is
+        never undone (git would name versions the registry no longer has)."""
+        out = []
+        for journal in cls._all(ws):
+            if journal.recorded_commit is not None:
+                continue
+            commit = commit_naming(ws, journal.token)
+            if commit is not None:
+                journal.recorded(commit)
+                continue
+            out.append(journal)
+        return out
+
+    @classmethod
+    def unstamped(cls, ws: Path) -> list[Journal]:
+        """Journals of recorded runs whose lineage stamp is still to do, oldest first."""
+        return [j for j in cls._all(ws) if j.recorded_commit is not None]
 
     def _write(self, entry: dict[str, Any], mode: str = "a") -> None:
         with open(self.path, mode, encoding="utf-8") as fh:
@@ -359,9 +380,45 @@ class Journal:
                                                    "run_id": e.get("run_id")})
         return out
 
+    def recorded(self, commit: str) -> None:
+        """The run's commit is made: from here on nothing undoes it (`unfinished` skips it);
+        the journal stays only until the version is stamped with that commit."""
+        if self.recorded_commit is None:
+            self._write({"op": "recorded", "commit": commit, "time": registry.utc_now()})
+
+    @property
+    def recorded_commit(self) -> str | None:
+        """The commit that records the run, once made; None before (or once closed)."""
+        if not self.path.is_file():
+            return None
+        return next((e.get("commit") for e in self.entries() if e.get("op") == "recorded"),
+                    None)
+
     def close(self) -> None:
-        """The run is recorded (or undone): its journal has nothing left to say."""
+        """The run is recorded and stamped (or undone): its journal has nothing left to say."""
         self.path.unlink(missing_ok=True)
+
+
+TRAILER = "Ratchet-Run"
+
+
+def trailer(token: str) -> str:
+    """The line a run's commit message ends with: names the run (its journal) in git."""
+    return f"{TRAILER}: {token}"
+
+
+def commit_naming(ws: Path, token: str) -> str | None:
+    """The commit of the workspace's history whose message names the run `token`, if any."""
+    import subprocess
+
+    if not (ws / ".git").exists():
+        return None
+    proc = subprocess.run(["git", "log", "-1", "--format=%H", "--fixed-strings",
+                           f"--grep={trailer(token)}"], cwd=ws, capture_output=True,
+                          text=True, check=False)
+    if proc.returncode != 0:
+        return None
+    return proc.stdout.strip() or None
 
 
 def _fsync_dir(folder: Path) -> None:

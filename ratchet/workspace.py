@@ -12,7 +12,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -500,19 +500,81 @@ def repro(ws: Path, stage: str | None = None, *, upstream: bool = False) -> floa
     (`upstream`); returns the wall time in seconds."""
     start, started = time.perf_counter(), time.time()
     args = ["repro"] + ([stage] if upstream else ["--single-item", stage]) if stage else ["repro"]
+    # Streamed, not captured: the stages' progress bars and errors reach the person watching.
+    # In this process's group, so that a terminal's Ctrl-C and a kill of the group reach the
+    # stage as they reach the run.
+    proc = subprocess.Popen([sys.executable, "-m", "dvc", *args], cwd=ws, env=tool_env())
     try:
-        # Streamed, not captured: the stages' progress bars and errors reach the person watching.
-        dvc(ws, *args, capture=False)
-    except WorkspaceError as err:
+        code = proc.wait()
+    except BaseException:  # Ctrl-C, SIGTERM (see cli `run`), a flow cancelled: stop the stage
+        stop_tree(proc)
+        raise
+    if code != 0:
         from ratchet.stage import last_failure
 
         failed = last_failure(ws, since=started)
         if failed is not None:  # the stage's own line (printed above too), and its log
-            raise WorkspaceError(f"stage `{failed['stage']}` failed: {failed['message']}") from err
+            raise WorkspaceError(f"stage `{failed['stage']}` failed: {failed['message']}")
         what = f"stage `{stage}`" if stage and not upstream else "the pipeline"
-        raise WorkspaceError(f"{what} failed; DVC's and the stage's output is above "
-                             f"(`dvc {' '.join(args)}` in {ws})") from err
+        raise WorkspaceError(f"{what} failed (exit {code}); DVC's and the stage's output is "
+                             f"above (`dvc {' '.join(args)}` in {ws})")
     return time.perf_counter() - start
+
+
+STOP_GRACE_S = 3.0  # how long an interrupted stage may take to stop before it is killed
+
+
+def _descendants(pid: int) -> list[int]:
+    """The live processes under `pid`, from /proc (Linux), children before grandchildren."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            raw = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        parents[int(entry)] = int(raw[raw.rindex(")") + 2:].split()[1])
+    out, frontier = [], [pid]
+    while frontier:
+        parent = frontier.pop(0)
+        kids = [p for p, pp in parents.items() if pp == parent]
+        out += kids
+        frontier += kids
+    return out
+
+
+def _signal(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        with suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, sig)
+
+
+def stop_tree(proc: subprocess.Popen, grace: float = STOP_GRACE_S) -> None:
+    """Stop `proc` (dvc) and everything under it, bounded: SIGINT to the stages (dvc ignores
+    SIGINT while a stage runs and ends when its stage does), then SIGKILL to whatever is left
+    after `grace` seconds. Without this a signal sent to the run alone would leave the stage
+    running on, reparented, after the run had exited."""
+    import signal
+
+    tree = _descendants(proc.pid)
+    _signal(tree, signal.SIGINT)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        if proc.poll() is not None and not [p for p in tree if _alive(p)]:
+            return
+        time.sleep(0.05)
+    _signal([proc.pid, *tree, *_descendants(proc.pid)], signal.SIGKILL)
+    with suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=grace)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
 
 
 def changed_stages(ws: Path) -> set[str]:
@@ -568,20 +630,89 @@ def skipped_decision(drift: dict, champion: dict, skipped: list[str]) -> dict[st
     }
 
 
+def _warn(message: str) -> None:
+    print(f"ratchet: warning: {message}", file=sys.stderr)
+
+
+def io_delays() -> list[float]:
+    """Pauses between tries of the I/O that follows a run's commit (seconds;
+    $RATCHET_IO_RETRY_DELAYS, comma-separated, as the flow's I/O tasks use)."""
+    raw = os.environ.get("RATCHET_IO_RETRY_DELAYS", "2,10,30")
+    return [float(x) for x in raw.split(",") if x.strip()]
+
+
+def _record(ws: Path, message: str) -> str:
+    """Push the run's data, then commit it: the step after which the run counts as recorded.
+
+    The commit message ends with the run's trailer (`promotion.trailer`) and the journal is
+    marked recorded right after, so nothing undoes the registry from here on: not a failure of
+    what follows, not an interrupt, not the next run (which finds the trailer even when the
+    run was killed between the commit and the journal). Returns the commit.
+    """
+    from ratchet.promotion import Journal, trailer
+
+    journal = Journal.of_run(ws)
+    if journal is not None:
+        message = f"{message}\n\n{trailer(journal.token)}"
+    dvc(ws, "push", "-q")  # before the commit: a commit never names data the remote lacks
+    commit(ws, message, leave=unused_inputs(ws))
+    head = git(ws, "rev-parse", "HEAD").strip()
+    if journal is not None:
+        journal.recorded(head)
+    return head
+
+
 def record_skip(ws: Path, record: dict[str, Any]) -> None:
     """Record a skipped run in git (dvc.lock, the drift report) and push what it produced."""
-    commit(ws, f"retrain: skipped ({record['checks'][0]['reason']})", leave=unused_inputs(ws))
-    dvc(ws, "push", "-q")
+    from ratchet.promotion import Journal
+
+    _record(ws, f"retrain: skipped ({record['checks'][0]['reason']})")
+    journal = Journal.of_run(ws)
+    if journal is not None:
+        journal.close()  # a skipped run tagged no version: no stamp to do
 
 
-def finish_run(ws: Path) -> None:
-    """Record the run in git (dvc.lock, metrics, champion.json), push data to the remote, then
-    point the version at the commit that records it (`lineage.stamp_commit`)."""
+def finish_run(ws: Path, *, publish: Callable[[], None] | None = None,
+               log: Callable[[str], None] = _warn) -> None:
+    """Record the run: `publish` (the flow's artifact; best effort, before anything is
+    recorded), push data to the remote, commit (dvc.lock, metrics, champion.json), then point
+    the version at that commit (`lineage.stamp_commit`).
+
+    Once the commit is made the run is recorded; the stamp is retried, and if it still fails
+    that is a warning, never an undo: the version stays `lineage: pending` and the next run
+    finishes the stamp (`finish_stamps`).
+    """
+    from ratchet.promotion import Journal
+
     g = _report(ws, "gate.json")
     summary = f": {g.get('decision', '?')} (version {g.get('version', '-')})" if g else ""
-    commit(ws, f"retrain{summary}", leave=unused_inputs(ws))
-    dvc(ws, "push", "-q")
-    stamp_lineage(ws)
+    if publish is not None:
+        publish()
+    head = _record(ws, f"retrain{summary}")
+    journal = Journal.of_run(ws)
+    if _stamp(ws, head, log) and journal is not None:
+        journal.close()
+
+
+def _stamp(ws: Path, head: str, log: Callable[[str], None], *, gate: Path | None = None,
+           card: Path | None = None) -> bool:
+    """Stamp the version with `head`, retried; a warning (False) when it still fails."""
+    from ratchet.lineage import stamp_commit
+
+    delays = io_delays()
+    for attempt in range(len(delays) + 1):
+        try:
+            stamp_commit(ws, gate or ws / GATE_REPORT, card or ws / MODEL_CARD, commit=head)
+            return True
+        except Exception as err:  # noqa: BLE001 - the run is recorded; this must not undo it
+            if attempt == len(delays):
+                log(f"the run is recorded in commit {head[:12]}, but pointing its model "
+                    f"version at that commit failed ({type(err).__name__}: "
+                    f"{str(err).strip()[:300]}); the version's lineage stays `pending` and "
+                    f"the next run finishes the stamp")
+                return False
+            time.sleep(delays[attempt])
+    return False
 
 
 def stamp_lineage(ws: Path) -> dict[str, Any] | None:
@@ -589,6 +720,26 @@ def stamp_lineage(ws: Path) -> dict[str, Any] | None:
     from ratchet.lineage import stamp_commit
 
     return stamp_commit(ws, ws / GATE_REPORT, ws / MODEL_CARD)
+
+
+def finish_stamps(ws: Path, log: Callable[[str], None] = _warn) -> list[str]:
+    """Finish the lineage stamps of recorded runs whose stamp failed (see `finish_run`), from
+    the gate report and card of each run's own commit; returns the commits stamped."""
+    from ratchet.promotion import Journal
+
+    done = []
+    for journal in Journal.unstamped(ws):
+        head = journal.recorded_commit or ""
+        with tempfile.TemporaryDirectory(prefix="ratchet-stamp-") as tmp:
+            files = {}
+            for key, path in (("gate", GATE_REPORT), ("card", MODEL_CARD)):
+                files[key] = Path(tmp) / path.name
+                with suppress(WorkspaceError):  # not in that commit: nothing to stamp from it
+                    files[key].write_text(git(ws, "show", f"{head}:{path.as_posix()}"))
+            if _stamp(ws, head, log, gate=files["gate"], card=files["card"]):
+                journal.close()
+                done.append(head)
+    return done
 
 
 def apply_overrides(ws: Path, overrides: dict[str, dict[str, Any]]) -> None:
@@ -700,6 +851,8 @@ def run_guard(ws: Path, *, log: Callable[[str], None] = print) -> Iterator[str]:
     leftover = recover(ws, reason="an earlier retrain stopped before it was recorded")
     if leftover is not None:
         log(f"an earlier retrain was killed mid-run; undone in the registry: {leftover}")
+    for head in finish_stamps(ws, log):
+        log(f"an earlier run's model version now points at its commit {head[:12]}")
     params = load_params(ws / "params.yaml")
     token = uuid.uuid4().hex
     journal = Journal.begin(ws, token, params.registry.model_name)
@@ -709,6 +862,11 @@ def run_guard(ws: Path, *, log: Callable[[str], None] = print) -> Iterator[str]:
         yield token
     except BaseException as err:
         why = f"the retrain failed: {type(err).__name__}: {err}"
+        recorded = journal.recorded_commit
+        if recorded is not None:  # `unfinished` skips it: an undo here is impossible
+            log(f"the run is recorded in commit {recorded[:12]}, and nothing of it is undone; "
+                f"what failed after that: {type(err).__name__}: {err}")
+            raise
         try:
             undone = recover(ws, reason=why[:1000])
             log(f"retrain failed; undone in the registry: {undone}")
@@ -717,7 +875,8 @@ def run_guard(ws: Path, *, log: Callable[[str], None] = print) -> Iterator[str]:
                 f"the next run retries the undo")
         raise
     else:
-        journal.close()
+        if journal.recorded_commit is None:  # else kept until its stamp is done
+            journal.close()
     finally:
         if previous is None:
             os.environ.pop(RUN_TOKEN_ENV, None)
@@ -744,6 +903,6 @@ def run_pipeline(ws: Path) -> dict[str, Any]:
         else:
             repro(ws)
             record = read_gate(ws)
-            finish_run(ws)
+            finish_run(ws, log=lambda msg: say(f"warning: {msg}"))
     record.update(timings={}, wall_s=time.perf_counter() - start)
     return record
