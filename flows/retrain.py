@@ -7,6 +7,7 @@ records a `skipped` decision (no model version is registered; the artifact says 
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -25,7 +26,25 @@ from ratchet import workspace
 # $RATCHET_IO_RETRY_DELAYS (seconds, comma-separated) sets the pauses and so the retry count.
 IO_DELAYS = [float(x) for x in os.environ.get("RATCHET_IO_RETRY_DELAYS", "2,10,30").split(",")
              if x.strip()]
-IO_RETRIES = {"retries": len(IO_DELAYS), "retry_delay_seconds": IO_DELAYS}
+
+
+def transient(task, task_run, state) -> bool:
+    """Prefect's retry condition for the I/O tasks: retry what may pass in a moment, not what
+    cannot (a bad config, a full disk, an alias moved by someone else) nor an unreachable
+    registry, which `registry.connect` has already waited for for registry.timeout_s."""
+    from ratchet.errors import ConfigError, DiskFull, RegistryError
+
+    try:
+        state.result()
+    except (ConfigError, DiskFull, RegistryError):
+        return False
+    except BaseException:  # noqa: BLE001 - anything else may be a blip: the retry policy decides
+        return True
+    return True
+
+
+IO_RETRIES = {"retries": len(IO_DELAYS), "retry_delay_seconds": IO_DELAYS,
+              "retry_condition_fn": transient}
 
 
 @task(name="refresh-champion", **IO_RETRIES)
@@ -183,14 +202,17 @@ def undo_failed(flow, flow_run, state) -> None:
     The flow body already undoes on an exception; this covers a run stopped from outside. If
     another retrain holds the workspace now, it has already done this at its start.
     """
-    from ratchet.errors import WorkspaceError
+    from ratchet.errors import RatchetError, WorkspaceError
 
     ws = Path(flow_run.parameters.get("workspace_dir", ".")).resolve()
     try:
         with workspace.retrain_lock(ws, timeout=0):
             undone = workspace.recover(ws, reason=f"flow run {flow_run.name} ended "
                                                   f"{state.type.value.lower()}")
-    except WorkspaceError:
+    except WorkspaceError:  # another retrain holds the workspace: it undid this at its start
+        return
+    except RatchetError as err:  # the registry is out of reach: the next run's start undoes
+        print(f"the registry could not be cleaned up now ({err}); the next run does it")
         return
     if undone:
         print(f"undone in the registry after the failed run: {undone}")
@@ -280,6 +302,7 @@ def run_once(ws: Path) -> dict:
 
     start = time.perf_counter()
     RECORDED.clear()
+    quiet_ratchet_tracebacks()
     with prefect_api() as api:
         try:
             result = retrain(str(ws))
@@ -295,6 +318,30 @@ def run_once(ws: Path) -> dict:
                     "start the Prefect server again and re-run (or use --engine dvc)") from err
     result["wall_s"] = time.perf_counter() - start
     return result
+
+
+class _NoRatchetTraceback(logging.Filter):
+    """Prefect logs a failed task or flow with its traceback; for the project's own errors
+    (a user-fixable cause, printed once as the run's `error:` line) that is noise. Kept with
+    --debug ($RATCHET_DEBUG)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from ratchet.errors import RatchetError
+
+        err = record.exc_info[1] if record.exc_info else None
+        while err is not None and not isinstance(err, RatchetError):
+            err = err.__cause__ or err.__context__
+        if err is not None and not os.environ.get("RATCHET_DEBUG"):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def quiet_ratchet_tracebacks() -> None:
+    """Put `_NoRatchetTraceback` on the handlers Prefect's loggers print through (once)."""
+    for name in ("prefect", ""):
+        for handler in logging.getLogger(name).handlers:
+            if not any(isinstance(f, _NoRatchetTraceback) for f in handler.filters):
+                handler.addFilter(_NoRatchetTraceback())
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec

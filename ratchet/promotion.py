@@ -283,8 +283,10 @@ class Journal:
         path = ws / JOURNALS / f"{token}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
         journal = cls(path)
+        # `intents`: this run notes what it is about to do to the registry before doing it
+        # (`about_to`, `intent`): an untouched journal means an untouched registry (`touched`).
         journal._write({"op": "start", "model": model_name, "time": registry.utc_now(),
-                        "by": holder()}, mode="x")
+                        "by": holder(), "intents": 1}, mode="x")
         _fsync_dir(path.parent)  # the file itself survives a crash, not only its lines
         return journal
 
@@ -356,6 +358,19 @@ class Journal:
 
     def confirm(self, move_id: str) -> None:
         self._write({"op": "moved", "id": move_id})
+
+    def about_to(self, what: str) -> None:
+        """Note, before the first registry write of the run (the gate registering a version),
+        that one may follow: a run killed right after it is undone through the registry."""
+        self._write({"op": "intent", "what": what, "time": registry.utc_now()})
+
+    def touched(self) -> bool:
+        """Whether the run may have changed the registry. False only for a journal that says
+        it notes its intents and noted nothing: an undo then has nothing to do and needs no
+        registry (which may be the very thing that is down)."""
+        entries = self.entries()
+        start = next((e for e in entries if e.get("op") == "start"), {})
+        return not start.get("intents") or any(e.get("op") != "start" for e in entries)
 
     def version(self, version: str, *, registered: bool, run_id: str | None = None) -> None:
         """Note a version the run registered, or reused (found registered by an earlier run);

@@ -825,7 +825,12 @@ def recover(ws: Path, *, reason: str) -> dict[str, Any] | None:
     from ratchet import promotion
     from ratchet.registry import connect
 
-    if not promotion.Journal.unfinished(ws):
+    journals = promotion.Journal.unfinished(ws)
+    if not journals:
+        return None
+    if not any(j.touched() for j in journals):  # failed before its gate: nothing to undo
+        for journal in journals:
+            journal.close()
         return None
     params = load_params(ws / "params.yaml")
     undone = promotion.recover(connect(params.registry, ws), ws, reason=reason)
@@ -869,7 +874,8 @@ def run_guard(ws: Path, *, log: Callable[[str], None] = print) -> Iterator[str]:
             raise
         try:
             undone = recover(ws, reason=why[:1000])
-            log(f"retrain failed; undone in the registry: {undone}")
+            if undone:
+                log(f"retrain failed; undone in the registry: {undone}")
         except Exception as undo_err:  # noqa: BLE001 - the run's own error matters more
             log(f"retrain failed, and undoing it failed too ({undo_err}); "
                 f"the next run retries the undo")

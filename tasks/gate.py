@@ -161,6 +161,8 @@ def run(params: Params, *, eval_metrics: Path, eval_report: Path, validation: Pa
         return record
 
     weights_path = weights if weights.is_file() else None
+    if journal is not None:  # from here the registry may change: an undo must look there
+        journal.about_to("register")
     version: str | None = None
     run_id = None
     label, decision, extra = "rejected", None, []

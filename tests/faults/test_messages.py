@@ -184,3 +184,18 @@ def test_ctrl_c_is_error_interrupted_exit_130(tmp_path):
     text = "".join(lines) + out + err
     assert proc.returncode == 130, text
     assert "Traceback" not in text and "error: interrupted" in text, text
+
+
+def test_the_prefect_engine_reports_an_unreachable_registry_once_without_tracebacks(tmp_path):
+    """The flow's refresh-champion task does not retry what the registry probe already retried
+    for registry.timeout_s, and Prefect's own task and flow failure logs carry no traceback of
+    a ratchet error (--debug shows it)."""
+    uri = f"http://127.0.0.1:{servers.free_port()}"
+    ws = make_ws(tmp_path, uri, timeout_s=2)
+    proc = ratchet("run", "-w", str(ws), timeout=300, RATCHET_IO_RETRY_DELAYS="1,1,1")
+    assert_unreachable(proc, uri)
+    out = proc.stdout + proc.stderr
+    assert "Retries are exhausted" not in out and "Retrying" not in out, out
+    # Nothing reached the registry before the failure: nothing to undo, no second failure.
+    assert "undoing it failed" not in out and "could not be cleaned up" not in out, out
+    assert not list((ws / ".ratchet" / "runs").glob("*.jsonl"))

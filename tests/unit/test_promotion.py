@@ -209,7 +209,7 @@ def test_undo_keeps_the_champion_a_person_chose_mid_run_quick(store):
     run's gate moves 2 -> 3, the run fails: champion ends at 2, not at the run's start 1."""
     path, client = store
     with pytest.raises(RuntimeError, match="dvc push"), run_guard(path, **QUIET):
-        version = register_as_this_run(client)
+        version = register_as_this_run(client, path)
         journal = Journal.of_run(path)
         journal.version(version, registered=True)
         move_alias(client, NAME, CHAMPION, "2", by="cli", expected="1", reason="a person")
@@ -238,7 +238,7 @@ def test_a_run_killed_between_its_move_and_the_log_entry_is_undone_and_logged(st
     path, client = store
     killed = run_guard(path, **QUIET)
     killed.__enter__()  # the process dies inside: never exited
-    version = register_as_this_run(client)
+    version = register_as_this_run(client, path)
     journal = Journal.of_run(path)
     journal.version(version, registered=True)
     journal.intent(CHAMPION, "1", version)
@@ -258,7 +258,7 @@ def test_a_run_killed_between_its_move_and_the_log_entry_is_undone_and_logged(st
 def test_undo_keeps_a_version_someone_else_aliased_since(store):
     path, client = store
     with pytest.raises(KeyboardInterrupt), run_guard(path, **QUIET):
-        version = register_as_this_run(client)
+        version = register_as_this_run(client, path)
         journal = Journal.of_run(path)
         journal.version(version, registered=True)
         promotion.move_alias(client, NAME, CHALLENGER, version, ws=path, by="gate",

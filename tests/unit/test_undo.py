@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -36,8 +37,10 @@ def ws(tmp_path, monkeypatch):
     return tmp_path, client
 
 
-def register_as_this_run(client) -> str:
-    """What the gate does: a run tagged with the token from the environment, then a version."""
+def register_as_this_run(client, ws: Path) -> str:
+    """What the gate does: notes in the run's journal that it is about to register, then a run
+    tagged with the token from the environment, then a version."""
+    Journal.of_run(ws).about_to("register")
     experiment = client.get_experiment_by_name(RegistryConfig().experiment)
     run = client.create_run(experiment.experiment_id,
                             tags={RUN_TOKEN_TAG: os.environ[RUN_TOKEN_ENV]})
@@ -56,7 +59,7 @@ def test_a_failure_after_promotion_restores_the_aliases_and_deletes_the_version(
     path, client = ws
     with pytest.raises(RuntimeError, match="dvc push"), run_guard(path, log=lambda m: None):
         assert Journal.of_run(path).model_name == NAME  # begun, found by the run's token
-        version = register_as_this_run(client)
+        version = register_as_this_run(client, path)
         gate_move(path, client, CHAMPION, version, expected="1")
         gate_move(path, client, CHALLENGER, version, expected="2")
         (path / GATE_REPORT).write_text("{}")
@@ -81,7 +84,7 @@ def test_a_failure_after_promotion_restores_the_aliases_and_deletes_the_version(
 def test_an_alias_moved_by_someone_else_since_is_left_alone(ws):
     path, client = ws
     with pytest.raises(KeyboardInterrupt), run_guard(path, log=lambda m: None):
-        version = register_as_this_run(client)
+        version = register_as_this_run(client, path)
         gate_move(path, client, CHAMPION, version, expected="1")
         move_alias(client, NAME, CHAMPION, "2", by="cli", expected=version, reason="a person")
         raise KeyboardInterrupt
@@ -93,14 +96,14 @@ def test_a_killed_run_is_undone_when_the_next_run_starts(ws, monkeypatch):
     path, client = ws
     killed = run_guard(path, log=lambda m: None)
     killed.__enter__()  # never exited: the process died here (kept referenced until the end)
-    half = register_as_this_run(client)  # registered, never tagged, no alias moved
+    half = register_as_this_run(client, path)  # registered, never tagged, no alias moved
     monkeypatch.delenv(RUN_TOKEN_ENV)
     (path / GATE_REPORT).write_text("{}")
     said = []
     with run_guard(path, log=said.append):
         assert half not in {str(mv.version) for mv in
                             client.search_model_versions(f"name = '{NAME}'")}
-        kept = register_as_this_run(client)
+        kept = register_as_this_run(client, path)
     assert said and "killed" in said[0] and f"'deleted_versions': ['{half}']" in said[0]
     assert not (path / GATE_REPORT).exists()
     # A run that ends normally keeps what it registered.
