@@ -4,12 +4,13 @@ emptied or truncated, a config error before any server starts."""
 
 from __future__ import annotations
 
+import functools
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import pandas as pd
 import pytest
 import yaml
 
@@ -24,6 +25,31 @@ def make_ws(root: Path) -> Path:
     """A real workspace on the tiny model with the demo's labels declared."""
     return workspace.init(root / "ws", {"model": {"source": "tiny"},
                                         "data": {"labels": all_labels()}})
+
+
+@functools.cache
+def _template(root: Path) -> tuple[Path, list[Path]]:
+    ws = make_ws(root)
+    files = csv_files(root, 3)
+    for f in files[:2]:
+        workspace.ingest(ws, f)
+    return ws, files
+
+
+def copy_ws(tmp_path: Path, tmpl: Path) -> tuple[Path, list[Path]]:
+    """A copy of a workspace with two real ingested batches (made once: `init` and two
+    ingests take seconds), its DVC remote repointed at the copy's own folder."""
+    src, files = _template(tmpl)
+    ws = tmp_path / "ws"
+    shutil.copytree(src, ws, symlinks=True)
+    config = ws / ".dvc" / "config"
+    config.write_text(config.read_text().replace(str(src), str(ws)))
+    return ws, [Path(shutil.copy(f, tmp_path)) for f in files]
+
+
+@pytest.fixture(scope="module")
+def tmpl(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("template")
 
 
 def csv_files(root: Path, n: int) -> list[Path]:
@@ -85,3 +111,57 @@ def test_three_concurrent_ingests_get_three_numbers_and_three_commits(tmp_path):
     assert workspace.dvc(ws, "status", "data/batches.dvc").strip() in (
         "", "Data and pipelines are up to date.")
     assert not git(ws, "status", "--porcelain", "--", "data").strip()
+
+
+# --- a batch file deleted by hand ----------------------------------------------------------------
+
+
+def _two_batches(tmp_path: Path, tmpl: Path) -> tuple[Path, list[Path], list[Path]]:
+    ws, files = copy_ws(tmp_path, tmpl)
+    return ws, files, sorted((ws / "data" / "batches").glob("*.parquet"))
+
+
+def test_an_ingest_after_a_batch_file_was_deleted_by_hand_refuses_and_names_it(tmp_path, tmpl):
+    ws, files, (first, second) = _two_batches(tmp_path, tmpl)
+    head = git(ws, "rev-parse", "HEAD")
+    first.unlink()
+    with pytest.raises(workspace.WorkspaceError) as err:
+        workspace.ingest(ws, files[2])
+    msg = str(err.value)
+    assert first.name in msg and "dvc checkout data/batches" in msg, msg
+    assert "\n" not in msg
+    # Nothing recorded: no commit, no new batch, data/batches.dvc as it was.
+    assert git(ws, "rev-parse", "HEAD") == head
+    assert sorted(p.name for p in first.parent.glob("*.parquet")) == [second.name]
+    assert recorded_batches(ws) == sorted([first.name, second.name])
+    assert not git(ws, "status", "--porcelain", "--", "data/batches.dvc").strip()
+    # The restore the message names works, and the next batch gets the next number.
+    workspace.dvc(ws, "checkout", "-q", "data/batches")
+    assert first.is_file()
+    assert workspace.ingest(ws, files[2]).batch_id.startswith("0003-")
+
+
+def test_a_batch_removed_and_committed_by_hand_never_gives_its_number_again(tmp_path, tmpl):
+    """Removed on purpose (file deleted, `dvc add`, commit): the numbers recorded in the
+    history of data/batches.dvc are still taken."""
+    ws, files, (first, second) = _two_batches(tmp_path, tmpl)
+    first.unlink()
+    workspace.dvc(ws, "add", "-q", "data/batches")
+    git(ws, "commit", "-qam", "drop batch 0001 by hand")
+    landed = workspace.ingest(ws, files[2])
+    assert landed.batch_id.startswith("0003-"), landed.batch_id  # len+1 would reuse 0002
+    assert recorded_batches(ws) == sorted([second.name, landed.path.name])
+
+
+def test_a_run_with_a_batch_file_deleted_by_hand_refuses_before_any_stage(tmp_path, tmpl):
+    ws, _, (first, _second) = _two_batches(tmp_path, tmpl)
+    first.unlink()
+    with pytest.raises(workspace.WorkspaceError, match=first.name):
+        workspace.run_pipeline(ws)
+    assert not (ws / "dvc.lock").exists()  # no stage ran
+    assert not (ws / "mlflow.db").exists()  # nor did the run reach the registry
+    res = ratchet("run", "--engine", "dvc", "-w", str(ws))
+    assert res.returncode == 1
+    assert "error:" in res.stderr and first.name in res.stderr, res.stderr
+    assert "Traceback" not in res.stdout + res.stderr
+    assert not (ws / "dvc.lock").exists()
