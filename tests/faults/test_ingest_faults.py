@@ -165,3 +165,64 @@ def test_a_run_with_a_batch_file_deleted_by_hand_refuses_before_any_stage(tmp_pa
     assert "error:" in res.stderr and first.name in res.stderr, res.stderr
     assert "Traceback" not in res.stdout + res.stderr
     assert not (ws / "dvc.lock").exists()
+
+
+# --- params.yaml emptied or truncated ------------------------------------------------------------
+
+
+def _ws_files(tmp_path: Path) -> Path:
+    """A workspace's dvc.yaml and params.yaml (what load_params reads), as init writes them."""
+    shutil.copyfile(workspace.template("dvc.yaml"), tmp_path / "dvc.yaml")
+    shutil.copyfile(workspace.template("params.yaml"), tmp_path / "params.yaml")
+    return tmp_path / "params.yaml"
+
+
+def _cut_before(path: Path, line: str) -> None:
+    """Truncate a file at a line boundary: everything from `line` on is lost."""
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:lines.index(line)]))
+
+
+@pytest.mark.parametrize("text", ["", "# nothing but a comment\n", "{}\n"])
+def test_an_empty_params_yaml_is_an_error(tmp_path, text):
+    from ratchet.config import ConfigError, load_params
+
+    path = _ws_files(tmp_path)
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=r"params.yaml is empty.*git checkout params.yaml"):
+        load_params(path)
+
+
+def test_a_params_yaml_truncated_between_sections_names_the_missing_ones(tmp_path):
+    from ratchet.config import ConfigError, load_params
+
+    path = _ws_files(tmp_path)
+    _cut_before(path, "gate:\n")
+    with pytest.raises(ConfigError) as err:
+        load_params(path)
+    msg = str(err.value)
+    assert "missing sections gate, registry" in msg and "truncated" in msg, msg
+    assert "`git checkout params.yaml`" in msg and "\n" not in msg
+
+
+def test_a_params_yaml_truncated_inside_a_section_names_the_key_dvc_reads(tmp_path):
+    """Cut at a line boundary inside `evaluate`: every section is there, but dvc.yaml
+    interpolates ${evaluate.probes}, which DVC reported only mid-run."""
+    from ratchet.config import ConfigError, load_params
+
+    path = _ws_files(tmp_path)
+    text = path.read_text()
+    path.write_text(text.replace(next(ln for ln in text.splitlines(keepends=True)
+                                      if ln.lstrip().startswith("probes:")), ""))
+    with pytest.raises(ConfigError, match=r"missing `evaluate\.probes`.*git checkout"):
+        load_params(path)
+
+
+def test_a_partial_params_file_outside_a_workspace_still_loads(tmp_path):
+    """Stage tests and callers that pass partial params on purpose: only a workspace's
+    params.yaml (beside its dvc.yaml) must be complete."""
+    from ratchet.config import load_params, parse_params
+
+    (tmp_path / "params.yaml").write_text("model: {source: tiny}\n")
+    assert load_params(tmp_path / "params.yaml").model.source == "tiny"
+    assert parse_params({"gate": {"min_score": 0.5}}).gate.min_score == 0.5
