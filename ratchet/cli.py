@@ -162,8 +162,12 @@ def ingest(
 
 def _run(ws: Path, engine: Engine) -> dict[str, Any]:
     from ratchet import workspace
+    from ratchet.config import load_params
 
     ws = workspace.require(ws)  # before a Prefect server starts for nothing
+    # A config error or a missing batch is one line now, not a traceback after a server start.
+    load_params(ws / "params.yaml")
+    workspace.check_batches(ws)
     if engine is Engine.prefect:
         from flows.retrain import run_once
 

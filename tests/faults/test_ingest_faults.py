@@ -226,3 +226,19 @@ def test_a_partial_params_file_outside_a_workspace_still_loads(tmp_path):
     (tmp_path / "params.yaml").write_text("model: {source: tiny}\n")
     assert load_params(tmp_path / "params.yaml").model.source == "tiny"
     assert parse_params({"gate": {"min_score": 0.5}}).gate.min_score == 0.5
+
+
+# --- config errors before any server starts ------------------------------------------------------
+
+
+def test_a_typo_in_params_yaml_stops_ratchet_run_before_any_server_starts(tmp_path, tmpl):
+    ws, _ = copy_ws(tmp_path, tmpl)
+    path = ws / "params.yaml"
+    path.write_text(path.read_text().replace("  epochs:", "  epochz:", 1))
+    res = ratchet("run", "-w", str(ws))  # the Prefect engine, the default
+    out = res.stdout + res.stderr
+    assert res.returncode == 1, out
+    assert out.count("error:") == 1 and "finetune.epochz" in out and "`epochs`" in out, out
+    assert "Traceback" not in out
+    assert "prefect" not in out.lower(), out  # no server was started to report it
+    assert not (ws / "dvc.lock").exists()
