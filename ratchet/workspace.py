@@ -22,6 +22,7 @@ import yaml
 
 from ratchet.config import Params, load_params, parse_params
 from ratchet.errors import BatchRefused, WorkspaceError
+from ratchet.registry import STORE_FILE
 from ratchet.runtime import TELEMETRY_OFF, atomic_path, write_json
 
 if TYPE_CHECKING:
@@ -379,8 +380,10 @@ def _ingest(ws: Path, source: Path, columns: ColumnMap | None, *, dry_run: bool
     write_parquet_atomic(stored, path)
     try:
         dvc(ws, "add", "-q", str(BATCHES))
+        # With the store record when the first connect wrote it since (see check_store).
+        store = [STORE_FILE] if (ws / STORE_FILE).is_file() else []
         commit(ws, f"ingest {source.name} as batch {batch_id} ({len(df)} rows)",
-               paths=list(recorded))
+               paths=[*recorded, *store])
     except WorkspaceError:
         # Leave no trace of a batch that could not be versioned: neither its file nor a
         # data/batches.dvc that names it (the next ingest or run would record that).

@@ -44,6 +44,7 @@ def copy_ws(tmp_path: Path, tmpl: Path) -> tuple[Path, list[Path]]:
     shutil.copytree(src, ws, symlinks=True)
     config = ws / ".dvc" / "config"
     config.write_text(config.read_text().replace(str(src), str(ws)))
+    git(ws, "commit", "-qm", "test: the copy's own DVC remote", "--", ".dvc/config")
     return ws, [Path(shutil.copy(f, tmp_path)) for f in files]
 
 
@@ -242,3 +243,79 @@ def test_a_typo_in_params_yaml_stops_ratchet_run_before_any_server_starts(tmp_pa
     assert "Traceback" not in out
     assert "prefect" not in out.lower(), out  # no server was started to report it
     assert not (ws / "dvc.lock").exists()
+
+
+# --- the MLflow store deleted or replaced --------------------------------------------------------
+
+
+def cli(ws: Path, *args: str):
+    from typer.testing import CliRunner
+
+    from ratchet.cli import app
+
+    return CliRunner().invoke(app, [*args, "-w", str(ws)], terminal_width=200)
+
+
+def _store_id(ws: Path) -> str:
+    from ratchet.config import load_params
+    from ratchet.registry import STORE_TAG, connect
+
+    cfg = load_params(ws / "params.yaml").registry
+    client = connect(cfg, ws)
+    tag = client.get_experiment_by_name(cfg.experiment).tags[STORE_TAG]
+    assert json.loads((ws / "registry.json").read_text())["store_id"] == tag
+    return tag
+
+
+def _refused(ws: Path, found: str, *, processes: bool = False) -> None:
+    """status, history and a run each refuse with one error line. `processes`: each a real
+    `ratchet` process (a store replaced under this process's open SQLite connection would still
+    be read through it; a command is a new process)."""
+    for args in (["status"], ["history"], ["run", "--engine", "dvc"]):
+        if processes:
+            proc = ratchet(*args, "-w", str(ws))
+            code, output = proc.returncode, "\n".join(
+                ln for ln in (proc.stdout + proc.stderr).splitlines() if " INFO " not in ln)
+        else:
+            res = cli(ws, *args)
+            code, output = res.exit_code, res.output
+        assert code == 1, (args, output)
+        errors = [ln for ln in output.splitlines() if ln.startswith("error:")]
+        assert len(errors) == 1 and len(output.strip().splitlines()) == 1, output
+        assert "does not match this workspace's record" in errors[0], errors
+        assert f"found {found}" in errors[0] and "restore it" in errors[0], errors
+        assert "Traceback" not in output
+    assert not (ws / "dvc.lock").exists()  # the run stopped before any stage
+
+
+def test_a_deleted_store_is_refused_not_read_as_empty(tmp_path, tmpl):
+    ws, _ = copy_ws(tmp_path, tmpl)
+    assert cli(ws, "status").exit_code == 0  # the first connect records the store
+    recorded = _store_id(ws)
+    (ws / "mlflow.db").unlink()
+    _refused(ws, "none")
+    assert recorded in cli(ws, "status").output
+    assert not (ws / "mlflow.db").exists()  # no empty store made in its place
+
+
+def test_a_replaced_store_is_refused(tmp_path, tmpl):
+    ws, _ = copy_ws(tmp_path, tmpl)
+    other, _ = copy_ws(tmp_path / "other", tmpl)
+    assert cli(ws, "status").exit_code == 0 and cli(other, "status").exit_code == 0
+    theirs = _store_id(other)
+    assert theirs != _store_id(ws)
+    shutil.copyfile(other / "mlflow.db", ws / "mlflow.db")
+    _refused(ws, theirs, processes=True)
+
+
+def test_a_workspace_without_a_record_adopts_its_store_and_commits_the_record(tmp_path, tmpl):
+    """Workspaces made before the record: the first connect writes it (the store is kept as
+    it is), and ratchet's next commit takes it."""
+    ws, files = copy_ws(tmp_path, tmpl)
+    assert not (ws / "registry.json").exists()
+    assert cli(ws, "history").exit_code == 0
+    recorded = _store_id(ws)
+    workspace.ingest(ws, files[2])
+    assert not git(ws, "status", "--porcelain").strip()
+    assert json.loads(git(ws, "show", "HEAD:registry.json"))["store_id"] == recorded
+    assert cli(ws, "status").exit_code == 0  # the same store: accepted
