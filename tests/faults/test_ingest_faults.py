@@ -288,6 +288,8 @@ def _refused(ws: Path, found: str, *, processes: bool = False) -> None:
         assert len(errors) == 1 and len(output.strip().splitlines()) == 1, output
         assert "does not match this workspace's record" in errors[0], errors
         assert f"found {found}" in errors[0] and "restore it" in errors[0], errors
+        recorded = json.loads((ws / "registry.json").read_text())["store_id"]
+        assert f"store id {recorded};" in errors[0], errors
         assert "Traceback" not in output
     assert not (ws / "dvc.lock").exists()  # the run stopped before any stage
 
@@ -298,18 +300,29 @@ def test_a_deleted_store_is_refused_not_read_as_empty(tmp_path, tmpl):
     recorded = _store_id(ws)
     (ws / "mlflow.db").unlink()
     _refused(ws, "none")
-    assert recorded in cli(ws, "status").output
+    assert json.loads((ws / "registry.json").read_text())["store_id"] == recorded
     assert not (ws / "mlflow.db").exists()  # no empty store made in its place
 
 
 def test_a_replaced_store_is_refused(tmp_path, tmpl):
+    from mlflow import MlflowClient
+
+    from ratchet.registry import STORE_TAG
+
     ws, _ = copy_ws(tmp_path, tmpl)
-    other, _ = copy_ws(tmp_path / "other", tmpl)
-    assert cli(ws, "status").exit_code == 0 and cli(other, "status").exit_code == 0
-    theirs = _store_id(other)
-    assert theirs != _store_id(ws)
-    shutil.copyfile(other / "mlflow.db", ws / "mlflow.db")
+    assert cli(ws, "status").exit_code == 0
+    ours = _store_id(ws)
+    # Another workspace's store: a real one (a copy, to spare MLflow's migrations) that says
+    # it is another.
+    other = tmp_path / "other.db"
+    shutil.copyfile(ws / "mlflow.db", other)
+    client = MlflowClient(f"sqlite:///{other}")
+    theirs = "0f1e2d3c-another-store"
+    client.set_experiment_tag(client.get_experiment_by_name("ratchet").experiment_id,
+                              STORE_TAG, theirs)
+    shutil.copyfile(other, ws / "mlflow.db")
     _refused(ws, theirs, processes=True)
+    assert json.loads((ws / "registry.json").read_text())["store_id"] == ours
 
 
 def test_a_workspace_without_a_record_adopts_its_store_and_commits_the_record(tmp_path, tmpl):
