@@ -233,6 +233,7 @@ def retrain(workspace_dir: str = ".", batch: str | None = None,
     logger = get_run_logger()
     RECORDED.clear()
     ws = workspace.require(Path(workspace_dir))
+    workspace.check_batches(ws)
     with workspace.retrain_lock(ws, on_wait=logger.info), \
             workspace.run_guard(ws, log=logger.warning):
         if overrides:

@@ -296,8 +296,14 @@ def ingest(
 
 def _run(ws: Path, engine: Engine) -> dict[str, Any]:
     from ratchet import workspace
+    from ratchet.config import load_params
+    from ratchet.registry import connect
 
     ws = workspace.require(ws)  # before a Prefect server starts for nothing
+    # A config error or a missing batch is one line now, not a traceback after a server start.
+    params = load_params(ws / "params.yaml")
+    workspace.check_batches(ws)
+    connect(params.registry, ws)  # a deleted or replaced store (see registry.check_store)
     if engine is Engine.prefect:
         from flows.retrain import run_once
 

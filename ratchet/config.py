@@ -453,8 +453,58 @@ def parse_params(raw: dict[str, Any] | None, source: str = "params.yaml") -> Par
         raise ConfigError(_format(err, source)) from None
 
 
+def _dvc_reads(dvc_yaml: Path) -> list[str]:
+    """The params.yaml keys a dvc.yaml names: its stages' `params:` entries and its `${...}`
+    interpolations (DVC fails mid-run on one that is missing)."""
+    import re
+
+    try:
+        text = dvc_yaml.read_text()
+        stages = (yaml.safe_load(text) or {}).get("stages") or {}
+    except (OSError, yaml.YAMLError, AttributeError):
+        return []  # DVC reports a broken dvc.yaml itself
+    keys = re.findall(r"\$\{\s*([\w.]+)\s*\}", text)
+    for stage in stages.values():
+        for entry in (stage or {}).get("params") or []:
+            if isinstance(entry, str):
+                keys.append(entry)
+            elif isinstance(entry, dict):  # {file: [keys]}: only this file's
+                keys += [k for k in entry.get("params.yaml") or [] if isinstance(k, str)]
+    return sorted(set(keys))
+
+
+def _check_complete(raw: dict[str, Any], path: Path) -> None:
+    """A workspace's params.yaml holds every section, and every key its dvc.yaml reads: one
+    that lacks them was emptied or truncated (a full disk, an editor killed mid-save), and
+    reading it as defaults would train, gate and record under settings nobody chose."""
+    restore = f"restore it with `git checkout {path.name}`"
+    if not raw:
+        raise ConfigError(f"{path} is empty: {restore}")
+    sections = [f.alias or name for name, f in Params.model_fields.items()]
+    missing = [s for s in sections if s not in raw]
+    if missing:
+        raise ConfigError(f"{path} is missing sections {', '.join(missing)}: it looks "
+                          f"truncated; {restore}")
+    absent = []
+    for key in _dvc_reads(path.parent / "dvc.yaml"):
+        node: Any = raw
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                absent.append(key)
+                break
+            node = node[part]
+    if absent:
+        names = ", ".join(f"`{k}`" for k in absent)
+        raise ConfigError(f"{path} is missing {names} (read by dvc.yaml's stages): it looks "
+                          f"truncated; {restore}")
+
+
 def load_params(path: Path | str = "params.yaml") -> Params:
-    """Read and validate params.yaml."""
+    """Read and validate params.yaml.
+
+    An empty file is an error; so, in a workspace (a dvc.yaml beside it), is one without every
+    section or without a key dvc.yaml reads. A params file elsewhere (a stage run by hand, a
+    test) may hold only what it changes: the rest are the defaults."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: not found (run `ratchet init` to make a workspace)")
@@ -464,7 +514,12 @@ def load_params(path: Path | str = "params.yaml") -> Params:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if raw is not None and not isinstance(raw, dict):
         raise ConfigError(f"{path}: must be a mapping of sections, got {type(raw).__name__}")
-    return parse_params(raw, str(path))
+    if not raw:
+        raise ConfigError(f"{path} is empty: restore it with `git checkout {path.name}`")
+    params = parse_params(raw, str(path))  # an unknown key or a bad value first: more precise
+    if (path.parent / "dvc.yaml").is_file():
+        _check_complete(raw, path)
+    return params
 
 
 def dump_defaults() -> dict[str, Any]:

@@ -134,14 +134,87 @@ def connect(cfg: RegistryConfig, workspace: Path):
     _reachable(uri, cfg.timeout_s)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+    check_store_file(uri, workspace)  # before MlflowClient makes an empty store in its place
     client = MlflowClient(uri, uri)
     if client.get_experiment_by_name(cfg.experiment) is None:
+        check_store(client, cfg, workspace)  # a recorded store had it: refuse, create nothing
         location = None
         if uri.startswith("sqlite:"):
             location = (workspace / "mlartifacts").resolve().as_uri()
         client.create_experiment(cfg.experiment, artifact_location=location)
+    check_store(client, cfg, workspace)
     mlflow.set_experiment(cfg.experiment)
     return client
+
+
+# --- the store's identity -----------------------------------------------------------------------
+# A workspace records which store holds its versions (STORE_FILE, git-tracked), the store says
+# who it is (the STORE_TAG tag of the workspace's experiment): a deleted store (MLflow would
+# quietly make an empty one) or another one in its place is refused instead of read as a
+# registry with nothing in it.
+
+STORE_TAG = "ratchet.store_id"
+STORE_FILE = Path("registry.json")
+
+
+def store_record(workspace: Path) -> dict[str, Any] | None:
+    """The store the workspace recorded ({"store_id", "experiment", ...}), None before one."""
+    path = workspace / STORE_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except ValueError:
+        record = None
+    if not isinstance(record, dict) or not record.get("store_id"):
+        raise RegistryError(f"{path} is not a store record (restore it with "
+                            f"`git checkout {STORE_FILE}`)")
+    return record
+
+
+def _store_mismatch(uri: str, record: dict[str, Any], found: str | None) -> RegistryError:
+    return RegistryError(
+        f"the registry at {uri} does not match this workspace's record (store id "
+        f"{record['store_id']}; found {found or 'none'}): it was deleted or replaced; restore it "
+        f"(e.g. from a backup) or point registry.tracking_uri at the right one (to start over "
+        f"with this store, delete {STORE_FILE})")
+
+
+def check_store_file(uri: str, workspace: Path) -> None:
+    """A recorded workspace's SQLite store that is gone: refused before MLflow would create an
+    empty one at its path."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not Path(uri[len(prefix) :]).exists():
+        record = store_record(workspace)
+        if record is not None:
+            raise _store_mismatch(uri, record, None)
+
+
+def check_store(client, cfg: RegistryConfig, workspace: Path) -> str | None:
+    """Refuse a store that is not the one the workspace recorded; in a workspace without a
+    record, adopt the store it has (tag it if needed, write the record). Returns the store id.
+    """
+    from ratchet.runtime import write_json
+
+    record = store_record(workspace)
+    # The experiment the record was made on: a renamed registry.experiment keeps its store.
+    name = (record or {}).get("experiment") or cfg.experiment
+    experiment = client.get_experiment_by_name(name)
+    found = (experiment.tags or {}).get(STORE_TAG) if experiment is not None else None
+    if record is not None:
+        if found != record["store_id"]:
+            raise _store_mismatch(tracking_uri(cfg, workspace), record, found)
+        return found
+    if experiment is None or not (workspace / "dvc.yaml").is_file():
+        return found  # not a workspace (a test's or a serving directory's store): nothing kept
+    if found is None:
+        # Derived from the experiment, not random: two processes adopting at once agree.
+        found = str(uuid.uuid5(uuid.NAMESPACE_URL, f"ratchet-store:{experiment.experiment_id}:"
+                               f"{experiment.creation_time}:{experiment.name}"))
+        client.set_experiment_tag(experiment.experiment_id, STORE_TAG, found)
+    write_json(workspace / STORE_FILE, {"store_id": found, "experiment": experiment.name,
+                                        "recorded_at": utc_now()})
+    return found
 
 
 @dataclass(frozen=True)

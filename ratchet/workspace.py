@@ -22,12 +22,14 @@ import yaml
 
 from ratchet.config import Params, load_params, parse_params
 from ratchet.errors import BatchRefused, WorkspaceError
+from ratchet.registry import STORE_FILE
 from ratchet.runtime import TELEMETRY_OFF, atomic_path, write_json
 
 if TYPE_CHECKING:
     from ratchet.data import ColumnMap
 
 BATCHES = Path("data/batches")
+BATCHES_DVC = Path("data/batches.dvc")  # what DVC records of the batch folder, git-tracked
 CORPUS = Path("data/corpus")  # optional unlabeled texts for pretrain (a DVC dependency)
 INCOMING = Path("data/incoming")
 QUARANTINE = Path("data/quarantine")
@@ -329,6 +331,7 @@ def _ingest(ws: Path, source: Path, columns: ColumnMap | None, *, dry_run: bool
 
     ws = require(ws)
     params = load_params(ws / "params.yaml")
+    check_batches(ws)
     batches = ws / BATCHES
     columns = columns or ColumnMap()
 
@@ -368,19 +371,107 @@ def _ingest(ws: Path, source: Path, columns: ColumnMap | None, *, dry_run: bool
         raise refuse([str(p) for p in report.critical], report)
     warnings = [str(p) for p in report.warnings]
     redacted = int((stored[TEXT] != df[TEXT]).fillna(False).sum()) if TEXT in df else 0
-    batch_id = f"{len(existing) + 1:04d}-{digest[:12]}"
+    batch_id = f"{next_sequence(ws):04d}-{digest[:12]}"
     path = batches / f"{batch_id}.parquet"
     if dry_run:
         return IngestResult(batch_id, path, len(df), False, warnings, True, redacted)
+    recorded = {p: (ws / p).read_bytes() if (ws / p).is_file() else None
+                for p in (BATCHES_DVC, BATCHES.parent / ".gitignore")}
     write_parquet_atomic(stored, path)
     try:
         dvc(ws, "add", "-q", str(BATCHES))
+        # With the store record when the first connect wrote it since (see check_store).
+        store = [STORE_FILE] if (ws / STORE_FILE).is_file() else []
         commit(ws, f"ingest {source.name} as batch {batch_id} ({len(df)} rows)",
-               paths=[BATCHES.with_name(f"{BATCHES.name}.dvc"), BATCHES.parent / ".gitignore"])
+               paths=[*recorded, *store])
     except WorkspaceError:
-        path.unlink(missing_ok=True)  # leave no trace of a batch that could not be versioned
+        # Leave no trace of a batch that could not be versioned: neither its file nor a
+        # data/batches.dvc that names it (the next ingest or run would record that).
+        path.unlink(missing_ok=True)
+        for rel, content in recorded.items():
+            if content is not None:
+                with atomic_path(ws / rel) as tmp:
+                    tmp.write_bytes(content)
+        with suppress(WorkspaceError):  # nothing staged, or the index is what failed
+            git(ws, "reset", "-q", "--", *(str(p) for p in recorded))
         raise
     return IngestResult(batch_id, path, len(df), True, warnings, False, redacted)
+
+
+def _sequence(name: str) -> int | None:
+    """The sequence number a batch file name starts with (`0003-<hash>.parquet` -> 3)."""
+    head = name.split("-", 1)[0]
+    return int(head) if head.isdigit() and "-" in name else None
+
+
+def _manifest(ws: Path, md5: str) -> list[str] | None:
+    """The file names a DVC directory record (`<md5>.dir`) lists, from the local cache; None
+    when the cache does not hold it (a clone that has not pulled)."""
+    for cache in (ws / ".dvc" / "cache" / "files" / "md5", ws / ".dvc" / "cache"):
+        path = cache / md5[:2] / md5[2:]
+        if path.is_file():
+            try:
+                return [e["relpath"] for e in json.loads(path.read_text())]
+            except (ValueError, KeyError, TypeError):
+                return None
+    return None
+
+
+def _dvc_out(text: str) -> dict[str, Any]:
+    try:
+        outs = (yaml.safe_load(text) or {}).get("outs") or [{}]
+    except yaml.YAMLError:
+        return {}
+    return outs[0] if isinstance(outs[0], dict) else {}
+
+
+def check_batches(ws: Path) -> None:
+    """Refuse when a batch the committed data/batches.dvc records is not in data/batches/:
+    a file deleted by hand must not be committed away by the next ingest or run.
+
+    Cheap: one `git show` and one read of the DVC directory manifest in the local cache (a
+    count of files when the cache lacks it)."""
+    try:
+        out = _dvc_out(git(ws, "show", f"HEAD:{BATCHES_DVC}"))
+    except WorkspaceError:
+        return  # no commit yet, or data/batches is not tracked: nothing recorded to lose
+    md5 = str(out.get("md5") or "")
+    folder = ws / BATCHES
+    names = _manifest(ws, md5) if md5.endswith(".dir") else None
+    restore = (f"restore with `dvc checkout {BATCHES}` (or `git checkout {BATCHES_DVC}` and "
+               f"`dvc pull {BATCHES}` if the DVC cache lacks them); nothing was changed")
+    if names is None:
+        want = int(out.get("nfiles") or 0)
+        have = sum(1 for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
+        if have < want:
+            raise WorkspaceError(f"{BATCHES}/ holds {have} files but the committed "
+                                 f"{BATCHES_DVC} records {want}: batches are missing; {restore}")
+        return
+    missing = sorted(n for n in names if n.endswith(".parquet") and not (folder / n).is_file())
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if missing[5:] else "")
+        raise WorkspaceError(f"batch file(s) {shown} recorded in the committed {BATCHES_DVC} are "
+                             f"missing from {BATCHES}/ (deleted by hand?): batches are never "
+                             f"removed; {restore}")
+
+
+def next_sequence(ws: Path) -> int:
+    """1 + the highest sequence number ever recorded: on disk, in data/batches.dvc now and in
+    every version of it git holds (its manifests in the DVC cache, and the ingest commits'
+    subjects), so a removed batch's number is never given to another batch."""
+    import re
+
+    from ratchet.data import batch_files
+
+    seqs = [_sequence(f.name) for f in batch_files(ws / BATCHES)]
+    texts = [(ws / BATCHES_DVC).read_text()] if (ws / BATCHES_DVC).is_file() else []
+    with suppress(WorkspaceError):  # no commit yet
+        texts.append(git(ws, "log", "--format=%s", "-p", "--", str(BATCHES_DVC)))
+    for text in texts:
+        seqs += [int(n) for n in re.findall(r"\bas batch (\d+)-", text)]
+        for md5 in set(re.findall(r"md5: ([0-9a-f]{32}\.dir)", text)):
+            seqs += [_sequence(n) for n in _manifest(ws, md5) or []]
+    return 1 + max((n for n in seqs if n is not None), default=0)
 
 
 def batch_ids(ws: Path) -> list[str]:
@@ -896,6 +987,7 @@ def run_pipeline(ws: Path) -> dict[str, Any]:
     Like the flow, it stops after the drift stage when the trigger policy says not to retrain.
     """
     ws = require(ws)
+    check_batches(ws)
     start = time.perf_counter()
     say = lambda msg: print(f"ratchet: {msg}", file=sys.stderr)  # noqa: E731
     with retrain_lock(ws, on_wait=say), run_guard(ws, log=say):
