@@ -140,6 +140,20 @@ def test_a_commit_of_named_paths_takes_no_output_either(tmp_path):
 # --- slow: the real interrupts ------------------------------------------------------------------
 
 
+def _start(args: list[str], ws: Path, logs: Path, tag: str) -> harness.Proc:
+    """`args` in a session of its own (its pid is its group's id), with Ctrl-C's default action
+    even when this test process was started with SIGINT ignored (a shell's background job)."""
+    logs.mkdir(parents=True, exist_ok=True)
+    out, err = logs / f"{tag}.out", logs / f"{tag}.err"
+    with out.open("wb") as o, err.open("wb") as e:
+        # PATH as ratchet gives DVC: stage commands say `python`
+        env = tool_env({"PATH": workspace.tool_env()["PATH"]})
+        popen = subprocess.Popen(args, cwd=ws, env=env, stdin=subprocess.DEVNULL,
+                                 stdout=o, stderr=e, start_new_session=True,
+                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    return harness.Proc(popen, out, err)
+
+
 def _interrupt(proc: harness.Proc, stage: str, after_s: float) -> str | None:
     """SIGINT to the process group once `stage` runs (a later stage counts); the stage the
     signal found running."""
@@ -161,19 +175,13 @@ def _interrupt(proc: harness.Proc, stage: str, after_s: float) -> str | None:
 @pytest.mark.slow
 @pytest.mark.faults
 def test_an_interrupted_dvc_repro_leaves_nothing_for_commit_to_take(tmp_path):
-    """`dvc repro` itself, interrupted in prepare on a workspace's first pass: validate and
-    noise ran there for the first time; then the run's commit."""
+    """`dvc repro` itself, interrupted in drift on a workspace's first pass (validate, noise
+    and prepare ran there for the first time); then the run's commit."""
     ws = harness.make_workspace(tmp_path / "ws")
     workspace.ingest(ws, harness.batch_file(ws, 0))
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    with (logs / "repro.out").open("wb") as out, (logs / "repro.err").open("wb") as err:
-        popen = subprocess.Popen([sys.executable, "-m", "dvc", "repro"], cwd=ws,
-                                 env=workspace.tool_env(), stdin=subprocess.DEVNULL,
-                                 stdout=out, stderr=err, start_new_session=True)
-    proc = harness.Proc(popen, logs / "repro.out", logs / "repro.err")
-    assert _interrupt(proc, "prepare", 0.3) == "prepare"
-    assert proc.popen.returncode != 0
+    proc = _start([sys.executable, "-m", "dvc", "repro"], ws, tmp_path / "logs", "repro")
+    assert _interrupt(proc, "drift", 0.3) == "drift"
+    assert proc.popen.returncode != 0, proc.stderr()[-2000:]
     assert (ws / DOCS).is_dir()
 
     workspace.commit(ws, "retrain: promoted (version 1)")
@@ -193,9 +201,9 @@ def test_after_a_run_interrupted_in_finetune_the_next_runs_record_no_output(tmp_
     ws = harness.make_workspace(tmp_path / "ws")
     logs = tmp_path / "logs"
     workspace.ingest(ws, harness.batch_file(ws, 0))
-    run = harness.start(["run", "--engine", "dvc", "-w", str(ws)], ws, logs, "run-1")
+    run = _start(ratchet_cmd("run", "--engine", "dvc", "-w", str(ws)), ws, logs, "run-1")
     assert _interrupt(run, "finetune", 0.5) == "finetune"
-    assert run.popen.returncode != 0
+    assert run.popen.returncode != 0, run.stderr()[-2000:]
 
     for n, batch in ((2, None), (3, 1)):
         if batch is not None:
