@@ -195,14 +195,15 @@ def test_an_interrupted_dvc_repro_leaves_nothing_for_commit_to_take(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.faults
-def test_after_a_run_interrupted_in_finetune_the_next_runs_record_no_output(tmp_path):
-    """The fault suite's chain, shortened: a first run interrupted in finetune (validate to
-    augment ran in it for the first time), a run to the end, a new batch, another run."""
+def test_after_a_run_interrupted_in_drift_the_next_runs_record_no_output(tmp_path):
+    """The fault suite's chain, shortened: a first run interrupted in drift (validate, noise
+    and prepare ran in its `dvc repro` for the first time), a run to the end, a new batch,
+    another run (the one that stopped in validate on main)."""
     ws = harness.make_workspace(tmp_path / "ws")
     logs = tmp_path / "logs"
     workspace.ingest(ws, harness.batch_file(ws, 0))
     run = _start(ratchet_cmd("run", "--engine", "dvc", "-w", str(ws)), ws, logs, "run-1")
-    assert _interrupt(run, "finetune", 0.5) == "finetune"
+    assert _interrupt(run, "drift", 0.3) == "drift"
     assert run.popen.returncode != 0, run.stderr()[-2000:]
 
     for n, batch in ((2, None), (3, 1)):
