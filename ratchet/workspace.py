@@ -101,16 +101,101 @@ def dvc(ws: Path, *args: str, capture: bool = True) -> str:
 
 
 def commit(ws: Path, message: str, *, paths: list[Path] | None = None,
-           leave: list[str] | None = None) -> bool:
-    """Commit what changed (DVC outputs are git-ignored by DVC), or only under `paths`, but
-    never `leave` (unstaged, as DVC's autostage may have staged it); False if nothing did."""
+           leave: list[str] | None = None, log: Callable[[str], None] | None = None) -> bool:
+    """Commit what changed, or only under `paths`, but never `leave` (unstaged, as DVC's
+    autostage may have staged it) and never a DVC-cached output; False if nothing changed.
+
+    DVC's `.gitignore` entries alone do not keep its outputs out: a `dvc repro` whose stage
+    fails (Ctrl-C included) takes back the entries it added, those of every stage that ran in
+    it for the first time, and does not write them again while the stage stays cached. So the
+    entries are written back first (`guard_outputs`), and whatever of an output is still in
+    git's index after the `git add` (staged anyway, or taken by an earlier commit) is untracked
+    in this commit; `log` (default: stderr) says so.
+    """
+    outs = guard_outputs(ws, untrack=False, log=log)
     git(ws, "add", "-A", "--", *(str(p) for p in paths or ["."]))
     if leave:
         git(ws, "reset", "-q", "--", *leave)
+    if paths is None:
+        _untrack(ws, outs, log)  # also what an earlier commit took
+    elif outs and (staged := _names(git(ws, "diff", "--cached", "--name-only", "-z", "--",
+                                        *outs))):
+        git(ws, "reset", "-q", "--", *staged)
     if not git(ws, "diff", "--cached", "--name-only").strip():
         return False
     git(ws, "commit", "-q", "-m", message)
     return True
+
+
+def cached_outputs(ws: Path) -> list[str]:
+    """The workspace's DVC-cached outputs (stage outs not `cache: false`, persist ones too, and
+    those of `.dvc` files), as DVC itself resolves dvc.yaml: paths relative to `ws`."""
+    with _dvc_repo(ws) as repo:
+        return _outputs(repo)
+
+
+@contextmanager
+def _dvc_repo(ws: Path) -> Iterator[Any]:
+    from dvc.exceptions import DvcException
+    from dvc.repo import Repo
+
+    try:
+        with Repo(str(ws)) as repo:
+            yield repo
+    except DvcException as err:
+        raise WorkspaceError(f"cannot read the pipeline's outputs ({err}), so nothing is "
+                             f"committed: fix dvc.yaml in {ws}") from None
+
+
+def _outputs(repo: Any) -> list[str]:
+    # use_scm_ignore: what DVC git-ignores itself (cached, local, inside the repo)
+    return sorted({os.path.relpath(out.fspath, repo.root_dir)
+                   for out in repo.index.outs if out.use_scm_ignore})
+
+
+def guard_outputs(ws: Path, *, untrack: bool = True,
+                  log: Callable[[str], None] | None = None) -> list[str]:
+    """Keep DVC's outputs out of git: write back a missing `.gitignore` entry of an output on
+    disk as DVC writes it (`/<name>` in the `.gitignore` beside it), and with `untrack` take
+    files of outputs out of git's index (`git rm --cached`: the files stay, DVC has them).
+
+    Repairs a workspace an earlier commit broke (DVC then refuses the stage: `output ... is
+    already tracked by SCM`); safe to call before a run too. Returns the outputs.
+    """
+    ws = ws.resolve()
+    with _dvc_repo(ws) as repo:
+        outs = _outputs(repo)
+        # scm.ignore: DVC's own writer of the entry; None when git already ignores the path.
+        # An output not on disk has nothing for git to take (DVC writes its entry on saving).
+        restored = [out for out in outs
+                    if os.path.lexists(ws / out) and repo.scm.ignore(str(ws / out))]
+    if restored:
+        _say(log, f"wrote back the .gitignore entries of DVC outputs that a failed `dvc repro` "
+                  f"had taken back: {', '.join(restored)}")
+    if untrack:
+        _untrack(ws, outs, log)
+    return outs
+
+
+def _untrack(ws: Path, outs: list[str], log: Callable[[str], None] | None) -> None:
+    tracked = _names(git(ws, "ls-files", "-z", "--", *outs)) if outs else []
+    if not tracked:
+        return
+    holders = [o for o in outs if any(t == o or t.startswith(f"{o}/") for t in tracked)]
+    git(ws, "rm", "-r", "-q", "--cached", "--", *holders)
+    _say(log, f"{len(tracked)} file(s) of DVC outputs were tracked or staged in git "
+              f"({', '.join(holders)}): untracked them (the files stay; DVC versions them)")
+
+
+def _names(out: str) -> list[str]:
+    return [name for name in out.split("\0") if name]
+
+
+def _say(log: Callable[[str], None] | None, msg: str) -> None:
+    if log is not None:
+        log(msg)
+    else:
+        print(f"ratchet: {msg}", file=sys.stderr)
 
 
 def unused_inputs(ws: Path) -> list[str]:

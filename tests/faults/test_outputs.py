@@ -1,0 +1,217 @@
+"""A run's commit never takes a DVC-cached output (issue 13, found by the fault suite).
+
+The cause: when a stage of `dvc repro` fails (a Ctrl-C reaches the stage's child, which exits
+non-zero), DVC takes back the `.gitignore` entries it added during that repro, i.e. those of
+every stage that ran there for the first time. Those stages are cached afterwards, so DVC never
+writes the entries again, and the next run's `git add -A` committed their outputs (a model, the
+augmented data, the validation docs); the run after that stopped in validate with `output ... is
+already tracked by SCM`.
+
+Real workspaces throughout (git, DVC, the pipeline's own stages); the quick tests rebuild the
+state the failed repro leaves (the output present, its entry gone) with one real stage.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ratchet import workspace
+from tests.faults import harness
+from tests.faults.invariants import ratchet_cmd, tool_env
+
+DOCS = "reports/validation/docs"
+DOCS_IGNORE = Path("reports/validation/.gitignore")
+
+
+def _git(ws: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=ws, env=tool_env(), capture_output=True,
+                          text=True, check=True).stdout
+
+
+def cached_outs(ws: Path) -> list[str]:
+    """Every DVC-cached output of the workspace, read from dvc.yaml and the `.dvc` files
+    (independently of the code under test, which asks DVC)."""
+    outs = []
+    stages = (yaml.safe_load((ws / "dvc.yaml").read_text()) or {}).get("stages", {})
+    for stage in stages.values():
+        for out in stage.get("outs", []):
+            path, opts = next(iter(out.items())) if isinstance(out, dict) else (out, {})
+            if (opts or {}).get("cache", True):
+                outs.append(str(path))
+    for dvcfile in ws.glob("**/*.dvc"):
+        if not dvcfile.is_file() or {".dvc", ".git"} & set(dvcfile.relative_to(ws).parts[:-1]):
+            continue
+        for out in (yaml.safe_load(dvcfile.read_text()) or {}).get("outs", []):
+            outs.append(str((dvcfile.parent / out["path"]).relative_to(ws)))
+    return sorted(outs)
+
+
+def tracked_outputs(ws: Path) -> list[str]:
+    """Files of DVC-cached outputs that git tracks (in the index) or HEAD holds."""
+    outs = cached_outs(ws)
+    index = _git(ws, "ls-files", "--", *outs).split()
+    head = _git(ws, "ls-tree", "-r", "--name-only", "HEAD", "--", *outs).split()
+    return sorted(set(index) | set(head))
+
+
+def _status(ws: Path) -> list[str]:
+    return _git(ws, "status", "--porcelain", "--untracked-files=all").splitlines()
+
+
+def _dvc(ws: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=ws,
+                          env=workspace.tool_env(), capture_output=True, text=True, check=False)
+
+
+def _validated(tmp_path: Path) -> Path:
+    """A workspace with one batch whose validate stage has run for real (its docs on disk)."""
+    ws = harness.make_workspace(tmp_path / "ws")
+    workspace.ingest(ws, harness.batch_file(ws, 0))
+    proc = _dvc(ws, "repro", "--single-item", "validate")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (ws / DOCS).is_dir() and any((ws / DOCS).rglob("*"))
+    return ws
+
+
+def _drop_entry(ws: Path, entry: str = "/docs") -> None:
+    """What a failed `dvc repro` leaves: the entry DVC had added for an output, taken back."""
+    path = ws / DOCS_IGNORE
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip() != entry]
+    path.write_text("".join(f"{ln}\n" for ln in lines))
+
+
+# --- quick: the state a failed repro leaves, and commit on it ----------------------------------
+
+
+def test_commit_leaves_out_an_output_whose_gitignore_entry_was_taken_back(tmp_path):
+    ws = _validated(tmp_path)
+    _drop_entry(ws)
+    assert "/docs" not in (ws / DOCS_IGNORE).read_text()
+
+    assert workspace.commit(ws, "retrain: promoted (version 1)") is True
+
+    assert tracked_outputs(ws) == []
+    assert "/docs" in (ws / DOCS_IGNORE).read_text().split()  # written back the way DVC does
+    assert "/docs" in _git(ws, "show", f"HEAD:{DOCS_IGNORE}").split()
+    assert _status(ws) == []
+
+
+def test_commit_untracks_outputs_an_earlier_commit_took_and_the_next_repro_runs(tmp_path,
+                                                                                 capsys):
+    """A workspace already broken (the outputs committed, as main's commit did): the next
+    commit takes them out of git, says so in one line, and DVC can write them again."""
+    ws = _validated(tmp_path)
+    _drop_entry(ws)
+    _git(ws, "add", "-A", "--", ".")  # the old `commit`: everything not ignored
+    _git(ws, "commit", "-q", "-m", "retrain: promoted (version 1)")
+    took = tracked_outputs(ws)
+    assert took and all(p.startswith(DOCS + "/") for p in took)
+
+    assert workspace.commit(ws, "retrain: rejected (version 2)") is True
+
+    assert tracked_outputs(ws) == []
+    assert _status(ws) == []
+    said = capsys.readouterr().err
+    assert DOCS in said and "untracked" in said, said
+    assert all((ws / p).is_file() for p in took)  # the files stay; only git forgets them
+    # What failed on main from then on: the stage writes its output again.
+    proc = _dvc(ws, "repro", "--single-item", "--force", "validate")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "already tracked" not in proc.stderr
+
+
+def test_a_commit_of_named_paths_takes_no_output_either(tmp_path):
+    """`paths` (ingest's commit) with a path that holds an output whose entry is gone."""
+    ws = _validated(tmp_path)
+    _drop_entry(ws)
+    assert workspace.commit(ws, "partial", paths=[Path("reports")]) is True
+    assert tracked_outputs(ws) == []
+    assert "/docs" in _git(ws, "show", f"HEAD:{DOCS_IGNORE}").split()
+
+
+# --- slow: the real interrupts ------------------------------------------------------------------
+
+
+def _start(args: list[str], ws: Path, logs: Path, tag: str) -> harness.Proc:
+    """`args` in a session of its own (its pid is its group's id), with Ctrl-C's default action
+    even when this test process was started with SIGINT ignored (a shell's background job)."""
+    logs.mkdir(parents=True, exist_ok=True)
+    out, err = logs / f"{tag}.out", logs / f"{tag}.err"
+    with out.open("wb") as o, err.open("wb") as e:
+        # PATH as ratchet gives DVC: stage commands say `python`
+        env = tool_env({"PATH": workspace.tool_env()["PATH"]})
+        popen = subprocess.Popen(args, cwd=ws, env=env, stdin=subprocess.DEVNULL,
+                                 stdout=o, stderr=e, start_new_session=True,
+                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    return harness.Proc(popen, out, err)
+
+
+def _interrupt(proc: harness.Proc, stage: str, after_s: float) -> str | None:
+    """SIGINT to the process group once `stage` runs (a later stage counts); the stage the
+    signal found running."""
+    order = harness.STAGES
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and not proc.done():
+        now = harness.running_stage(proc.pgid)
+        if now is not None and order.index(now) >= order.index(stage):
+            break
+        time.sleep(0.05)
+    time.sleep(after_s)
+    landed = harness.running_stage(proc.pgid)
+    if not proc.done():
+        os.killpg(proc.pgid, signal.SIGINT)
+    assert proc.wait(180), "the interrupted command did not exit"
+    return landed
+
+
+@pytest.mark.slow
+@pytest.mark.faults
+def test_an_interrupted_dvc_repro_leaves_nothing_for_commit_to_take(tmp_path):
+    """`dvc repro` itself, interrupted in drift on a workspace's first pass (validate, noise
+    and prepare ran there for the first time); then the run's commit."""
+    ws = harness.make_workspace(tmp_path / "ws")
+    workspace.ingest(ws, harness.batch_file(ws, 0))
+    proc = _start([sys.executable, "-m", "dvc", "repro"], ws, tmp_path / "logs", "repro")
+    assert _interrupt(proc, "drift", 0.3) == "drift"
+    assert proc.popen.returncode != 0, proc.stderr()[-2000:]
+    assert (ws / DOCS).is_dir()
+
+    workspace.commit(ws, "retrain: promoted (version 1)")
+
+    assert tracked_outputs(ws) == []
+    assert _status(ws) == []
+    # DVC's own locks do not stand in the way of the next repro.
+    proc2 = _dvc(ws, "repro", "drift")
+    assert proc2.returncode == 0, proc2.stderr[-2000:]
+
+
+@pytest.mark.slow
+@pytest.mark.faults
+def test_after_a_run_interrupted_in_drift_the_next_runs_record_no_output(tmp_path):
+    """The fault suite's chain, shortened: a first run interrupted in drift (validate, noise
+    and prepare ran in its `dvc repro` for the first time), a run to the end, a new batch,
+    another run (the one that stopped in validate on main)."""
+    ws = harness.make_workspace(tmp_path / "ws")
+    logs = tmp_path / "logs"
+    workspace.ingest(ws, harness.batch_file(ws, 0))
+    run = _start(ratchet_cmd("run", "--engine", "dvc", "-w", str(ws)), ws, logs, "run-1")
+    assert _interrupt(run, "drift", 0.3) == "drift"
+    assert run.popen.returncode != 0, run.stderr()[-2000:]
+
+    for n, batch in ((2, None), (3, 1)):
+        if batch is not None:
+            workspace.ingest(ws, harness.batch_file(ws, batch))
+        proc = subprocess.run(ratchet_cmd("run", "--engine", "dvc", "-w", str(ws)), cwd=ws,
+                              env=tool_env(), capture_output=True, text=True, timeout=900,
+                              check=False)
+        assert proc.returncode == 0, f"run {n}: {proc.stderr[-1500:]}"
+        assert tracked_outputs(ws) == [], f"after run {n}"
+        assert _status(ws) == [], f"after run {n}"
