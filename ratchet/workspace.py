@@ -1029,6 +1029,10 @@ def run_guard(ws: Path, *, log: Callable[[str], None] = print) -> Iterator[str]:
     from ratchet.promotion import Journal
     from ratchet.registry import RUN_TOKEN_ENV
 
+    # Outputs an earlier version committed (an interrupted repro took back their .gitignore
+    # entries) would stop the first stage with `already tracked by SCM`: out of git first.
+    if (ws / ".dvc").is_dir():
+        guard_outputs(ws, log=log)
     leftover = recover(ws, reason="an earlier retrain stopped before it was recorded")
     if leftover is not None:
         log(f"an earlier retrain was killed mid-run; undone in the registry: {leftover}")

@@ -128,6 +128,24 @@ def test_commit_untracks_outputs_an_earlier_commit_took_and_the_next_repro_runs(
     assert "already tracked" not in proc.stderr
 
 
+def test_a_run_starting_in_a_broken_workspace_heals_it_before_its_stages(tmp_path):
+    """The outputs committed by an earlier version (the broken state): entering the run (the
+    guard both engines run inside) takes them out of git, so its first `dvc repro` does not
+    stop in validate with `already tracked by SCM`."""
+    ws = _validated(tmp_path)
+    _drop_entry(ws)
+    _git(ws, "add", "-A", "--", ".")
+    _git(ws, "commit", "-q", "-m", "retrain: promoted (version 1)")
+    assert tracked_outputs(ws)
+    said: list[str] = []
+    with workspace.run_guard(ws, log=said.append):
+        assert _git(ws, "ls-files", "--", DOCS).split() == []
+        assert "/docs" in (ws / DOCS_IGNORE).read_text().split()
+        proc = _dvc(ws, "repro", "--single-item", "--force", "validate")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    assert any(DOCS in line for line in said), said
+
+
 def test_a_commit_of_named_paths_takes_no_output_either(tmp_path):
     """`paths` (ingest's commit) with a path that holds an output whose entry is gone."""
     ws = _validated(tmp_path)
