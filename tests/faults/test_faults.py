@@ -74,6 +74,7 @@ def test_sigkill_in_validate_twice_leaves_every_invariant(tmp_path):
     assert [o.landed for o in chain.outcomes] == ["validate", "validate"]
 
 
+@pytest.mark.slow  # the fault suite only (make test-faults): make test keeps its time
 def test_a_batch_deleted_by_hand_is_an_error_not_a_silent_commit(tmp_path):
     ws = harness.make_workspace(tmp_path / "ws")
     chain = Chain(ws, tmp_path / "logs")

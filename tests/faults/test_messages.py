@@ -100,6 +100,7 @@ def stage_script(ws: Path, body: str) -> subprocess.CompletedProcess:
                           env=env(), timeout=120, check=False)
 
 
+@pytest.mark.slow  # the fault suite only (make test-faults): make test keeps its time
 def test_a_stage_that_cannot_reach_the_registry_says_so_in_one_line(tmp_path):
     uri = f"http://127.0.0.1:{servers.free_port()}"
     ws = make_ws(tmp_path, uri, timeout_s=2)
@@ -164,6 +165,7 @@ def test_an_unexpected_command_error_is_one_line_and_debug_shows_the_traceback(t
     assert shown.returncode == 1 and "Traceback" in shown.stderr, shown.stderr
 
 
+@pytest.mark.slow  # the fault suite only (make test-faults): make test keeps its time
 def test_ctrl_c_is_error_interrupted_exit_130(tmp_path):
     from ratchet.workspace import retrain_lock
 

@@ -104,6 +104,7 @@ def test_commit_leaves_out_an_output_whose_gitignore_entry_was_taken_back(tmp_pa
     assert _status(ws) == []
 
 
+@pytest.mark.slow  # the fault suite only (make test-faults): make test keeps its time
 def test_commit_untracks_outputs_an_earlier_commit_took_and_the_next_repro_runs(tmp_path,
                                                                                  capsys):
     """A workspace already broken (the outputs committed, as main's commit did): the next
@@ -146,6 +147,7 @@ def test_a_run_starting_in_a_broken_workspace_heals_it_before_its_stages(tmp_pat
     assert any(DOCS in line for line in said), said
 
 
+@pytest.mark.slow  # the fault suite only (make test-faults): make test keeps its time
 def test_a_commit_of_named_paths_takes_no_output_either(tmp_path):
     """`paths` (ingest's commit) with a path that holds an output whose entry is gone."""
     ws = _validated(tmp_path)

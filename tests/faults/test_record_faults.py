@@ -114,6 +114,7 @@ def test_a_kill_between_the_commit_and_closing_the_journal_does_not_undo(tmp_pat
     assert aliases(client, name) == {CHAMPION: version}
 
 
+@pytest.mark.slow  # the fault suite only (make test-faults): make test keeps its time
 def test_the_flows_record_step_survives_an_unreachable_prefect_api(tmp_path):
     """The flow's record step publishes its artifact before the commit, best effort: with the
     Prefect API on a closed port the run is still recorded, nothing is undone."""
