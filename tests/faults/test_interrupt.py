@@ -71,3 +71,21 @@ def test_sigint_to_the_dvc_engine_run_alone_stops_its_stage_too(tmp_path):
 def test_an_interrupted_run_undoes_and_exits_with_nothing_left(tmp_path, engine, stage, sig,
                                                                 group):
     interrupt(tmp_path, engine, stage, sig, group=group)
+
+
+def test_ctrl_c_while_a_stage_is_still_importing_is_one_line_not_a_traceback(tmp_path):
+    """The stage processes spend their first seconds importing torch and pandas, outside
+    stage_main's own handler; a Ctrl-C there is one `interrupted` line as well."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import signal, os; signal.signal(signal.SIGINT, "
+         "signal.default_int_handler); import tasks; os.kill(os.getpid(), signal.SIGINT); "
+         "import time; time.sleep(30)"],
+        cwd=tmp_path, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "RATCHET_DEBUG": ""})
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    assert "Traceback" not in err, err
+    assert "interrupted" in err, err
