@@ -142,7 +142,7 @@ class Lease:
             if lease is None:
                 continue  # released in between: take it
             seen = lease.tags or {}
-            if _expiry(seen) < time.time():
+            if _expiry(seen, lease, self.ttl) < time.time():
                 self._break(seen.get(TOKEN))
                 continue
             who = f"{seen.get(HOLDER, 'another writer')} since {seen.get(SINCE, '?')}"
@@ -165,7 +165,7 @@ class Lease:
             raise LeaseLost(f"the registry lease `{self.name}` is no longer this writer's (held "
                             f"by {now}): it was not renewed within {self.ttl:.0f} s; nothing "
                             "more was moved, try again")
-        if _expiry(tags) - time.time() < self.ttl / 2:
+        if _expiry(tags, lease, self.ttl) - time.time() < self.ttl / 2:
             self.client.set_registered_model_tag(self.name, EXPIRES,
                                                  f"{time.time() + self.ttl:.3f}")
 
@@ -205,11 +205,16 @@ class Lease:
                     registry.delete_model(self.client, model.name)
 
 
-def _expiry(tags: dict[str, str]) -> float:
+def _expiry(tags: dict[str, str], lease, ttl: float) -> float:
+    """When the lease expires: its expiry tag; without a readable one (a read that caught the
+    model without its tags, or a lease not made by ratchet), a TTL after it was last updated,
+    so that a torn read never breaks a live lease."""
     try:
         return float(tags[EXPIRES])
     except (KeyError, ValueError):
-        return 0.0  # no readable expiry: not a lease ratchet made and keeps renewed
+        stamp = getattr(lease, "last_updated_timestamp", None) or getattr(
+            lease, "creation_timestamp", None) or 0
+        return stamp / 1000 + ttl
 
 
 def store_uri(client) -> str:

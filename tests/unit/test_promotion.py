@@ -347,6 +347,24 @@ def test_a_lock_held_too_long_is_one_clear_error(tmp_path):
 # --- the lease, on a real store (the same code a tracking server runs) ---------------------------
 
 
+def test_a_lease_read_without_its_tags_is_not_taken_for_expired(tmp_path):
+    """A read of the lease that catches no tags (on a server, a read between a rename and its
+    tags, as a busy PostgreSQL-backed race showed) must not count as an expired lease: that
+    broke a live lease and left a `.stale.untagged` grave behind. Without an expiry tag, the
+    lease expires a TTL after it was last updated."""
+    client = fresh_store(tmp_path)
+    holder = f"{NAME}{promotion.LEASE_SUFFIX}"
+    client.create_registered_model(holder)  # a lease as such a read shows it: no tags at all
+    with pytest.raises(RegistryBusy):
+        Lease(client, NAME, ttl=60).acquire(timeout=0.5, on_wait=None)
+    assert {m.name for m in client.search_registered_models()} == {holder}
+    # Untouched for longer than the TTL: a dead holder's, broken as any expired lease.
+    late = Lease(client, NAME, ttl=0.2)
+    time.sleep(0.5)
+    late.acquire(timeout=2, on_wait=None)
+    late.verify()
+
+
 def test_one_lease_at_a_time_and_a_stale_one_is_broken_once(tmp_path):
     client = fresh_store(tmp_path)
     first = Lease(client, NAME)
