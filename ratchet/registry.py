@@ -16,7 +16,8 @@ import json
 import os
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -135,16 +136,43 @@ def connect(cfg: RegistryConfig, workspace: Path):
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     check_store_file(uri, workspace)  # before MlflowClient makes an empty store in its place
-    client = MlflowClient(uri, uri)
-    if client.get_experiment_by_name(cfg.experiment) is None:
-        check_store(client, cfg, workspace)  # a recorded store had it: refuse, create nothing
-        location = None
-        if uri.startswith("sqlite:"):
-            location = (workspace / "mlartifacts").resolve().as_uri()
-        client.create_experiment(cfg.experiment, artifact_location=location)
-    check_store(client, cfg, workspace)
+    with _store_init_lock(uri, workspace):  # the client makes (migrates) the store
+        client = MlflowClient(uri, uri)
+        if client.get_experiment_by_name(cfg.experiment) is None:
+            check_store(client, cfg, workspace)  # a recorded store had it: refuse, create none
+            location = None
+            if uri.startswith("sqlite:"):
+                location = (workspace / "mlartifacts").resolve().as_uri()
+            client.create_experiment(cfg.experiment, artifact_location=location)
+        check_store(client, cfg, workspace)
     mlflow.set_experiment(cfg.experiment)
     return client
+
+
+@contextmanager
+def _store_init_lock(uri: str, workspace: Path) -> Iterator[None]:
+    """One process at a time through a SQLite store's first request: MLflow creates and
+    migrates the file on first use, and two commands started together on a new workspace (two
+    runs, a run and `status`) would both migrate it, one failing with `duplicate column name`.
+    A lock file in the workspace's `.ratchet/` (beside the database for one outside it); held
+    for milliseconds once the store exists. Other stores migrate on their server."""
+    import fcntl
+
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix):
+        yield
+        return
+    db = Path(uri[len(prefix):]).resolve()
+    ws = workspace.resolve()
+    path = (ws / ".ratchet" / "store-init.lock" if db.is_relative_to(ws)
+            else db.with_name(f"{db.name}.ratchet-init-lock"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 # --- the store's identity -----------------------------------------------------------------------

@@ -336,3 +336,17 @@ def test_a_workspace_without_a_record_adopts_its_store_and_commits_the_record(tm
     assert not git(ws, "status", "--porcelain").strip()
     assert json.loads(git(ws, "show", "HEAD:registry.json"))["store_id"] == recorded
     assert cli(ws, "status").exit_code == 0  # the same store: accepted
+
+
+def test_commands_creating_the_store_at_once_all_succeed(tmp_path):
+    """The SQLite store is made on first use, by whichever command comes first; two runs (or a
+    run and a `status`) started together on a new workspace both ran MLflow's migrations on
+    the same file, and one failed with `duplicate column name`. The fault suite's two
+    concurrent runs found it."""
+    ws = make_ws(tmp_path)
+    assert not (ws / "mlflow.db").exists()
+    procs = [subprocess.Popen([str(RATCHET), "status", "-w", str(ws)], env=tool_env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(3)]
+    outs = [(p.wait(timeout=300), *p.communicate()) for p in procs]
+    assert [rc for rc, _, _ in outs] == [0, 0, 0], [err[-600:] for _, _, err in outs]
