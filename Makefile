@@ -30,16 +30,17 @@ demo: setup
 lint: setup
 	$(BIN)/ruff check .
 
-# Two lanes side by side on the 2 cores, split so that each takes about as long (about 9 min
+# Two lanes side by side on the 2 cores, split so that each takes about as long (about 10 min
 # each on this project's 2-core machines): the end-to-end story and the training tests in one;
-# the real-server tests, the input corpus and the other unit tests in the other. The first
-# lane's output is printed when both have ended.
-LANE_A := tests/e2e tests/unit/test_training.py
+# the real-server tests, the input corpus and the other unit tests in the other; the fault
+# suite's quick subset split between them. The first lane's output is printed when both end.
+LANE_A := tests/e2e tests/unit/test_training.py tests/faults/test_faults.py \
+	tests/faults/test_outputs.py tests/faults/test_interrupt.py
 test: lint
 	@rm -f .lane.log .lane.rc; \
 	( $(BIN)/python -m pytest -m "not slow" $(LANE_A) > .lane.log 2>&1; echo $$? > .lane.rc ) & \
 	$(BIN)/python -m pytest -m "not slow" tests/integration tests/data tests/unit tests/faults \
-		--ignore=tests/unit/test_training.py; rest=$$?; \
+		$(foreach t,$(LANE_A),--ignore=$(t)); rest=$$?; \
 	wait; echo "--- $(LANE_A) ---"; cat .lane.log; lane=$$(cat .lane.rc); \
 	rm -f .lane.log .lane.rc; test $$rest -eq 0 && test $$lane -eq 0
 

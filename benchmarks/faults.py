@@ -2,7 +2,7 @@
 them, on one tiny real workspace; how many faults left every invariant holding, by kind, and
 how fast a SIGINT'd run exits with all its children.
 
-    python -m benchmarks faults                      # 100 faults, seed 13
+    python -m benchmarks faults                      # 102 faults planned, seed 13
     python -m benchmarks.faults --faults 10 --seed 1 # a short run
 
 Writes benchmarks/results/faults.json: {"faults", "invariants_held", "by_kind": {kind:
@@ -19,7 +19,9 @@ import tempfile
 import time
 from pathlib import Path
 
-FAULTS = 100
+# A signal that finds its run already ended is `missed` (counted apart, not as a fault): 102
+# planned leave at least the 100 the issue asks for (one of 100 missed with seed 13).
+FAULTS = 102
 SEED = 13
 
 
