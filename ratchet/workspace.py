@@ -23,7 +23,7 @@ import yaml
 from ratchet.config import Params, load_params, parse_params
 from ratchet.errors import BatchRefused, WorkspaceError
 from ratchet.registry import STORE_FILE
-from ratchet.runtime import TELEMETRY_OFF, atomic_path, write_json
+from ratchet.runtime import TELEMETRY_OFF, atomic_path, write_json, write_text_atomic
 
 if TYPE_CHECKING:
     from ratchet.data import ColumnMap
@@ -151,6 +151,37 @@ def _outputs(repo: Any) -> list[str]:
     # use_scm_ignore: what DVC git-ignores itself (cached, local, inside the repo)
     return sorted({os.path.relpath(out.fspath, repo.root_dir)
                    for out in repo.index.outs if out.use_scm_ignore})
+
+
+def repair_lockfile(ws: Path, *, log: Callable[[str], None] = print) -> bool:
+    """Put back the recorded dvc.lock when the one on disk is not a valid lock file: DVC
+    rewrites it in place, so a run killed while DVC wrote it leaves it empty or cut, and every
+    later `dvc repro` would refuse it. dvc.lock only records what the stages last produced: with
+    the recorded one, DVC re-runs the stages whose outputs no longer match. True if repaired."""
+    from dvc.dvcfile import Lockfile
+
+    path = ws / "dvc.lock"
+    if not path.is_file():
+        return False
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise ValueError("not a mapping")
+        Lockfile.validate(data, fname="dvc.lock")
+        return False
+    except Exception:  # noqa: BLE001 - any reason it cannot be read: restore the recorded one
+        pass
+    try:
+        recorded = git(ws, "show", "HEAD:dvc.lock")
+    except WorkspaceError:  # never recorded: DVC rebuilds it from the stages
+        path.unlink()
+        log("dvc.lock was left half-written by a run killed while DVC wrote it; removed it "
+            "(no recorded one yet: the stages re-run)")
+        return True
+    write_text_atomic(path, recorded)
+    log("dvc.lock was left half-written by a run killed while DVC wrote it; restored the "
+        "recorded one (the stages whose outputs no longer match re-run)")
+    return True
 
 
 def guard_outputs(ws: Path, *, untrack: bool = True,
@@ -1032,6 +1063,7 @@ def run_guard(ws: Path, *, log: Callable[[str], None] = print) -> Iterator[str]:
     # Outputs an earlier version committed (an interrupted repro took back their .gitignore
     # entries) would stop the first stage with `already tracked by SCM`: out of git first.
     if (ws / ".dvc").is_dir():
+        repair_lockfile(ws, log=log)
         guard_outputs(ws, log=log)
     leftover = recover(ws, reason="an earlier retrain stopped before it was recorded")
     if leftover is not None:

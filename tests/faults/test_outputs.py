@@ -148,6 +148,25 @@ def test_a_run_starting_in_a_broken_workspace_heals_it_before_its_stages(tmp_pat
 
 
 @pytest.mark.slow  # the fault suite only (make test-faults): make test keeps its time
+# Empty, or cut where the YAML no longer parses (a cut that still parses is a lock file with
+# less recorded, which DVC handles by re-running what it lacks).
+@pytest.mark.parametrize("left", ["", "schema: '2.0'\nstages:\n  validate:\n    cmd: 'pyth"])
+def test_a_dvc_lock_left_half_written_is_restored_when_the_next_run_starts(tmp_path, left):
+    """DVC rewrites dvc.lock in place: a kill while it writes (the fault benchmark's SIGINT
+    between augment and the next stage) left it empty, and every later run failed at its start.
+    The run restores the recorded dvc.lock (DVC then re-runs what no longer matches)."""
+    ws = _validated(tmp_path)
+    assert workspace.commit(ws, "retrain: promoted (version 1)") is True
+    recorded = (ws / "dvc.lock").read_text()
+    (ws / "dvc.lock").write_text(left)
+    said: list[str] = []
+    with workspace.run_guard(ws, log=said.append):
+        assert (ws / "dvc.lock").read_text() == recorded
+        proc = _dvc(ws, "status")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    assert any("dvc.lock" in line for line in said), said
+
+
 def test_a_commit_of_named_paths_takes_no_output_either(tmp_path):
     """`paths` (ingest's commit) with a path that holds an output whose entry is gone."""
     ws = _validated(tmp_path)
