@@ -722,6 +722,12 @@ def repro(ws: Path, stage: str | None = None, *, upstream: bool = False) -> floa
         failed = last_failure(ws, since=started)
         if failed is not None:  # the stage's own line (printed above too), and its log
             raise WorkspaceError(f"stage `{failed['stage']}` failed: {failed['message']}")
+        from ratchet.errors import DiskFull
+        from ratchet.runtime import FULL_BELOW, free_bytes, size_text
+
+        free = free_bytes(ws)
+        if free is not None and free < FULL_BELOW:  # DVC itself could not write (exit 255)
+            raise DiskFull(str(ws), size_text(free))
         what = f"stage `{stage}`" if stage and not upstream else "the pipeline"
         raise WorkspaceError(f"{what} failed (exit {code}); DVC's and the stage's output is "
                              f"above (`dvc {' '.join(args)}` in {ws})")

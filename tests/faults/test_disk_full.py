@@ -92,3 +92,32 @@ def test_json_on_a_full_disk_keeps_the_previous_file_whole(small_disk):
     assert f"no space left on device writing {target}" in str(caught.value)
     assert target.read_text() == '{\n  "kept": true\n}\n'
     assert leftovers(small_disk) == []
+
+
+def test_dvc_itself_failing_on_a_full_disk_says_no_space(tmp_path):
+    """DVC, not a stage, can be what fails on a full disk (its own lock and temp files): it
+    exits 255 and no stage recorded why. The run's error still says no space left, and where.
+    (The fault suite's disk-full run found it: `error: the pipeline failed (exit 255)`.)"""
+    from ratchet import workspace
+    from ratchet.errors import RatchetError
+    from tests.faults import harness
+
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=60m", "tmpfs", str(mnt)],
+                          capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        pytest.skip(f"mounting a tmpfs is not allowed here: {proc.stderr.strip()}")
+    try:
+        ws = harness.make_workspace(mnt / "ws")
+        workspace.ingest(ws, harness.batch_file(ws, 0))
+        filler = mnt / "filler"
+        with open(filler, "wb") as fh, pytest.raises(OSError):
+            while True:  # until the disk is full
+                fh.write(b"\0" * (1 << 20))
+        with pytest.raises(RatchetError) as caught:
+            workspace.repro(ws, "validate")
+        assert "no space left on device" in str(caught.value), str(caught.value)
+        assert str(ws) in str(caught.value)
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
