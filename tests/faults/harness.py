@@ -30,6 +30,7 @@ import yaml
 
 from tests.faults import invariants
 from tests.faults.invariants import ratchet_cmd, tool_env
+from tests.faults.procs import default_signals
 
 STAGES = ["validate", "noise", "prepare", "drift", "pretrain", "augment", "finetune",
           "evaluate", "gate", "record"]
@@ -178,17 +179,9 @@ def start(args: list[str], ws: Path, logs: Path, tag: str,
     with out.open("wb") as o, err.open("wb") as e:
         popen = subprocess.Popen(ratchet_cmd(*args), cwd=ws, env=tool_env(env),
                                  stdin=subprocess.DEVNULL, stdout=o, stderr=e,
-                                 start_new_session=True, preexec_fn=_default_signals)
+                                 start_new_session=True, preexec_fn=default_signals)
     return Proc(popen, out, err)
 
-
-def _default_signals() -> None:  # in the child, before exec
-    """SIGINT as a terminal's foreground job has it: a shell without job control starts
-    background jobs with SIGINT ignored, and their children inherit that, which would make
-    every interrupt fault a silent no-op."""
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def one_error_line(stderr: str) -> list[str]:

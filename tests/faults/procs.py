@@ -85,6 +85,15 @@ def tree(root: int, session: int | None = None) -> dict[int, str]:
     return found
 
 
+def default_signals() -> None:  # in the child, before exec
+    """SIGINT as a terminal's foreground job has it: a shell without job control starts
+    background jobs with SIGINT ignored, and their children inherit that, which would make
+    every interrupt fault a silent no-op."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Watched:
     """A `ratchet` subprocess in a session of its own, its descendants remembered as they
     appear (so that one reparented to init after its parent died is still known)."""
@@ -94,7 +103,8 @@ class Watched:
         with log.open("wb") as out:
             self.proc = subprocess.Popen([RATCHET, *args], env=env, cwd=cwd,
                                          stdin=subprocess.DEVNULL, stdout=out,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
+                                         stderr=subprocess.STDOUT, start_new_session=True,
+                                         preexec_fn=default_signals)
         self.seen: dict[int, str] = {}  # pid -> start time
         self.names: dict[int, str] = {}
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.faults.procs import default_signals
 from tests.integration import servers
 
 BIN = Path(sys.executable).parent
@@ -173,7 +174,7 @@ def test_ctrl_c_is_error_interrupted_exit_130(tmp_path):
     with retrain_lock(ws):  # the run waits for it: a Ctrl-C at a known point
         proc = subprocess.Popen([str(BIN / "ratchet"), "run", "--engine", "dvc", "-w", str(ws)],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env=env())
+                                env=env(), preexec_fn=default_signals)
         deadline = time.monotonic() + 120
         lines = []
         while time.monotonic() < deadline:

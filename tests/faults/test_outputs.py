@@ -189,7 +189,7 @@ def _start(args: list[str], ws: Path, logs: Path, tag: str) -> harness.Proc:
         env = tool_env({"PATH": workspace.tool_env()["PATH"]})
         popen = subprocess.Popen(args, cwd=ws, env=env, stdin=subprocess.DEVNULL,
                                  stdout=o, stderr=e, start_new_session=True,
-                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                                 preexec_fn=harness.default_signals)
     return harness.Proc(popen, out, err)
 
 

@@ -24,7 +24,7 @@ from ratchet.lineage import commit_tags
 from ratchet.promotion import Journal
 from ratchet.registry import CHAMPION, RUN_TOKEN_ENV, aliases, connect, log_candidate
 from tests.conftest import save_tiny_classifier
-from tests.faults.procs import RATCHET, ratchet_env, tiny_workspace
+from tests.faults.procs import RATCHET, default_signals, ratchet_env, tiny_workspace
 from tests.integration.servers import free_port, start, stop, wait_ready
 
 
@@ -164,7 +164,7 @@ def test_the_prefect_server_dying_mid_run_leaves_git_and_the_registry_agreeing(t
         with log.open("wb") as out:
             run = subprocess.Popen([RATCHET, "run", "-w", str(ws)], env=env, cwd=tmp_path,
                                    stdout=out, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+                                   start_new_session=True, preexec_fn=default_signals)
         # The point where it hurts: the gate has decided, the run is not recorded yet.
         deadline = time.monotonic() + 600
         while not (ws / workspace.GATE_REPORT).is_file() and run.poll() is None:
