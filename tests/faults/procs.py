@@ -85,6 +85,25 @@ def tree(root: int, session: int | None = None) -> dict[int, str]:
     return found
 
 
+@contextlib.contextmanager
+def small_tmpfs(folder: Path, size: str):
+    """A tmpfs of `size` (e.g. "2m") mounted on `folder` (made here), for a disk that fills
+    up; unmounted afterwards whatever happened. Skips the test, with the reason, where
+    mounting is not allowed."""
+    import pytest
+
+    folder.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                          capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        pytest.skip(f"mounting a tmpfs is not allowed here: "
+                    f"{proc.stderr.strip() or 'not permitted'}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
 def default_signals() -> None:  # in the child, before exec
     """SIGINT as a terminal's foreground job has it: a shell without job control starts
     background jobs with SIGINT ignored, and their children inherit that, which would make

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import errno
 import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import pytest
 from ratchet.errors import DiskFull
 from ratchet.runtime import atomic_path, write_json
 from tests.conftest import tiny_classifier
+from tests.faults.procs import small_tmpfs
 
 
 def leftovers(folder: Path) -> list[str]:
@@ -39,18 +39,10 @@ def test_a_full_device_inside_atomic_path_is_one_no_space_error_and_no_temp(tmp_
 @pytest.fixture
 def small_disk(tmp_path) -> Iterator[Path]:
     """A 2 MiB tmpfs mounted on a fresh folder; unmounted afterwards, whatever happened."""
-    mnt = tmp_path / "small"
-    mnt.mkdir()
     if shutil.which("mount") is None:
         pytest.skip("no `mount` on this machine")
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)],
-                          capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        pytest.skip(f"mounting a tmpfs is not allowed here: {proc.stderr.strip()}")
-    try:
+    with small_tmpfs(tmp_path / "small", "2m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def test_a_checkpoint_on_a_full_disk_says_no_space_and_leaves_no_temp(small_disk):
@@ -102,13 +94,7 @@ def test_dvc_itself_failing_on_a_full_disk_says_no_space(tmp_path):
     from ratchet.errors import RatchetError
     from tests.faults import harness
 
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=60m", "tmpfs", str(mnt)],
-                          capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        pytest.skip(f"mounting a tmpfs is not allowed here: {proc.stderr.strip()}")
-    try:
+    with small_tmpfs(tmp_path / "small", "60m") as mnt:
         ws = harness.make_workspace(mnt / "ws")
         workspace.ingest(ws, harness.batch_file(ws, 0))
         filler = mnt / "filler"
@@ -119,5 +105,3 @@ def test_dvc_itself_failing_on_a_full_disk_says_no_space(tmp_path):
             workspace.repro(ws, "validate")
         assert "no space left on device" in str(caught.value), str(caught.value)
         assert str(ws) in str(caught.value)
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)

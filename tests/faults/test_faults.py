@@ -19,6 +19,7 @@ import pytest
 from tests.faults import harness, invariants
 from tests.faults.harness import Chain, Fault, one_error_line, start
 from tests.faults.invariants import ratchet_cmd, tool_env
+from tests.faults.procs import small_tmpfs
 from tests.integration import servers
 
 SEED = 13
@@ -252,13 +253,7 @@ def test_the_mlflow_server_killed_mid_run(tmp_path):
 def test_disk_full_during_a_run(tmp_path):
     """The workspace on a small tmpfs, filled up before finetune writes its checkpoints: one
     `error:` line that says "no space left" and the path, nothing partial left behind."""
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400m", "tmpfs", str(mnt)],
-                             capture_output=True, text=True, check=False)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip() or 'not permitted'}")
-    try:
+    with small_tmpfs(tmp_path / "small", "400m") as mnt:
         ws = harness.make_workspace(mnt / "ws")
         chain = Chain(ws, tmp_path / "logs")
         chain.ingest_next()
@@ -278,8 +273,6 @@ def test_disk_full_during_a_run(tmp_path):
             problems.append(f"[message] the error does not say 'no space left': {errors[-1]}")
         filler.unlink()
         problems += chain.check() + invariants.next_run_ok(ws) + chain.check()
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
     assert problems == []
 
 
