@@ -25,7 +25,6 @@ from tests.integration import servers
 SEED = 13
 RANDOM_POINTS = 32
 BIN = Path(sys.executable).parent
-faults = pytest.mark.faults
 
 
 def _ingest(ws: Path, path: Path) -> subprocess.CompletedProcess:
@@ -99,7 +98,6 @@ def test_a_batch_deleted_by_hand_is_an_error_not_a_silent_commit(tmp_path):
 # --- random points of every stage --------------------------------------------------------------
 
 
-@faults
 @pytest.mark.slow
 def test_random_sigkill_and_sigint_points_of_every_stage(tmp_path):
     """RANDOM_POINTS faults from a fixed seed over every stage and the record step, on the
@@ -117,7 +115,6 @@ def test_random_sigkill_and_sigint_points_of_every_stage(tmp_path):
 # --- concurrent writers ------------------------------------------------------------------------
 
 
-@faults
 @pytest.mark.slow
 def test_three_concurrent_ingests(tmp_path):
     ws = harness.make_workspace(tmp_path / "ws")
@@ -139,7 +136,6 @@ def test_three_concurrent_ingests(tmp_path):
     assert problems == []
 
 
-@faults
 @pytest.mark.slow
 def test_two_concurrent_runs(tmp_path):
     ws = harness.make_workspace(tmp_path / "ws")
@@ -178,7 +174,6 @@ def _prefect_server(root: Path) -> tuple[servers.ServerProcess, str]:
     return server, f"http://127.0.0.1:{port}/api"
 
 
-@faults
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["finetune", "gate"])
 def test_the_prefect_api_killed_mid_run(tmp_path, stage):
@@ -215,7 +210,6 @@ def _mlflow_server(root: Path, port: int) -> servers.ServerProcess:
     return server
 
 
-@faults
 @pytest.mark.slow
 def test_the_mlflow_server_killed_mid_run(tmp_path):
     """The tracking server killed while the gate registers: the run fails with one `error:`
@@ -248,7 +242,6 @@ def test_the_mlflow_server_killed_mid_run(tmp_path):
 # --- a full disk --------------------------------------------------------------------------------
 
 
-@faults
 @pytest.mark.slow
 def test_disk_full_during_a_run(tmp_path):
     """The workspace on a small tmpfs, filled up before finetune writes its checkpoints: one
@@ -284,7 +277,6 @@ def _truncate_at_line(path: Path) -> None:
     path.write_text("".join(lines[: len(lines) // 2]))
 
 
-@faults
 @pytest.mark.slow
 def test_corruptions_fail_with_one_error_line_and_keep_the_record(tmp_path):
     """A batch deleted by hand, mlflow.db deleted, params.yaml emptied or truncated at a line

@@ -212,7 +212,6 @@ def _interrupt(proc: harness.Proc, stage: str, after_s: float) -> str | None:
 
 
 @pytest.mark.slow
-@pytest.mark.faults
 def test_an_interrupted_dvc_repro_leaves_nothing_for_commit_to_take(tmp_path):
     """`dvc repro` itself, interrupted in drift on a workspace's first pass (validate, noise
     and prepare ran there for the first time); then the run's commit."""
@@ -233,7 +232,6 @@ def test_an_interrupted_dvc_repro_leaves_nothing_for_commit_to_take(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.faults
 def test_after_a_run_interrupted_in_drift_the_next_runs_record_no_output(tmp_path):
     """The fault suite's chain, shortened: a first run interrupted in drift (validate, noise
     and prepare ran in its `dvc repro` for the first time), a run to the end, a new batch,
