@@ -8,8 +8,10 @@ reported, counted and rendered in Data Docs the same way.
 
 from __future__ import annotations
 
+import base64
 import difflib
 import functools
+import gzip
 import logging
 import re
 from collections.abc import Mapping, Sequence
@@ -354,7 +356,10 @@ class Validator:
     """One GX context for one or many batches; with `docs`, a Data Docs site of every run.
 
     The context is ephemeral (nothing written but the docs): the suite is code, built per batch
-    from its columns, so there is no GX project folder to keep in sync.
+    from its columns, so there is no GX project folder to keep in sync. With `docs`, pages are
+    rendered by `build_docs` (the pages of what was validated since, and the index over every
+    result the context holds); `export` and `restore` carry one batch's result, suite and pages
+    from one run to the next, so a later site lists a batch without validating it again.
     """
 
     def __init__(self, vcfg: ValidateConfig, dcfg: DataConfig, *, model_source: str = MINILM,
@@ -381,6 +386,8 @@ class Validator:
             })
         self.source = self.ctx.data_sources.add_pandas("incoming")
         self._runs = 0
+        self._pending: list[Any] = []  # result and suite ids whose pages build_docs renders
+        self._results: dict[str, Any] = {}  # suite name -> its result's id
 
     def validate(
         self,
@@ -393,6 +400,7 @@ class Validator:
         columns: Sequence[str] | None = None,
         mapping: Mapping[str, str] | None = None,
         require: Sequence[str] = (),
+        name: str | None = None,
     ) -> ValidationReport:
         """Run the contract on a canonical frame and return every problem, critical or not.
 
@@ -401,13 +409,17 @@ class Validator:
             types: value types per row before canonical() (refuses numbers as text).
             columns, mapping: the file's own columns and the column mapping, for hints.
             require: optional columns the user asked for by name.
+            name: the suite's name in Data Docs (default: a running number and `source`).
         """
         import great_expectations as gx
+        from great_expectations.data_context.types.resource_identifiers import (
+            ExpectationSuiteIdentifier,
+        )
 
         frame = derive(df, self.vcfg, history=history, types=types,
                        model_source=self.model_source).reset_index(drop=True)
         self._runs += 1
-        name = re.sub(r"[^\w.-]+", "_", f"{self._runs:03d}-{source}")
+        name = suite_name(name or f"{self._runs:03d}-{source}")
         suite = self.ctx.suites.add(build_suite(frame, self.vcfg, self.dcfg, known_labels,
                                                 name=name, require=require))
         batch_def = self.source.add_dataframe_asset(name).add_batch_definition_whole_dataframe(
@@ -415,17 +427,67 @@ class Validator:
         vd = self.ctx.validation_definitions.add(
             gx.ValidationDefinition(name=name, data=batch_def, suite=suite))
         params = {"dataframe": frame.copy()}  # GX may add columns; the caller's frame stays
-        if self.docs is None:
-            results = vd.run(batch_parameters=params, result_format="SUMMARY").results
-        else:
-            checkpoint = self.ctx.checkpoints.add(gx.Checkpoint(
-                name=name, validation_definitions=[vd], result_format="SUMMARY",
-                actions=[gx.checkpoint.UpdateDataDocsAction(name="docs", site_names=["ratchet"])]))
-            run = checkpoint.run(batch_parameters=params)
-            results = next(iter(run.run_results.values())).results
+        store = self.ctx.validation_results_store
+        before = set(store.list_keys()) if self.docs is not None else set()
+        results = vd.run(batch_parameters=params, result_format="SUMMARY").results
+        if self.docs is not None:  # vd.run kept the result in the context's store
+            (key,) = set(store.list_keys()) - before
+            self._results[name] = key
+            self._pending += [key, ExpectationSuiteIdentifier(name=name)]
         problems = [self._problem(r, frame, known_labels, columns, mapping)
                     for r in results if not r.success]
         return ValidationReport(source=source, rows=len(frame), problems=problems)
+
+    def build_docs(self) -> None:
+        """Render the pages of what was validated since the last call, and the site's index
+        over every result and suite the context holds (validated or restored)."""
+        if self.docs is None:
+            return
+        from great_expectations.data_context.types.resource_identifiers import (
+            ExpectationSuiteIdentifier,
+        )
+
+        # An empty list would mean "render every page": a name no suite has renders none, and
+        # the index is built all the same.
+        ids = self._pending or [ExpectationSuiteIdentifier(name="\x00none")]
+        self.ctx.build_data_docs(site_names=["ratchet"], resource_identifiers=ids)
+        self._pending = []
+
+    def export(self, name: str) -> dict[str, Any]:
+        """What `restore` needs to list the batch validated under suite `name` in a later site:
+        its result, its suite and its rendered pages (after `build_docs`), as JSON."""
+        assert self.docs is not None
+        name = suite_name(name)
+        key = self._results[name]
+        pages = {}
+        for rel in _page_paths(key.to_tuple(), name):
+            path = self.docs / rel
+            if path.is_file():  # GX logs a page it failed to render and goes on without it
+                pages[rel] = base64.b64encode(gzip.compress(path.read_bytes(), mtime=0)).decode()
+        suite = self.ctx.suites.get(name).to_json_dict()
+        result = self.ctx.validation_results_store.get(key).to_json_dict()
+        return {"result_key": list(key.to_tuple()), "result": result, "suite": suite,
+                "pages": pages}
+
+    def restore(self, record: dict[str, Any]) -> None:
+        """Put an exported batch back: its result and suite into the context (so the index
+        lists it), its pages into the docs folder as they were rendered."""
+        assert self.docs is not None
+        from great_expectations.core.expectation_suite import ExpectationSuite
+        from great_expectations.data_context.types.resource_identifiers import (
+            ValidationResultIdentifier,
+        )
+
+        suite = {k: v for k, v in record["suite"].items() if k != "id"}
+        self.ctx.suites.add(ExpectationSuite(**suite))
+        store = self.ctx.validation_results_store
+        key = ValidationResultIdentifier.from_tuple(tuple(record["result_key"]))
+        store.set(key, store.deserialize(record["result"]))
+        self._results[suite["name"]] = key
+        for rel, blob in record["pages"].items():
+            path = self.docs / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(gzip.decompress(base64.b64decode(blob)))
 
     def _problem(self, r: Any, frame: pd.DataFrame, known: list[str],
                  columns: Sequence[str] | None, mapping: Mapping[str, str] | None) -> Problem:
@@ -449,6 +511,17 @@ class Validator:
             count=int(count or 0),
             examples=examples,
         )
+
+
+def suite_name(name: str) -> str:
+    """A suite name Data Docs can use as a path (its dots become folders)."""
+    return re.sub(r"[^\w.-]+", "_", name)
+
+
+def _page_paths(result_key: tuple[str, ...], suite: str) -> list[str]:
+    """The Data Docs pages of one result and its suite, as GX's site store lays them out."""
+    return ["/".join(("validations", *result_key)) + ".html",
+            "/".join(("expectations", *suite.split("."))) + ".html"]
 
 
 def validate_frame(
