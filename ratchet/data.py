@@ -8,6 +8,7 @@ import json
 import numbers
 import re
 import unicodedata
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,7 +93,23 @@ def _group_key(group: str) -> str:
     return f"\x01group\x00{group}"
 
 
-def assign_splits(rows: pd.DataFrame, cfg: PrepareConfig) -> pd.Series:
+def unit_nodes(text: object, group: object, key: int) -> tuple[str | None, str | None]:
+    """A row's text node (its `text_key`) and its own node: its group's, or None when it has
+    no group (its unit is then its text's); (None, None) for a row without text."""
+    if not isinstance(text, str):
+        return None, None
+    own = _group_key(str(group).strip()) if isinstance(group, str) and group.strip() else None
+    return text_key(text, key), own
+
+
+def unit_coin(tnode: str, own: str | None, salt: str) -> float:
+    """The coin of a row's own node, which decides its unit's split when it is the oldest row."""
+    return _coin(own if own is not None else tnode, salt)
+
+
+def assign_splits(rows: pd.DataFrame, cfg: PrepareConfig, *,
+                  nodes: tuple[Sequence[str | None], Sequence[str | None]] | None = None,
+                  coins: Sequence[float] | None = None) -> pd.Series:
     """Each row's split (None for a row without text), over rows of all batches.
 
     A row without a group hashes its text key (exactly `split_of`); a row with a `group` hashes
@@ -102,14 +119,30 @@ def assign_splits(rows: pd.DataFrame, cfg: PrepareConfig) -> pd.Series:
     none), oldest in arrival order: `batch_order`, then position. So a new batch never moves
     rows it does not touch, and a new group that repeats an old text joins the old unit's split;
     only two old units joined by a new row can move (the younger joins the older).
+
+    `nodes` (each row's `unit_nodes`) and `coins` (its `unit_coin`), in row order, are what a
+    row contributes by itself: given (prepare keeps them per batch), nothing is hashed here.
     """
     key, salt = cfg.split_key, cfg.salt
+    if nodes is None:
+        texts = rows[TEXT].tolist()
+        groups = rows[GROUP].tolist() if GROUP in rows.columns else [None] * len(rows)
+        pairs = [unit_nodes(t, g, key) for t, g in zip(texts, groups, strict=True)]
+        nodes = ([p[0] for p in pairs], [p[1] for p in pairs])
+    # Missing nodes as None, however the caller's frame spelt them (NaN, pd.NA).
+    tnodes = [t if isinstance(t, str) else None for t in nodes[0]]
+    owns = [o if isinstance(o, str) else None for o in nodes[1]]
+    if coins is None:
+        coins = [unit_coin(t, o, salt) if t is not None else float("nan")
+                 for t, o in zip(tnodes, owns, strict=True)]
+    if all(o is None for o in owns):  # no groups: each text is its own unit
+        return pd.Series([_split_at(c, cfg.val_frac, cfg.test_frac) if t is not None else None
+                          for t, c in zip(tnodes, coins, strict=True)],
+                         index=rows.index, dtype=object)
     order = (np.argsort(rows["batch_order"].to_numpy(), kind="stable")
              if "batch_order" in rows.columns else np.arange(len(rows)))
-    texts = rows[TEXT].tolist()
-    groups = rows[GROUP].tolist() if GROUP in rows.columns else [None] * len(rows)
     parent: dict[str, str] = {}
-    oldest: dict[str, tuple[int, str]] = {}  # unit root -> its oldest row's (rank, hash key)
+    oldest: dict[str, tuple[int, int]] = {}  # unit root -> its oldest row's (rank, position)
 
     def find(node: str) -> str:
         while parent[node] != node:
@@ -117,33 +150,29 @@ def assign_splits(rows: pd.DataFrame, cfg: PrepareConfig) -> pd.Series:
             node = parent[node]
         return node
 
-    nodes: list[str | None] = [None] * len(rows)
     for rank, i in enumerate(order):
-        text, group = texts[i], groups[i]
-        if not isinstance(text, str):
+        tnode = tnodes[i]
+        if tnode is None:
             continue
-        tnode = text_key(text, key)
-        own = _group_key(str(group).strip()) if isinstance(group, str) and group.strip() \
-            else tnode
+        own = owns[i] if owns[i] is not None else tnode
         for node in {tnode, own}:
             if node not in parent:  # first seen here: this row is the oldest of its unit
                 parent[node] = node
-                oldest[node] = (rank, own)
+                oldest[node] = (rank, int(i))
         a, b = find(tnode), find(own)
         if a != b:  # join two units; the one whose oldest row came first keeps its split
             young, old = (a, b) if oldest[a] > oldest[b] else (b, a)
             parent[young] = old
-        nodes[i] = tnode
-    coins: dict[str, str] = {}
+    splits: dict[str, str] = {}
     out = []
-    for node in nodes:
-        if node is None:
+    for tnode in tnodes:
+        if tnode is None:
             out.append(None)
             continue
-        root = find(node)
-        if root not in coins:
-            coins[root] = _split_at(_coin(oldest[root][1], salt), cfg.val_frac, cfg.test_frac)
-        out.append(coins[root])
+        root = find(tnode)
+        if root not in splits:
+            splits[root] = _split_at(coins[oldest[root][1]], cfg.val_frac, cfg.test_frac)
+        out.append(splits[root])
     return pd.Series(out, index=rows.index, dtype=object)
 
 
@@ -331,13 +360,15 @@ def load_batches(batches_dir: Path) -> pd.DataFrame:
     files = batch_files(batches_dir)
     if not files:
         raise BatchRefused(str(batches_dir), ["no batches yet: run `ratchet ingest FILE` first"])
-    frames = []
-    for order, f in enumerate(files):
-        df = pd.read_parquet(f)
-        df[BATCH] = f.stem
-        df["batch_order"] = order
-        frames.append(df)
-    out = pd.concat(frames, ignore_index=True)
+    return combine_batches(files, [pd.read_parquet(f) for f in files])
+
+
+def combine_batches(files: Sequence[Path], frames: Sequence[pd.DataFrame]) -> pd.DataFrame:
+    """The batches' frames (as read from `files`, oldest first) as one, with batch_id and
+    arrival order."""
+    tagged = [df.assign(**{BATCH: f.stem, "batch_order": order})
+              for order, (f, df) in enumerate(zip(files, frames, strict=True))]
+    out = pd.concat(tagged, ignore_index=True)
     for col in (TEXT, LABEL, DOMAIN, BATCH):
         if col not in out.columns:
             out[col] = pd.NA

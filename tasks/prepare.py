@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -10,22 +11,35 @@ from ratchet.config import Params, PrepareConfig
 from ratchet.data import (
     BATCH,
     DOMAIN,
+    GROUP,
     LABEL,
     RECENT,
     REFERENCE,
     SPLITS,
     TEXT,
     assign_splits,
-    load_batches,
+    batch_files,
+    combine_batches,
     text_key,
+    unit_coin,
     unit_hash,
+    unit_nodes,
     write_parquet_atomic,
 )
-from ratchet.errors import ConfigError
+from ratchet.errors import BatchRefused, ConfigError
 from ratchet.noise import exclusion_mask
-from ratchet.runtime import read_json, write_json
+from ratchet.runtime import atomic_path, read_json, write_json
 from ratchet.stage import stage_main
+from ratchet.stagecache import StageCache, code_digest, digest, file_digest
 from ratchet.workspace import CHAMPION_FILE
+
+# What prepare derives from one batch by itself, kept per batch (`batch_parts`): each row's text
+# key, its own unit node (its group's; None: its text's), that node's split coin and its replay
+# priority. Everything across batches (units, dedup, conflicts, slices, the buffer) is done anew
+# over all rows each run, from these.
+PART_VERSION = 1
+TKEY, OWN, COIN, PRIO = "_tkey", "_own", "_coin", "_prio"
+DERIVED = (TKEY, OWN, COIN, PRIO)
 
 
 def resolve_conflicts(rows: pd.DataFrame, policy: str) -> tuple[pd.DataFrame, int]:
@@ -80,7 +94,8 @@ def check_split_scheme(champion: dict, model_name: str, cfg: PrepareConfig) -> N
     )
 
 
-def prepare_frame(rows: pd.DataFrame, cfg: PrepareConfig, exclude: pd.Series | None = None
+def prepare_frame(rows: pd.DataFrame, cfg: PrepareConfig, exclude: pd.Series | None = None,
+                  *, splits: pd.Series | None = None, keys: pd.Series | None = None
                   ) -> tuple[pd.DataFrame, dict[str, int]]:
     """Pure core: rows of all batches (oldest first) -> deduplicated rows with split and slice.
 
@@ -94,19 +109,22 @@ def prepare_frame(rows: pd.DataFrame, cfg: PrepareConfig, exclude: pd.Series | N
     `exclude` (aligned with `rows`) marks rows kept out before anything else (the noise stage's
     suspects, see `ratchet.noise.exclusion_mask`): an older copy of the same text still counts,
     and the newest batch stays `recent` even if it loses rows.
+    `splits` (`assign_splits` of `rows`) and `keys` (each row's `text_key`), aligned with
+    `rows`, are computed here when not given.
     """
     # "recent" is the newest batch as ingested, fixed before any row is dropped: if prepare
     # empties it, recent is empty (and the stats say so), never the batch before it.
     newest = rows["batch_order"].max()
     newest_in = rows[rows["batch_order"] == newest]
-    rows = rows.assign(split=assign_splits(rows, cfg))
+    rows = rows.assign(split=assign_splits(rows, cfg) if splits is None else splits)
     excluded = 0
     if exclude is not None:
         excluded = int(exclude.sum())
         rows = rows[~exclude.to_numpy(dtype=bool)]
     rows = rows.dropna(subset=[TEXT, LABEL]).copy()
     before = len(rows)
-    rows["norm"] = [text_key(t, cfg.split_key) for t in rows[TEXT]]
+    rows["norm"] = ([text_key(t, cfg.split_key) for t in rows[TEXT]] if keys is None
+                    else keys.loc[rows.index].tolist())
     exact = int(rows.duplicated(subset=[TEXT]).sum())
     near = int((rows.duplicated(subset=["norm"]) & ~rows.duplicated(subset=[TEXT])).sum())
     rows, conflicts = resolve_conflicts(rows, cfg.conflicts)
@@ -150,17 +168,20 @@ def allocate(capacity: dict, total: int) -> dict:
     return seats
 
 
-def replay_buffer(train: pd.DataFrame, size: int, salt: str) -> pd.DataFrame:
+def replay_buffer(train: pd.DataFrame, size: int, salt: str,
+                  priority: Sequence[float] | None = None) -> pd.DataFrame:
     """A reservoir sample of the train split, stratified by label and then by batch.
 
     Each row's priority is a hash of its normalised text, and each stratum keeps its rows of
     smallest priority: a bottom-k reservoir, which is a uniform random sample that needs no
     state between runs. The same data gives the same buffer, and when a batch arrives a stratum
-    keeps the rows it had unless its quota shrinks.
+    keeps the rows it had unless its quota shrinks. `priority` (each row's `replay_priority`,
+    in row order) is computed here when not given.
     """
     if size == 0 or train.empty:
         return train.iloc[:0].assign(priority=pd.Series(dtype="float64"))
-    prio = [unit_hash(t, f"{salt}\x00replay") for t in train[TEXT]]
+    prio = ([replay_priority(t, salt) for t in train[TEXT]] if priority is None
+            else list(priority))
     pool = train.assign(priority=prio).sort_values(["priority", TEXT], kind="stable")
     per_label = allocate(pool[LABEL].value_counts().to_dict(), size)
     picked = []
@@ -172,19 +193,77 @@ def replay_buffer(train: pd.DataFrame, size: int, salt: str) -> pd.DataFrame:
     return pd.concat(picked).sort_values([LABEL, BATCH, "priority"]).reset_index(drop=True)
 
 
+def replay_priority(text: object, salt: str) -> float:
+    """A row's priority in the replay buffer's reservoir: a seeded coin of its normalised text."""
+    return unit_hash(text, f"{salt}\x00replay") if isinstance(text, str) else float("nan")
+
+
 def noise_exclusions(rows: pd.DataFrame, params: Params, noise: Path | None,
-                     suspects: Path | None) -> pd.Series | None:
+                     suspects: Path | None, splits: pd.Series | None = None
+                     ) -> pd.Series | None:
     """The rows the noise stage's verdicts keep out (None without its outputs: older
     workspaces, whose dvc.yaml has no noise stage)."""
     if noise is None or suspects is None or not noise.is_file() or not suspects.is_file():
         return None
+    if splits is None:
+        splits = assign_splits(rows, params.prepare)
     return exclusion_mask(rows, pd.read_parquet(suspects), read_json(noise)["batches"],
-                          train=params.noise.train, splits=assign_splits(rows, params.prepare))
+                          train=params.noise.train, splits=splits)
+
+
+def batch_part(df: pd.DataFrame, cfg: PrepareConfig) -> pd.DataFrame:
+    """What prepare derives from one batch's rows alone (the `DERIVED` columns), in row order."""
+    # As `combine_batches` casts them: a missing value is pd.NA, anything else a string.
+    texts = df[TEXT].astype("string").tolist() if TEXT in df.columns else [None] * len(df)
+    groups = df[GROUP].astype("string").tolist() if GROUP in df.columns else [None] * len(df)
+    nodes = [unit_nodes(t, g, cfg.split_key) for t, g in zip(texts, groups, strict=True)]
+    return pd.DataFrame({
+        TKEY: pd.array([n[0] for n in nodes], dtype=object),
+        OWN: pd.array([n[1] for n in nodes], dtype=object),
+        COIN: [unit_coin(t, o, cfg.salt) if t is not None else float("nan") for t, o in nodes],
+        PRIO: [replay_priority(t, cfg.salt) for t in texts],
+    })
+
+
+def batch_parts(files: list[Path], cfg: PrepareConfig, cache: Path | None
+                ) -> tuple[list[pd.DataFrame], list[pd.DataFrame], int]:
+    """Each batch's rows and its part, the part from the cache when an earlier run made it
+    under the same salt, key version and code; returns also how many parts were made now."""
+    store = StageCache(cache)
+    base = digest(PART_VERSION, code_digest(("ratchet.data", "tasks.prepare")), cfg.salt,
+                  cfg.split_key)
+    frames, parts, made = [], [], 0
+    for f in files:
+        df = pd.read_parquet(f)
+        part = None
+        if store.root is not None:
+            path = store.path(digest(base, file_digest(f)), ".parquet")
+            try:
+                part = pd.read_parquet(path)
+                if list(part.columns) != list(DERIVED) or len(part) != len(df):
+                    part = None
+            except Exception:  # noqa: BLE001 - absent or damaged: made again
+                part = None
+        if part is None:
+            part = batch_part(df, cfg)
+            made += 1
+            if store.root is not None:
+                store.root.mkdir(parents=True, exist_ok=True)
+                with atomic_path(path) as tmp:
+                    part.to_parquet(tmp, index=False)
+        frames.append(df)
+        parts.append(part)
+    return frames, parts, made
 
 
 def run(params: Params, *, batches: Path, out: Path, replay: Path, metrics: Path,
         noise: Path | None = None, suspects: Path | None = None,
-        champion: Path | None = None) -> dict:
+        champion: Path | None = None, cache: Path | None = None) -> dict:
+    """Prepare the splits and the replay buffer from every batch.
+
+    With `cache` (a folder), what a batch gives by itself (`batch_part`) is kept between runs,
+    so a run hashes only the rows of new batches; the outputs are those of a run from scratch.
+    """
     cfg = params.prepare
     # champion.json is read, not a DVC dependency: a champion move must not re-run prepare, and
     # the scheme can only change with `prepare` params, which re-run this stage. A dvc.yaml made
@@ -192,15 +271,27 @@ def run(params: Params, *, batches: Path, out: Path, replay: Path, metrics: Path
     champion = champion or (CHAMPION_FILE if CHAMPION_FILE.is_file() else None)
     if champion is not None and champion.is_file():
         check_split_scheme(read_json(champion), params.registry.model_name, cfg)
-    rows = load_batches(batches)
-    rows, stats = prepare_frame(rows, cfg, noise_exclusions(rows, params, noise, suspects))
+    files = batch_files(batches)
+    if not files:
+        raise BatchRefused(str(batches), ["no batches yet: run `ratchet ingest FILE` first"])
+    frames, parts, made = batch_parts(files, cfg, cache)
+    rows = combine_batches(files, frames)
+    derived = pd.concat(parts, ignore_index=True).set_axis(rows.index)
+    splits = assign_splits(rows, cfg, nodes=(derived[TKEY].tolist(), derived[OWN].tolist()),
+                           coins=derived[COIN].to_numpy())
+    exclude = noise_exclusions(rows, params, noise, suspects, splits)
+    rows, stats = prepare_frame(rows.assign(**{PRIO: derived[PRIO]}), cfg, exclude,
+                                splits=splits, keys=derived[TKEY])
+    stats["cache/batches_split"] = made
+    stats["cache/batches_reused"] = len(files) - made
     for split in SPLITS:
-        part = rows[rows["split"] == split].drop(columns=["split"])
+        part = rows[rows["split"] == split].drop(columns=["split", PRIO])
         write_parquet_atomic(part, out / f"{split}.parquet")
         for sl in (RECENT, REFERENCE):
             stats[f"{split}/{sl}"] = int((part["slice"] == sl).sum())
-    buffer = replay_buffer(rows[rows["split"] == "train"].drop(columns=["split"]),
-                           cfg.replay_size, cfg.salt)
+    train = rows[rows["split"] == "train"]
+    buffer = replay_buffer(train.drop(columns=["split", PRIO]), cfg.replay_size, cfg.salt,
+                           priority=train[PRIO].to_numpy())
     write_parquet_atomic(buffer, replay)
     stats["replay/rows"] = len(buffer)
     stats["replay/labels"] = int(buffer[LABEL].nunique())
@@ -222,7 +313,8 @@ def main() -> None:
         "noise": "the noise stage's report (which batches are flagged or reviewed)",
         "suspects": "the noise stage's suspect rows (parquet)",
         "champion": "champion.json: the split scheme the champion was trained under",
-    }, run, optional=("noise", "suspects", "champion"))
+        "cache": "folder of per-batch parts kept between runs (.ratchet/cache/prepare)",
+    }, run, optional=("noise", "suspects", "champion", "cache"))
 
 
 if __name__ == "__main__":
