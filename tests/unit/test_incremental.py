@@ -1,0 +1,250 @@
+"""validate and prepare work on what is new: per-batch results kept between runs (issue 14).
+
+Real stages on real batch files: a second run with one new batch validates (great-expectations)
+and splits only that batch, and gives what a run from scratch gives; a params change, a damaged
+entry or a changed batch re-does what it must.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from ratchet.config import parse_params
+from ratchet.data import SPLITS, canonical, content_hash, load_batches, write_parquet_atomic
+from ratchet.demo_data import OLD_DOMAINS, make_rows
+
+
+def _write(folder: Path, seq: int, df: pd.DataFrame) -> Path:
+    """A batch file as ingest stores it."""
+    stored = canonical(df)
+    path = folder / f"{seq:04d}-{content_hash(stored)[:12]}.parquet"
+    write_parquet_atomic(stored, path)
+    return path
+
+
+def history(folder: Path, rows: int = 60) -> list[pd.DataFrame]:
+    """Four batches: fresh texts; repeats of batch 1 (some with another label: conflicts, some
+    re-cased: normalised duplicates) and groups; a group joining an old text; a new label."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng, seen = random.Random(7), set()
+    b1 = make_rows(rng, OLD_DOMAINS[:2], rows, seen)
+    b2 = make_rows(rng, OLD_DOMAINS[:2], rows, seen)
+    repeats = b1.iloc[:6].copy()
+    repeats.loc[repeats.index[:3], "label"] = "check_balance"  # another label: conflicts
+    repeats.loc[repeats.index[3:], "text"] = repeats["text"].iloc[3:].str.upper()
+    b2 = pd.concat([b2, repeats], ignore_index=True)
+    b2["group"] = [f"g{i // 4}" if i < 20 else None for i in range(len(b2))]
+    b3 = make_rows(rng, OLD_DOMAINS[:3], rows, seen)
+    b3["group"] = [f"h{i // 3}" if i < 9 else None for i in range(len(b3))]
+    b3.loc[0, "text"] = b2.loc[1, "text"]  # joins unit g0 of batch 2 and h0 of batch 3
+    b4 = make_rows(rng, OLD_DOMAINS[:3], rows, seen)
+    b4.loc[:4, "label"] = "brand_new_label"
+    b4 = pd.concat([b4, b1.iloc[10:12]], ignore_index=True)  # repeats, same labels
+    return [b1, b2, b3, b4]
+
+
+@pytest.fixture(scope="module")
+def frames(tmp_path_factory) -> list[pd.DataFrame]:
+    return history(tmp_path_factory.mktemp("frames"))
+
+
+# --- validate --------------------------------------------------------------------------------
+
+
+def _validate(tmp: Path, batches: Path, cache: Path | None, tag: str, **overrides) -> dict:
+    from tasks.validate import run
+
+    params = parse_params({"validate": {"allow_new_labels": True, **overrides}})
+    docs = tmp / f"docs-{tag}"
+    summary = run(params, batches=batches, report=tmp / f"summary-{tag}.json",
+                  metrics=tmp / f"metrics-{tag}.json", docs=docs, cache=cache)
+    metrics = json.loads((tmp / f"metrics-{tag}.json").read_text())
+    pages = sorted(p.name for p in (docs / "validations").rglob("*.html"))
+    index = (docs / "index.html").read_text()
+    return {"summary": summary, "metrics": metrics, "pages": pages, "index": index}
+
+
+def test_validate_runs_great_expectations_only_on_new_batches(tmp_path, frames):
+    batches, cache = tmp_path / "batches", tmp_path / "cache"
+    batches.mkdir()
+    names = [_write(batches, i + 1, df).name for i, df in enumerate(frames[:2])]
+
+    first = _validate(tmp_path, batches, cache, "1")
+    assert (first["metrics"]["validated_now"], first["metrics"]["reused"]) == (2, 0)
+
+    names.append(_write(batches, 3, frames[2]).name)
+    second = _validate(tmp_path, batches, cache, "2")
+    assert (second["metrics"]["validated_now"], second["metrics"]["reused"]) == (1, 2)
+    # Data Docs still cover every batch: a page each, all three in the index.
+    assert len(second["pages"]) == 3
+    assert all(n in second["index"] for n in names)
+
+    scratch = _validate(tmp_path, batches, None, "scratch")  # no cache: every batch, as before
+    assert scratch["metrics"]["validated_now"] == 3
+    same = ("passed", "batches", "warnings")
+    assert {k: second["summary"][k] for k in same} == {k: scratch["summary"][k] for k in same}
+    assert {k: v for k, v in second["metrics"].items() if k not in ("validated_now", "reused")} \
+        == {k: v for k, v in scratch["metrics"].items() if k not in ("validated_now", "reused")}
+    warned = "\n".join(second["summary"]["warnings"])
+    assert "conflicting labels" in warned and "duplicates of earlier batches" in warned
+
+
+def test_validate_redoes_what_a_params_change_or_a_damaged_entry_touches(tmp_path, frames):
+    from tasks.validate import chain_keys
+
+    batches, cache = tmp_path / "batches", tmp_path / "cache"
+    batches.mkdir()
+    files = [_write(batches, i + 1, df) for i, df in enumerate(frames[:2])]
+    assert _validate(tmp_path, batches, cache, "1")["metrics"]["validated_now"] == 2
+
+    # A damaged entry costs its batch a validation, no more: the next batch's key is its own.
+    keys = chain_keys(files, parse_params({"validate": {"allow_new_labels": True}}))
+    (cache / f"{keys[0]}.json").write_text('{"key": "cut')
+    again = _validate(tmp_path, batches, cache, "2")
+    assert (again["metrics"]["validated_now"], again["metrics"]["reused"]) == (1, 1)
+
+    # New params: the verdicts may differ, every batch is validated again.
+    strict = _validate(tmp_path, batches, cache, "3", min_chars=30)
+    assert (strict["metrics"]["validated_now"], strict["metrics"]["reused"]) == (2, 0)
+    assert strict["metrics"]["warnings"] > again["metrics"]["warnings"]
+
+
+def test_validate_keys_chain_the_history(tmp_path, frames):
+    """A batch's verdict depends on the batches before it: replacing an earlier batch changes
+    every later key, not the earlier ones."""
+    from tasks.validate import chain_keys
+
+    batches = tmp_path / "batches"
+    batches.mkdir()
+    files = [_write(batches, i + 1, df) for i, df in enumerate(frames[:3])]
+    params = parse_params({})
+    before = chain_keys(files, params)
+    swapped = _write(batches, 2, frames[3])
+    files[1].unlink()
+    after = chain_keys([files[0], swapped, files[2]], params)
+    assert after[0] == before[0] and after[1] != before[1] and after[2] != before[2]
+    assert chain_keys(files[:1], parse_params({"model": {"source": "tiny"}}))[0] != before[0]
+
+
+# --- prepare ---------------------------------------------------------------------------------
+
+
+def _prepare(tmp: Path, batches: Path, cache: Path | None, tag: str, noise=None,
+             **overrides) -> dict:
+    from tasks import prepare
+
+    params = parse_params({"prepare": {"replay_size": 50, **overrides}})
+    out = tmp / f"prepared-{tag}"
+    extra = {} if noise is None else {"noise": noise[0], "suspects": noise[1]}
+    stats = prepare.run(params, batches=batches, out=out, replay=tmp / f"replay-{tag}.parquet",
+                        metrics=tmp / f"prepare-{tag}.json", cache=cache, **extra)
+    frames = {s: pd.read_parquet(out / f"{s}.parquet") for s in SPLITS}
+    frames["replay"] = pd.read_parquet(tmp / f"replay-{tag}.parquet")
+    return {"stats": stats, "frames": frames}
+
+
+def reference(tmp: Path, batches: Path, noise=None, **overrides) -> dict:
+    """The prepare of commit 48e5dc0, from its public pieces: every batch read and hashed anew
+    (`load_batches`, `assign_splits` inside `prepare_frame`, `replay_buffer`'s own priorities),
+    written and read back as the stage does."""
+    from tasks.prepare import noise_exclusions, prepare_frame, replay_buffer
+
+    params = parse_params({"prepare": {"replay_size": 50, **overrides}})
+    cfg = params.prepare
+    rows = load_batches(batches)
+    extra = (None, None) if noise is None else noise
+    rows, stats = prepare_frame(rows, cfg, noise_exclusions(rows, params, *extra))
+    frames = {s: rows[rows["split"] == s].drop(columns=["split"]) for s in SPLITS}
+    frames["replay"] = replay_buffer(frames["train"], cfg.replay_size, cfg.salt)
+    for name, df in frames.items():
+        df.to_parquet(tmp / f"ref-{name}.parquet", index=False)
+        frames[name] = pd.read_parquet(tmp / f"ref-{name}.parquet")
+    return {"stats": stats, "frames": frames}
+
+
+def _same(got: dict, want: dict) -> None:
+    for name, df in want["frames"].items():
+        pd.testing.assert_frame_equal(got["frames"][name], df, obj=name)
+    common = {k: v for k, v in got["stats"].items() if not k.startswith("cache/")}
+    assert {k: common[k] for k in want["stats"]} == want["stats"]
+
+
+def _noise(tmp: Path, names: list[str], frames: list[pd.DataFrame]) -> tuple[Path, Path]:
+    """The noise stage's outputs with batch 2 flagged: its first 8 rows are suspects."""
+    b2 = Path(names[1]).stem
+    sus = tmp / "suspects.parquet"
+    frames[1].iloc[:8].assign(batch_id=b2, suggested="x", quality=0.0).to_parquet(sus)
+    report = tmp / "noise.json"
+    report.write_text(json.dumps({"batches": {b2: {"flagged": True, "review": None}}}))
+    return report, sus
+
+
+def test_prepare_splits_only_the_new_batch_and_equals_the_full_rebuild(tmp_path, frames):
+    batches, cache = tmp_path / "batches", tmp_path / "cache"
+    batches.mkdir()
+    names = [_write(batches, i + 1, df).name for i, df in enumerate(frames[:3])]
+    noise = _noise(tmp_path, names, frames)
+    first = _prepare(tmp_path, batches, cache, "1", noise)
+    assert (first["stats"]["cache/batches_split"], first["stats"]["cache/batches_reused"]) == (3, 0)
+
+    _write(batches, 4, frames[3])
+    second = _prepare(tmp_path, batches, cache, "2", noise)
+    assert (second["stats"]["cache/batches_split"], second["stats"]["cache/batches_reused"]) \
+        == (1, 3)
+    want = reference(tmp_path, batches, noise)
+    _same(second, want)
+    # What this history exercises, so that the equality means something.
+    stats = want["stats"]
+    assert stats["conflicting_texts"] >= 2 and stats["normalised_duplicates"] >= 3
+    assert stats["exact_duplicates"] >= 2 and stats["noise/excluded"] > 0
+    assert "brand_new_label" in set(second["frames"]["train"]["label"]) | set(
+        second["frames"]["test"]["label"]) | set(second["frames"]["val"]["label"])
+    joined = pd.concat([second["frames"][s].assign(split=s) for s in SPLITS])
+    assert (joined.dropna(subset=["group"]).groupby("group")["split"].nunique() == 1).all()
+
+    shutil.rmtree(cache)  # from scratch: the same bytes
+    scratch = _prepare(tmp_path, batches, cache, "scratch", noise)
+    assert scratch["stats"]["cache/batches_split"] == 4
+    _same(scratch, want)
+    for split in SPLITS:
+        assert (tmp_path / "prepared-2" / f"{split}.parquet").read_bytes() == (
+            tmp_path / "prepared-scratch" / f"{split}.parquet").read_bytes()
+
+
+@pytest.mark.parametrize(("overrides", "split_again"), [
+    ({"salt": "another"}, 4),      # every row's coin changes: every batch is split again
+    ({"split_key": 1}, 4),         # every text key changes
+    ({"val_frac": 0.3, "conflicts": "majority"}, 0),  # applied over the kept parts
+])
+def test_prepare_params_change_redoes_what_it_touches(tmp_path, frames, overrides,
+                                                      split_again):
+    batches, cache = tmp_path / "batches", tmp_path / "cache"
+    batches.mkdir()
+    for i, df in enumerate(frames):
+        _write(batches, i + 1, df)
+    base = _prepare(tmp_path, batches, cache, "base")
+    assert base["stats"]["cache/batches_split"] == 4
+    changed = _prepare(tmp_path, batches, cache, "changed", **overrides)
+    assert changed["stats"]["cache/batches_split"] == split_again
+    assert changed["stats"]["cache/batches_reused"] == 4 - split_again
+    _same(changed, reference(tmp_path, batches, **overrides))
+    assert not all(changed["frames"][s].equals(base["frames"][s]) for s in SPLITS)
+
+
+def test_prepare_recomputes_a_damaged_part(tmp_path, frames):
+    batches, cache = tmp_path / "batches", tmp_path / "cache"
+    batches.mkdir()
+    for i, df in enumerate(frames[:2]):
+        _write(batches, i + 1, df)
+    _prepare(tmp_path, batches, cache, "1")
+    part = sorted(cache.glob("*.parquet"))[0]
+    part.write_bytes(b"PAR1 cut")
+    again = _prepare(tmp_path, batches, cache, "2")
+    assert (again["stats"]["cache/batches_split"], again["stats"]["cache/batches_reused"]) == (1, 1)
+    _same(again, reference(tmp_path, batches))
