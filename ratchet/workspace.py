@@ -48,6 +48,18 @@ MODEL_CARD = Path("reports/eval/model_card.md")  # written by the gate beside th
 LABELS_REVIEW = Path("labels-review.yaml")
 NOISE_REPORT = Path("reports/validation/noise.json")
 NOISE_SUSPECTS = Path("data/noise/suspects.parquet")
+# Derived outputs that grow with the history and that their stage rebuilds in seconds from the
+# per-batch parts it keeps under .ratchet/cache/ (or, for augment, from the prepared split and
+# the DVC-cached encoder): dvc.yaml marks them `cache: false`, so dvc.lock keeps their hashes and
+# neither the DVC cache nor git keeps a copy per run. See dvc.yaml's header.
+REBUILT = (
+    "reports/validation/docs",
+    "data/prepared",
+    "data/replay/buffer.parquet",
+    "data/drift/weights.parquet",
+    "data/augmented/train.parquet",
+    "reports/eval/predictions.parquet",
+)
 GITIGNORE = """\
 # ratchet workspace: heavy or local-only files stay out of git
 /mlflow.db
@@ -55,7 +67,8 @@ GITIGNORE = """\
 /.ratchet/
 /data/incoming/
 /data/quarantine/
-"""
+# derived outputs rebuilt by their stage (dvc.lock has their hashes; see dvc.yaml)
+""" + "".join(f"/{path}\n" for path in REBUILT)
 
 
 def template(name: str) -> Path:
@@ -128,8 +141,9 @@ def commit(ws: Path, message: str, *, paths: list[Path] | None = None,
 
 
 def cached_outputs(ws: Path) -> list[str]:
-    """The workspace's DVC-cached outputs (stage outs not `cache: false`, persist ones too, and
-    those of `.dvc` files), as DVC itself resolves dvc.yaml: paths relative to `ws`."""
+    """The outputs git must not hold, as DVC itself resolves dvc.yaml (paths relative to `ws`):
+    the DVC-cached ones (stage outs not `cache: false`, persist ones too, and those of `.dvc`
+    files), and the `REBUILT` ones marked `cache: false`."""
     with _dvc_repo(ws) as repo:
         return _outputs(repo)
 
@@ -148,9 +162,14 @@ def _dvc_repo(ws: Path) -> Iterator[Any]:
 
 
 def _outputs(repo: Any) -> list[str]:
-    # use_scm_ignore: what DVC git-ignores itself (cached, local, inside the repo)
-    return sorted({os.path.relpath(out.fspath, repo.root_dir)
-                   for out in repo.index.outs if out.use_scm_ignore})
+    # use_scm_ignore: what DVC git-ignores itself (cached, local, inside the repo); a REBUILT
+    # output is ignored the same way, so that no commit takes it either.
+    outs = set()
+    for out in repo.index.outs:
+        rel = os.path.relpath(out.fspath, repo.root_dir)
+        if out.use_scm_ignore or (out.is_in_repo and Path(rel).as_posix() in REBUILT):
+            outs.add(rel)
+    return sorted(outs)
 
 
 def repair_lockfile(ws: Path, *, log: Callable[[str], None] = print) -> bool:

@@ -20,7 +20,8 @@ with the invariant's name in brackets, so a report can be grouped by invariant:
 - [batches]   data/batches holds exactly the batches in the committed data/batches.dvc (its
               DVC dir manifest), and, when the caller knows them, exactly the accepted ingests;
               every ingest commit adds exactly its batch; no refused batch is in any version;
-- [outputs]   no DVC-cached stage output (a model, a data folder) is committed to git;
+- [outputs]   no DVC-cached stage output (a model, a data folder) is committed to git, nor a
+              rebuilt one (`cache: false` derived data, `ratchet.workspace.REBUILT`);
 - [tmp]       no `.tmp` file anywhere in the workspace (outside .git and .dvc).
 
 "After a fault" means after the recovery the next run performs at its start (it undoes a run
@@ -189,18 +190,22 @@ def check(ws: Path, *, accepted: set[str] | None = None, refused: set[str] | Non
 
 
 def _check_outs_untracked(ws: Path) -> list[str]:
-    """DVC-cached stage outputs (models, data) are DVC's: none may be committed to git."""
+    """DVC-cached stage outputs (models, data) are DVC's, and rebuilt ones (derived data that
+    dvc.yaml leaves uncached) are their stage's: none may be committed to git."""
+    from ratchet.workspace import REBUILT
+
     stages = (yaml.safe_load((ws / "dvc.yaml").read_text()) or {}).get("stages", {})
     cached = []
     for stage in stages.values():
         for out in stage.get("outs", []):
             path, opts = (next(iter(out.items())) if isinstance(out, dict) else (out, {}))
-            if (opts or {}).get("cache", True):
+            if (opts or {}).get("cache", True) or str(path) in REBUILT:
                 cached.append(str(path))
     tracked = _git(ws, "ls-files", "--", *cached).split() if cached else []
     if not tracked:
         return []
-    return [f"[outputs] {len(tracked)} file(s) of DVC-cached stage outputs are committed to git "
+    return [f"[outputs] {len(tracked)} file(s) of DVC-cached or rebuilt stage outputs are "
+            "committed to git "
             f"(e.g. {', '.join(tracked[:3])})"]
 
 

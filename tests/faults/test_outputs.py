@@ -8,7 +8,9 @@ augmented data, the validation docs); the run after that stopped in validate wit
 already tracked by SCM`.
 
 Real workspaces throughout (git, DVC, the pipeline's own stages); the quick tests rebuild the
-state the failed repro leaves (the output present, its entry gone) with one real stage.
+state the failed repro leaves (the output present, its entry gone) with one real stage: noise,
+whose judgements folder is DVC-cached (the validation docs the fault suite found first are
+`cache: false` since issue 14, rebuilt by validate and git-ignored by the workspace).
 """
 
 from __future__ import annotations
@@ -27,8 +29,10 @@ from ratchet import workspace
 from tests.faults import harness
 from tests.faults.invariants import ratchet_cmd, tool_env
 
-DOCS = "reports/validation/docs"
-DOCS_IGNORE = Path("reports/validation/.gitignore")
+OUT = "data/noise"  # a DVC-cached output of a quick stage
+OUT_IGNORE = Path("data/.gitignore")
+ENTRY = "/noise"
+DOCS = "reports/validation/docs"  # a rebuilt output (workspace.REBUILT)
 
 
 def _git(ws: Path, *args: str) -> str:
@@ -37,14 +41,14 @@ def _git(ws: Path, *args: str) -> str:
 
 
 def cached_outs(ws: Path) -> list[str]:
-    """Every DVC-cached output of the workspace, read from dvc.yaml and the `.dvc` files
-    (independently of the code under test, which asks DVC)."""
+    """Every output git must not hold: DVC-cached (read from dvc.yaml and the `.dvc` files,
+    independently of the code under test, which asks DVC) or rebuilt (`workspace.REBUILT`)."""
     outs = []
     stages = (yaml.safe_load((ws / "dvc.yaml").read_text()) or {}).get("stages", {})
     for stage in stages.values():
         for out in stage.get("outs", []):
             path, opts = next(iter(out.items())) if isinstance(out, dict) else (out, {})
-            if (opts or {}).get("cache", True):
+            if (opts or {}).get("cache", True) or str(path) in workspace.REBUILT:
                 outs.append(str(path))
     for dvcfile in ws.glob("**/*.dvc"):
         if not dvcfile.is_file() or {".dvc", ".git"} & set(dvcfile.relative_to(ws).parts[:-1]):
@@ -71,19 +75,20 @@ def _dvc(ws: Path, *args: str) -> subprocess.CompletedProcess:
                           env=workspace.tool_env(), capture_output=True, text=True, check=False)
 
 
-def _validated(tmp_path: Path) -> Path:
-    """A workspace with one batch whose validate stage has run for real (its docs on disk)."""
+def _with_outputs(tmp_path: Path, *stages: str) -> Path:
+    """A workspace with one batch whose noise stage (and `stages`) have run for real: the noise
+    judgements (and e.g. the validation docs) on disk."""
     ws = harness.make_workspace(tmp_path / "ws")
     workspace.ingest(ws, harness.batch_file(ws, 0))
-    proc = _dvc(ws, "repro", "--single-item", "validate")
+    proc = _dvc(ws, "repro", "--single-item", "noise", *stages)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert (ws / DOCS).is_dir() and any((ws / DOCS).rglob("*"))
+    assert (ws / OUT).is_dir() and any((ws / OUT).rglob("*"))
     return ws
 
 
-def _drop_entry(ws: Path, entry: str = "/docs") -> None:
+def _drop_entry(ws: Path, entry: str = ENTRY, ignore: Path = OUT_IGNORE) -> None:
     """What a failed `dvc repro` leaves: the entry DVC had added for an output, taken back."""
-    path = ws / DOCS_IGNORE
+    path = ws / ignore
     lines = [ln for ln in path.read_text().splitlines() if ln.strip() != entry]
     path.write_text("".join(f"{ln}\n" for ln in lines))
 
@@ -92,15 +97,34 @@ def _drop_entry(ws: Path, entry: str = "/docs") -> None:
 
 
 def test_commit_leaves_out_an_output_whose_gitignore_entry_was_taken_back(tmp_path):
-    ws = _validated(tmp_path)
+    ws = _with_outputs(tmp_path)
     _drop_entry(ws)
-    assert "/docs" not in (ws / DOCS_IGNORE).read_text()
+    assert ENTRY not in (ws / OUT_IGNORE).read_text()
 
     assert workspace.commit(ws, "retrain: promoted (version 1)") is True
 
     assert tracked_outputs(ws) == []
-    assert "/docs" in (ws / DOCS_IGNORE).read_text().split()  # written back the way DVC does
-    assert "/docs" in _git(ws, "show", f"HEAD:{DOCS_IGNORE}").split()
+    assert ENTRY in (ws / OUT_IGNORE).read_text().split()  # written back the way DVC does
+    assert ENTRY in _git(ws, "show", f"HEAD:{OUT_IGNORE}").split()
+    assert _status(ws) == []
+
+
+def test_rebuilt_outputs_stay_out_of_git_even_without_their_workspace_ignore_lines(tmp_path):
+    """The rebuilt (`cache: false`) outputs are kept out by the workspace's .gitignore; a
+    workspace that lacks those lines (made before them, or edited) still commits none: the
+    guard writes their entries as it does for DVC's own."""
+    ws = _with_outputs(tmp_path, "validate")
+    assert (ws / DOCS).is_dir() and DOCS in workspace.REBUILT
+    assert _status(ws) and not any(DOCS in line for line in _status(ws))
+    root = ws / ".gitignore"
+    root.write_text("".join(f"{ln}\n" for ln in root.read_text().splitlines()
+                            if ln.strip("/") not in workspace.REBUILT))
+    assert any(DOCS in line for line in _status(ws))  # git would take the docs now
+
+    assert workspace.commit(ws, "retrain: promoted (version 1)") is True
+
+    assert tracked_outputs(ws) == []
+    assert _git(ws, "ls-files", "--", DOCS).split() == []
     assert _status(ws) == []
 
 
@@ -109,22 +133,22 @@ def test_commit_untracks_outputs_an_earlier_commit_took_and_the_next_repro_runs(
                                                                                  capsys):
     """A workspace already broken (the outputs committed, as main's commit did): the next
     commit takes them out of git, says so in one line, and DVC can write them again."""
-    ws = _validated(tmp_path)
+    ws = _with_outputs(tmp_path)
     _drop_entry(ws)
     _git(ws, "add", "-A", "--", ".")  # the old `commit`: everything not ignored
     _git(ws, "commit", "-q", "-m", "retrain: promoted (version 1)")
     took = tracked_outputs(ws)
-    assert took and all(p.startswith(DOCS + "/") for p in took)
+    assert took and all(p.startswith(OUT + "/") for p in took)
 
     assert workspace.commit(ws, "retrain: rejected (version 2)") is True
 
     assert tracked_outputs(ws) == []
     assert _status(ws) == []
     said = capsys.readouterr().err
-    assert DOCS in said and "untracked" in said, said
+    assert OUT in said and "untracked" in said, said
     assert all((ws / p).is_file() for p in took)  # the files stay; only git forgets them
     # What failed on main from then on: the stage writes its output again.
-    proc = _dvc(ws, "repro", "--single-item", "--force", "validate")
+    proc = _dvc(ws, "repro", "--single-item", "--force", "noise")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "already tracked" not in proc.stderr
 
@@ -133,18 +157,18 @@ def test_a_run_starting_in_a_broken_workspace_heals_it_before_its_stages(tmp_pat
     """The outputs committed by an earlier version (the broken state): entering the run (the
     guard both engines run inside) takes them out of git, so its first `dvc repro` does not
     stop in validate with `already tracked by SCM`."""
-    ws = _validated(tmp_path)
+    ws = _with_outputs(tmp_path)
     _drop_entry(ws)
     _git(ws, "add", "-A", "--", ".")
     _git(ws, "commit", "-q", "-m", "retrain: promoted (version 1)")
     assert tracked_outputs(ws)
     said: list[str] = []
     with workspace.run_guard(ws, log=said.append):
-        assert _git(ws, "ls-files", "--", DOCS).split() == []
-        assert "/docs" in (ws / DOCS_IGNORE).read_text().split()
-        proc = _dvc(ws, "repro", "--single-item", "--force", "validate")
+        assert _git(ws, "ls-files", "--", OUT).split() == []
+        assert ENTRY in (ws / OUT_IGNORE).read_text().split()
+        proc = _dvc(ws, "repro", "--single-item", "--force", "noise")
         assert proc.returncode == 0, proc.stderr[-2000:]
-    assert any(DOCS in line for line in said), said
+    assert any(OUT in line for line in said), said
 
 
 @pytest.mark.slow  # the fault suite only (make test-faults): make test keeps its time
@@ -155,7 +179,7 @@ def test_a_dvc_lock_left_half_written_is_restored_when_the_next_run_starts(tmp_p
     """DVC rewrites dvc.lock in place: a kill while it writes (the fault benchmark's SIGINT
     between augment and the next stage) left it empty, and every later run failed at its start.
     The run restores the recorded dvc.lock (DVC then re-runs what no longer matches)."""
-    ws = _validated(tmp_path)
+    ws = _with_outputs(tmp_path)
     assert workspace.commit(ws, "retrain: promoted (version 1)") is True
     recorded = (ws / "dvc.lock").read_text()
     (ws / "dvc.lock").write_text(left)
@@ -169,11 +193,11 @@ def test_a_dvc_lock_left_half_written_is_restored_when_the_next_run_starts(tmp_p
 
 def test_a_commit_of_named_paths_takes_no_output_either(tmp_path):
     """`paths` (ingest's commit) with a path that holds an output whose entry is gone."""
-    ws = _validated(tmp_path)
+    ws = _with_outputs(tmp_path)
     _drop_entry(ws)
-    assert workspace.commit(ws, "partial", paths=[Path("reports")]) is True
+    assert workspace.commit(ws, "partial", paths=[Path("data")]) is True
     assert tracked_outputs(ws) == []
-    assert "/docs" in _git(ws, "show", f"HEAD:{DOCS_IGNORE}").split()
+    assert ENTRY in _git(ws, "show", f"HEAD:{OUT_IGNORE}").split()
 
 
 # --- slow: the real interrupts ------------------------------------------------------------------
@@ -220,7 +244,7 @@ def test_an_interrupted_dvc_repro_leaves_nothing_for_commit_to_take(tmp_path):
     proc = _start([sys.executable, "-m", "dvc", "repro"], ws, tmp_path / "logs", "repro")
     assert _interrupt(proc, "drift", 0.3) == "drift"
     assert proc.popen.returncode != 0, proc.stderr()[-2000:]
-    assert (ws / DOCS).is_dir()
+    assert (ws / OUT).is_dir() and (ws / DOCS).is_dir()
 
     workspace.commit(ws, "retrain: promoted (version 1)")
 
