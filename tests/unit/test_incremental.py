@@ -248,3 +248,80 @@ def test_prepare_recomputes_a_damaged_part(tmp_path, frames):
     again = _prepare(tmp_path, batches, cache, "2")
     assert (again["stats"]["cache/batches_split"], again["stats"]["cache/batches_reused"]) == (1, 1)
     _same(again, reference(tmp_path, batches))
+
+
+# --- what DVC stores -------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[2]
+MODELS_AND_JUDGEMENTS = {"models/pretrained", "models/candidate", "data/noise"}
+
+
+def _outs() -> dict[str, dict]:
+    import yaml
+
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    outs = {}
+    for stage in stages.values():
+        for out in stage.get("outs", []):
+            path, opts = next(iter(out.items())) if isinstance(out, dict) else (out, {})
+            outs[str(path)] = opts or {}
+    return outs
+
+
+def test_dvc_caches_no_derived_data_that_grows_with_the_history():
+    """The DVC cache takes the models and the noise judgements (kept per batch, `persist`) per
+    run; the rebuilt outputs are `cache: false` and git-ignored in a new workspace."""
+    from ratchet.workspace import GITIGNORE, REBUILT
+
+    outs = _outs()
+    cached = {p for p, o in outs.items() if o.get("cache", True)}
+    assert cached == MODELS_AND_JUDGEMENTS
+    for path in REBUILT:
+        assert outs[path].get("cache") is False, path
+        assert f"/{path}" in GITIGNORE.splitlines(), path
+
+
+@pytest.mark.slow
+def test_a_rebuilt_output_comes_back_with_the_hash_dvc_lock_recorded(tmp_path):
+    """A real workspace: after `dvc repro prepare` the prepared splits are neither in the DVC
+    cache nor in git; deleted (a clone, an old checkout), `dvc status` names the stage and
+    `dvc repro` rebuilds them, byte for byte what dvc.lock recorded, from the cached parts."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from ratchet import workspace
+    from tests.faults import harness
+
+    ws = harness.make_workspace(tmp_path / "ws")
+    workspace.ingest(ws, harness.batch_file(ws, 0))
+
+    def dvc(*args: str) -> str:
+        proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=ws, capture_output=True,
+                              text=True, env=workspace.tool_env(), check=False)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return proc.stdout
+
+    def recorded() -> dict[str, str]:
+        lock = yaml.safe_load((ws / "dvc.lock").read_text())["stages"]
+        return {o["path"]: o["md5"] for s in ("prepare", "validate") for o in lock[s]["outs"]}
+
+    dvc("repro", "prepare")
+    assert workspace.commit(ws, "retrain: promoted (version 1)") is True
+    before = recorded()
+    objects = {p.parent.name + p.name for p in (ws / ".dvc" / "cache").rglob("*") if p.is_file()}
+    for path in ("data/prepared", "data/replay/buffer.parquet"):
+        assert before[path].replace(".dir", "") not in objects, path
+        assert subprocess.run(["git", "ls-files", "--", path], cwd=ws, capture_output=True,
+                              text=True, check=True).stdout == ""
+    shutil.rmtree(ws / "data" / "prepared")
+    (ws / "data" / "replay" / "buffer.parquet").unlink()
+    assert "prepare" in dvc("status", "prepare")
+
+    dvc("repro", "prepare")
+    after = recorded()
+    for path in ("data/prepared", "data/replay/buffer.parquet",
+                 "reports/validation/summary.json"):
+        assert after[path] == before[path], path
+    assert json.loads((ws / "metrics" / "prepare.json").read_text())["cache/batches_reused"] == 1
