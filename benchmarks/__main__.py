@@ -1,7 +1,7 @@
 """Run the benchmarks named on the command line (default: all) and write benchmarks/results/*.json.
 
 Each benchmark is a module in this package with a `run() -> dict` function, registered in
-BENCHMARKS: drift, faults, gate, noise, orchestration, robustness, stream and training.
+BENCHMARKS: drift, faults, gate, incremental, noise, orchestration, robustness, stream and training.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ BENCHMARKS: dict[str, str] = {  # name -> module
     "drift": "benchmarks.drift",
     "faults": "benchmarks.faults",
     "gate": "benchmarks.gate",
+    "incremental": "benchmarks.incremental",
     "noise": "benchmarks.noise",
     "orchestration": "benchmarks.orchestration",
     "robustness": "benchmarks.robustness",

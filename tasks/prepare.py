@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from ratchet.config import Params, PrepareConfig
@@ -184,13 +185,17 @@ def replay_buffer(train: pd.DataFrame, size: int, salt: str,
             else list(priority))
     pool = train.assign(priority=prio).sort_values(["priority", TEXT], kind="stable")
     per_label = allocate(pool[LABEL].value_counts().to_dict(), size)
-    picked = []
-    for label, seats in sorted(per_label.items()):
-        rows = pool[pool[LABEL] == label]
-        per_batch = allocate(rows[BATCH].value_counts().to_dict(), seats)
-        for batch, n in sorted(per_batch.items()):
-            picked.append(rows[rows[BATCH] == batch].head(n))
-    return pd.concat(picked).sort_values([LABEL, BATCH, "priority"]).reset_index(drop=True)
+    strata = pool.groupby([LABEL, BATCH], observed=True).size()
+    quota: dict[tuple[str, str], int] = {}
+    for label, seats in per_label.items():
+        per_batch = allocate(strata.loc[label].to_dict(), seats)
+        quota.update({(label, batch): n for batch, n in per_batch.items()})
+    # Each stratum's first rows in priority order: one pass, not one filter per stratum (the
+    # strata multiply with labels x batches).
+    rank = pool.groupby([LABEL, BATCH], observed=True, sort=False).cumcount().to_numpy()
+    seats = np.array([quota.get(k, 0) for k in zip(pool[LABEL], pool[BATCH], strict=True)])
+    picked = pool[rank < seats]
+    return picked.sort_values([LABEL, BATCH, "priority"]).reset_index(drop=True)
 
 
 def replay_priority(text: object, salt: str) -> float:

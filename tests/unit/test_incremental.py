@@ -12,6 +12,7 @@ import random
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -149,19 +150,88 @@ def _prepare(tmp: Path, batches: Path, cache: Path | None, tag: str, noise=None,
     return {"stats": stats, "frames": frames}
 
 
+def _assign_splits_48e5dc0(rows: pd.DataFrame, cfg) -> pd.Series:
+    """`ratchet.data.assign_splits` as commit 48e5dc0 had it (every row hashed, every run)."""
+    from ratchet.data import GROUP, TEXT, _coin, _group_key, _split_at, text_key
+
+    key, salt = cfg.split_key, cfg.salt
+    order = (np.argsort(rows["batch_order"].to_numpy(), kind="stable")
+             if "batch_order" in rows.columns else np.arange(len(rows)))
+    texts = rows[TEXT].tolist()
+    groups = rows[GROUP].tolist() if GROUP in rows.columns else [None] * len(rows)
+    parent: dict[str, str] = {}
+    oldest: dict[str, tuple[int, str]] = {}
+
+    def find(node: str) -> str:
+        while parent[node] != node:
+            parent[node] = parent[parent[node]]
+            node = parent[node]
+        return node
+
+    nodes: list[str | None] = [None] * len(rows)
+    for rank, i in enumerate(order):
+        text, group = texts[i], groups[i]
+        if not isinstance(text, str):
+            continue
+        tnode = text_key(text, key)
+        own = _group_key(str(group).strip()) if isinstance(group, str) and group.strip() \
+            else tnode
+        for node in {tnode, own}:
+            if node not in parent:
+                parent[node] = node
+                oldest[node] = (rank, own)
+        a, b = find(tnode), find(own)
+        if a != b:
+            young, old = (a, b) if oldest[a] > oldest[b] else (b, a)
+            parent[young] = old
+        nodes[i] = tnode
+    coins: dict[str, str] = {}
+    out = []
+    for node in nodes:
+        if node is None:
+            out.append(None)
+            continue
+        root = find(node)
+        if root not in coins:
+            coins[root] = _split_at(_coin(oldest[root][1], salt), cfg.val_frac, cfg.test_frac)
+        out.append(coins[root])
+    return pd.Series(out, index=rows.index, dtype=object)
+
+
+def _replay_buffer_48e5dc0(train: pd.DataFrame, size: int, salt: str) -> pd.DataFrame:
+    """`tasks.prepare.replay_buffer` as commit 48e5dc0 had it (one filter per stratum)."""
+    from ratchet.data import BATCH, LABEL, TEXT, unit_hash
+    from tasks.prepare import allocate
+
+    if size == 0 or train.empty:
+        return train.iloc[:0].assign(priority=pd.Series(dtype="float64"))
+    prio = [unit_hash(t, f"{salt}\x00replay") for t in train[TEXT]]
+    pool = train.assign(priority=prio).sort_values(["priority", TEXT], kind="stable")
+    per_label = allocate(pool[LABEL].value_counts().to_dict(), size)
+    picked = []
+    for label, seats in sorted(per_label.items()):
+        rows = pool[pool[LABEL] == label]
+        per_batch = allocate(rows[BATCH].value_counts().to_dict(), seats)
+        for batch, n in sorted(per_batch.items()):
+            picked.append(rows[rows[BATCH] == batch].head(n))
+    return pd.concat(picked).sort_values([LABEL, BATCH, "priority"]).reset_index(drop=True)
+
+
 def reference(tmp: Path, batches: Path, noise=None, **overrides) -> dict:
-    """The prepare of commit 48e5dc0, from its public pieces: every batch read and hashed anew
-    (`load_batches`, `assign_splits` inside `prepare_frame`, `replay_buffer`'s own priorities),
-    written and read back as the stage does."""
-    from tasks.prepare import noise_exclusions, prepare_frame, replay_buffer
+    """The prepare of commit 48e5dc0: every batch read and hashed anew (`load_batches`, its
+    `assign_splits` and `replay_buffer`, copied above; `prepare_frame` and the noise mask
+    computing the rest as they did), written and read back as the stage does."""
+    from tasks.prepare import noise_exclusions, prepare_frame
 
     params = parse_params({"prepare": {"replay_size": 50, **overrides}})
     cfg = params.prepare
     rows = load_batches(batches)
     extra = (None, None) if noise is None else noise
-    rows, stats = prepare_frame(rows, cfg, noise_exclusions(rows, params, *extra))
+    splits = _assign_splits_48e5dc0(rows, cfg)
+    rows, stats = prepare_frame(rows, cfg, noise_exclusions(rows, params, *extra, splits),
+                                splits=splits)
     frames = {s: rows[rows["split"] == s].drop(columns=["split"]) for s in SPLITS}
-    frames["replay"] = replay_buffer(frames["train"], cfg.replay_size, cfg.salt)
+    frames["replay"] = _replay_buffer_48e5dc0(frames["train"], cfg.replay_size, cfg.salt)
     for name, df in frames.items():
         df.to_parquet(tmp / f"ref-{name}.parquet", index=False)
         frames[name] = pd.read_parquet(tmp / f"ref-{name}.parquet")
