@@ -9,9 +9,10 @@ The label set is learned (`data.labels` empty, `validate.allow_new_labels: true`
 domain brings new labels. Every other param is the default.
 
 Arms: `old` is commit OLD_COMMIT, exported with `git archive` to a temporary folder; `new` is
-this checkout. Each arm runs its own `dvc.yaml`'s command for the stage (the new one passes the
-stage caches under `.ratchet/cache/`), as a subprocess with the arm's tree first on PYTHONPATH,
-in a folder holding params.yaml and data/batches (no DVC: the stage alone).
+a copy of this checkout's files taken at the start. Each arm runs its own `dvc.yaml`'s command
+for the stage (the new one passes the stage caches under `.ratchet/cache/`), as a subprocess
+with the arm's tree first on PYTHONPATH, in a folder holding params.yaml and data/batches (no
+DVC: the stage alone).
 
 Per arm: `full` = validate, then prepare, on the first BATCHES - 1 batches in a fresh folder (for
 the new arm this also fills its caches). Then, REPEATS times, arms interleaved (old, new, new,
@@ -187,11 +188,21 @@ def old_tree(root: Path) -> Path:
     return tree
 
 
+def new_tree(root: Path) -> Path:
+    """This checkout's files as they are now (edits made while the benchmark runs do not
+    reach it, nor change the code digests its caches are keyed by)."""
+    tree = root / "new-tree"
+    shutil.copytree(REPO, tree, ignore=shutil.ignore_patterns(
+        ".git", "__pycache__", ".venv", "*.egg-info", ".cache", "results", ".pytest_cache",
+        ".ruff_cache", "demo-workspace"))
+    return tree
+
+
 def run() -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="ratchet-incr-") as tmp:
         root = Path(tmp)
         files = write_batches(root / "batches")
-        trees = {"old": old_tree(root), "new": REPO}
+        trees = {"old": old_tree(root), "new": new_tree(root)}
         result: dict[str, Any] = {"batches": BATCHES, "rows_per_batch": ROWS,
                                   "old_commit": OLD_COMMIT, "repeats": REPEATS,
                                   "cpus": os.cpu_count(), "arms": {}}

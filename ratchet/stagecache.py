@@ -5,19 +5,25 @@ pages, prepare's text keys and split coins) is kept under a key made of the file
 everything else that could change the result: the stage's params, the code that computes it, and
 for validate the batches before it. An entry is one file written atomically under the
 workspace's `.ratchet/cache/<stage>/` (not versioned); an entry that cannot be read is a miss and
-is written again, so a damaged or deleted cache only costs time.
+is written again, so a damaged or deleted cache only costs time. Each run marks the entries it
+used (their mtime) and removes those no run used for MAX_IDLE_S (other params, old code).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import json
+import os
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from ratchet.runtime import atomic_path
+
+MAX_IDLE_S = 30 * 86400
 
 
 def digest(*parts: Any) -> str:
@@ -67,6 +73,20 @@ class StageCache:
         except (OSError, ValueError):  # absent or damaged: a miss
             return None
         return entry if isinstance(entry, dict) and entry.get("key") == key else None
+
+    def keep(self, used: Iterable[Path]) -> None:
+        """Mark the entries this run used, and remove the ones no run used for MAX_IDLE_S."""
+        if self.root is None or not self.root.is_dir():
+            return
+        now = time.time()
+        used = set(used)
+        for path in used:
+            with contextlib.suppress(OSError):
+                os.utime(path, (now, now))
+        for path in self.root.iterdir():
+            with contextlib.suppress(OSError):
+                if path not in used and now - path.stat().st_mtime > MAX_IDLE_S:
+                    path.unlink()
 
     def write_json(self, key: str, entry: dict[str, Any]) -> None:
         if self.root is None:

@@ -237,12 +237,13 @@ def batch_parts(files: list[Path], cfg: PrepareConfig, cache: Path | None
     store = StageCache(cache)
     base = digest(PART_VERSION, code_digest(("ratchet.data", "tasks.prepare")), cfg.salt,
                   cfg.split_key)
-    frames, parts, made = [], [], 0
+    frames, parts, made, used = [], [], 0, []
     for f in files:
         df = pd.read_parquet(f)
         part = None
         if store.root is not None:
             path = store.path(digest(base, file_digest(f)), ".parquet")
+            used.append(path)
             try:
                 part = pd.read_parquet(path)
                 if list(part.columns) != list(DERIVED) or len(part) != len(df):
@@ -258,6 +259,7 @@ def batch_parts(files: list[Path], cfg: PrepareConfig, cache: Path | None
                     part.to_parquet(tmp, index=False)
         frames.append(df)
         parts.append(part)
+    store.keep(used)
     return frames, parts, made
 
 

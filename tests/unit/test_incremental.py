@@ -320,6 +320,30 @@ def test_prepare_recomputes_a_damaged_part(tmp_path, frames):
     _same(again, reference(tmp_path, batches))
 
 
+
+def test_entries_no_run_used_for_a_month_are_removed(tmp_path, frames):
+    import os
+    import time
+
+    from ratchet.stagecache import MAX_IDLE_S
+
+    batches, cache = tmp_path / "batches", tmp_path / "cache"
+    batches.mkdir()
+    _write(batches, 1, frames[0])
+    _prepare(tmp_path, batches, cache, "salted", salt="another")  # parts of another salt
+    old = sorted(cache.glob("*.parquet"))
+    _prepare(tmp_path, batches, cache, "1")
+    used = sorted(set(cache.glob("*.parquet")) - set(old))
+    assert len(old) == len(used) == 1
+    month = time.time() - MAX_IDLE_S - 60
+    for path in old + used:
+        os.utime(path, (month, month))
+    again = _prepare(tmp_path, batches, cache, "2")
+    assert again["stats"]["cache/batches_reused"] == 1
+    assert sorted(cache.glob("*.parquet")) == used  # the idle one went, the used one stayed
+    assert used[0].stat().st_mtime > month + 60
+
+
 # --- what DVC stores -------------------------------------------------------------------------
 
 ROOT = Path(__file__).resolve().parents[2]
