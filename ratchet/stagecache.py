@@ -12,6 +12,7 @@ used (their mtime) and removes those no run used for MAX_IDLE_S (other params, o
 from __future__ import annotations
 
 import contextlib
+import gzip
 import hashlib
 import importlib
 import json
@@ -52,7 +53,8 @@ def code_digest(modules: Iterable[str]) -> str:
 
 
 class StageCache:
-    """Entries by key in `root`: `<key><suffix>` files. `root` None keeps nothing."""
+    """Entries by key in `root`: `<key><suffix>` files (JSON ones gzipped). `root` None keeps
+    nothing."""
 
     def __init__(self, root: Path | None) -> None:
         self.root = root
@@ -69,8 +71,8 @@ class StageCache:
         if self.root is None:
             return None
         try:
-            entry = json.loads(self.path(key, ".json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):  # absent or damaged: a miss
+            entry = json.loads(gzip.decompress(self.path(key, ".json.gz").read_bytes()))
+        except (OSError, ValueError, EOFError):  # absent or damaged: a miss
             return None
         return entry if isinstance(entry, dict) and entry.get("key") == key else None
 
@@ -92,5 +94,5 @@ class StageCache:
         if self.root is None:
             return
         self.root.mkdir(parents=True, exist_ok=True)
-        with atomic_path(self.path(key, ".json")) as tmp:
-            tmp.write_text(json.dumps({**entry, "key": key}), encoding="utf-8")
+        with atomic_path(self.path(key, ".json.gz")) as tmp:
+            tmp.write_bytes(gzip.compress(json.dumps({**entry, "key": key}).encode(), mtime=0))

@@ -8,10 +8,8 @@ reported, counted and rendered in Data Docs the same way.
 
 from __future__ import annotations
 
-import base64
 import difflib
 import functools
-import gzip
 import logging
 import re
 from collections.abc import Mapping, Sequence
@@ -463,7 +461,7 @@ class Validator:
         for rel in _page_paths(key.to_tuple(), name):
             path = self.docs / rel
             if path.is_file():  # GX logs a page it failed to render and goes on without it
-                pages[rel] = base64.b64encode(gzip.compress(path.read_bytes(), mtime=0)).decode()
+                pages[rel] = path.read_bytes().decode("utf-8", "surrogateescape")
         suite = self.ctx.suites.get(name).to_json_dict()
         result = self.ctx.validation_results_store.get(key).to_json_dict()
         return {"result_key": list(key.to_tuple()), "result": result, "suite": suite,
@@ -484,10 +482,10 @@ class Validator:
         key = ValidationResultIdentifier.from_tuple(tuple(record["result_key"]))
         store.set(key, store.deserialize(record["result"]))
         self._results[suite["name"]] = key
-        for rel, blob in record["pages"].items():
+        for rel, page in record["pages"].items():
             path = self.docs / rel
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(gzip.decompress(base64.b64decode(blob)))
+            path.write_bytes(page.encode("utf-8", "surrogateescape"))
 
     def _problem(self, r: Any, frame: pd.DataFrame, known: list[str],
                  columns: Sequence[str] | None, mapping: Mapping[str, str] | None) -> Problem:

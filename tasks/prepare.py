@@ -256,7 +256,7 @@ def batch_parts(files: list[Path], cfg: PrepareConfig, cache: Path | None
             if store.root is not None:
                 store.root.mkdir(parents=True, exist_ok=True)
                 with atomic_path(path) as tmp:
-                    part.to_parquet(tmp, index=False)
+                    part.to_parquet(tmp, index=False, compression="zstd")
         frames.append(df)
         parts.append(part)
     store.keep(used)

@@ -151,7 +151,7 @@ def run(params: Params, *, batches: Path, report: Path, metrics: Path, docs: Pat
     if fresh:
         history.save(keys[-1])
     if store.root is not None:
-        store.keep([store.path(k, ".json") for k in keys]
+        store.keep([store.path(k, ".json.gz") for k in keys]
                    + [store.path(keys[-1], ".history.parquet")])
     failed = [r for r in results if not r["passed"]]
     summary = {

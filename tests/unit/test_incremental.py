@@ -106,7 +106,7 @@ def test_validate_redoes_what_a_params_change_or_a_damaged_entry_touches(tmp_pat
 
     # A damaged entry costs its batch a validation, no more: the next batch's key is its own.
     keys = chain_keys(files, parse_params({"validate": {"allow_new_labels": True}}))
-    (cache / f"{keys[0]}.json").write_text('{"key": "cut')
+    (cache / f"{keys[0]}.json.gz").write_bytes(b"\x1f\x8b cut")
     again = _validate(tmp_path, batches, cache, "2")
     assert (again["metrics"]["validated_now"], again["metrics"]["reused"]) == (1, 1)
 
