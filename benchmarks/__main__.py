@@ -1,7 +1,7 @@
 """Run the benchmarks named on the command line (default: all) and write benchmarks/results/*.json.
 
 Each benchmark is a module in this package with a `run() -> dict` function, registered in
-BENCHMARKS: drift, faults, gate, noise, orchestration, robustness, stream and training.
+BENCHMARKS: drift, faults, gate, noise, orchestration, pretrain, robustness, stream and training.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ BENCHMARKS: dict[str, str] = {  # name -> module
     "gate": "benchmarks.gate",
     "noise": "benchmarks.noise",
     "orchestration": "benchmarks.orchestration",
+    "pretrain": "benchmarks.pretrain",
     "robustness": "benchmarks.robustness",
     "stream": "benchmarks.stream",
     "training": "benchmarks.training",
