@@ -496,6 +496,67 @@ def test_whole_word_masking_masks_every_piece_of_a_word():
             assert len(set(masked[a:b])) == 1  # a word is masked whole or not at all
 
 
+def test_pretrain_tokenizes_only_the_rows_its_batches_draw(data, tmp_path, monkeypatch):
+    """A 20,000-row corpus and 3,000 held-out rows, 3 steps of 16: the real tokenizer sees at
+    most 48 training rows, drawn from the whole file, and each of 32 held-out rows once."""
+    from tasks import pretrain as stage
+
+    seen: list[str] = []
+    real = stage.encode
+
+    def counting(tok, texts, max_length, whole_word):
+        seen.extend(texts)
+        return real(tok, texts, max_length, whole_word)
+
+    monkeypatch.setattr(stage, "encode", counting)
+    big = pd.DataFrame({TEXT: [f"row {i} of the corpus" for i in range(20_000)]})
+    big.to_parquet(tmp_path / "train.parquet")
+    held = pd.DataFrame({TEXT: [f"held out {i}" for i in range(3_000)]})
+    held.to_parquet(tmp_path / "val.parquet")
+    p = pretrain_params(max_steps=3, eval_texts=32)
+    stats = stage.run(p, train=tmp_path / "train.parquet", val=tmp_path / "val.parquet",
+                      corpus=tmp_path / "none", out=tmp_path / "model",
+                      metrics=tmp_path / "metrics.json")
+    trained = [t for t in seen if t.startswith("row ")]
+    evaluated = [t for t in seen if t.startswith("held out ")]
+    assert stats["steps"] == 3 and len(trained) <= 48
+    assert stats["tokenized_rows"] == len(set(trained)) == len(trained)
+    assert max(int(t.split()[1]) for t in trained) >= 10_000  # sampled, not the file's head
+    assert len(evaluated) == len(set(evaluated)) == stats["eval_rows"] == 32
+    assert max(int(t.split()[2]) for t in evaluated) >= 32
+    assert json.loads((tmp_path / "metrics.json").read_text())["tokenized_rows"] == len(trained)
+
+
+def test_the_head_warmup_trains_the_mlm_head_alone_then_the_whole_model(data, tmp_path):
+    from safetensors.torch import load_file
+
+    from tasks.pretrain import phase_multipliers
+
+    head, encoder = phase_multipliers(10, 20)
+    assert [encoder(i) for i in range(10)] == [0.0] * 10 and encoder(12) > 0
+    assert head(0) == 0.0 and head(1) == 1.0 and head(9) < head(5) < 1.0
+    assert head(12, 0.1) == pytest.approx(0.1 * encoder(12))
+    base = weights(data["pretrained"])
+    start = tmp_path / "only_head" / "model"
+    shutil.copytree(data["pretrained"], start)  # `init: previous` starts from the fixture's
+    only_head = pretrain(data, tmp_path / "only_head", pretrain_params(
+        init="previous", head_warmup_steps=15, max_steps=0, head_learning_rate=0.01))
+    after = load_file(start / "model.safetensors")
+    assert only_head["steps"] == only_head["head_steps"] == 15
+    assert only_head["perplexity_after"] < only_head["perplexity_before"]
+    moved = {k for k in base if not torch.equal(base[k], after[k])}
+    assert moved and all(k.startswith("cls.") for k in moved), sorted(moved)
+    shutil.copytree(data["pretrained"], tmp_path / "both" / "model")
+    both = pretrain(data, tmp_path / "both", pretrain_params(
+        init="previous", head_warmup_steps=5, max_steps=5, head_learning_rate=0.01))
+    after = load_file(tmp_path / "both" / "model" / "model.safetensors")
+    assert both["steps"] == 10 and both["head_steps"] == 5
+    assert not torch.equal(base["bert.encoder.layer.0.attention.self.query.weight"],
+                           after["bert.encoder.layer.0.attention.self.query.weight"])
+    lr = pd.read_csv(tmp_path / "both" / "curve.csv")["lr"].tolist()
+    assert min(lr[:4]) > 0.001 >= max(lr[5:])  # the head's rate, then the model's
+
+
 def test_pretrain_stops_early_and_on_its_time_budget(data, tmp_path):
     early = pretrain(data, tmp_path / "early", pretrain_params(
         max_steps=200, eval_every=2, patience=1, learning_rate=0.5))
