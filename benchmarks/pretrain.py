@@ -5,16 +5,21 @@ recipe against none, same seeds, through ratchet's own `tasks.pretrain.run` and
 Data: `../shared/data/clinc150/{train,val,test}.csv` (text, label, domain; 151 labels with
 `oos`), read by path, never copied. Per seed: LABELED rows per label of train (a seeded draw)
 are the labeled train split; the rest of train, texts only, is the unlabeled corpus (what
-`data/corpus` holds in a workspace); val is the prepared val split (finetune's early stopping
-and epoch choice, pretrain's held-out perplexity); test is scored once per trained model.
+`data/corpus` holds in a workspace). Val: VAL_PER_LABEL rows per label of val (one fixed draw,
+1,510 of 3,100 rows, to keep the run near an hour), the prepared val split of every arm:
+finetune's early stopping and kept epoch, pretrain's held-out perplexity, the choice between
+arms. Test: all 5,500 rows, scored once per trained model.
 
 Model: the packaged MiniLM (`minilm-l6`), which ships no MLM head: `load_base_mlm` gives it a
 random one. Arms (pretrain params over ratchet's defaults; finetune identical in every arm):
 - none: `pretrain.enabled: false`, the stage passes the base encoder on.
 - default: the default of 48e5dc0, 30 whole-model steps at 5e-5 from the random head.
-- warmup: HEAD_STEPS steps of the head alone (encoder frozen) at 1e-3, then STEPS whole-model
-  steps at 5e-5; perplexity measured after the head phase too (`eval_every`).
-- warmup_long: the same head phase, then LONG_STEPS whole-model steps.
+- head_only: HEAD_STEPS steps of the head alone (encoder frozen) at 1e-3. The encoder it
+  passes on is the base encoder, tensor for tensor (checked), so fine-tuning from it is the
+  `none` arm's fine-tuning: it is not run again, and the entry carries `none`'s numbers. What
+  the arm measures is the perplexity a warmed head reaches (augment's contextual op uses the
+  MLM when it is at most `augment.contextual_max_perplexity`) and what that costs.
+- warmup: the same head phase, then STEPS whole-model steps at 5e-5.
 Every arm runs for every seed (model.seed and the labeled draw), arms interleaved within a seed
 in an order rotated per seed, so the shared machine's load falls on all alike; the load average
 is in each entry. Per arm and seed: val accuracy and macro-F1 of the kept epoch (finetune keeps
@@ -23,7 +28,7 @@ phase), pretrain and finetune wall seconds. The summary gives mean ± sd over se
 arm's paired val and test differences to `none` (mean ± sd). An arm "helps" when its mean
 paired val gain exceeds the sd of that gain; the choice is made on val, test is reported.
 
-`python -m benchmarks.pretrain --smoke` is a small run (20 labels, 1 seed, few steps);
+`python -m benchmarks.pretrain --smoke` is a small run (10 labels, 2 seeds, few steps);
 `python -m benchmarks pretrain` (or `python -m benchmarks.pretrain`) the full one, which writes
 benchmarks/results/pretrain.json.
 """
@@ -47,21 +52,22 @@ DATA = Path(__file__).resolve().parents[2] / "shared/data/clinc150"
 RESULTS = Path(__file__).parent / "results"
 SEEDS = (0, 1, 2)
 LABELED = 10  # labeled train rows per label
-EPOCHS = 3.0  # ratchet's finetune.epochs default, the same in every arm
-HEAD_STEPS = 150
+VAL_PER_LABEL = 10  # val rows per label (a fixed seeded draw): early stopping and the choice
+# The same in every arm; ratchet's default is 3, 2 keeps 3 seeds x 3 fine-tunings of MiniLM on a
+# shared 2-core machine near an hour.
+EPOCHS = 2.0
+HEAD_STEPS = 100
 STEPS = 100
-LONG_STEPS = 300
 # The default of 48e5dc0, spelled out so that changing the default does not change this arm.
 OLD_DEFAULT = {"enabled": True, "head_warmup_steps": 0, "max_steps": 30,
                "learning_rate": 5e-5, "batch_size": 32}
 
 
-def arms(head_steps: int, steps: int, long_steps: int) -> dict[str, dict[str, Any]]:
+def arms(head_steps: int, steps: int) -> dict[str, dict[str, Any]]:
     warm = {"enabled": True, "head_warmup_steps": head_steps, "head_learning_rate": 1e-3,
-            "learning_rate": 5e-5, "batch_size": 32, "eval_every": head_steps, "patience": 0}
+            "learning_rate": 5e-5, "batch_size": 32, "eval_every": head_steps}
     return {"none": {"enabled": False}, "default": OLD_DEFAULT,
-            "warmup": {**warm, "max_steps": steps},
-            "warmup_long": {**warm, "max_steps": long_steps}}
+            "head_only": {**warm, "max_steps": 0}, "warmup": {**warm, "max_steps": steps}}
 
 
 def load(split: str, labels: list[str] | None = None) -> pd.DataFrame:
@@ -87,8 +93,18 @@ def params_for(pretrain: dict[str, Any], seed: int, epochs: float):
                          "finetune": {"epochs": epochs}}, "benchmark")
 
 
+def same_encoder(a: Path, b: Path) -> bool:
+    """Whether two saved MLM folders hold the same encoder tensors (the head aside)."""
+    from safetensors.torch import load_file
+
+    x, y = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    keys = {k for k in x if not k.startswith("cls.")}
+    return keys == {k for k in y if not k.startswith("cls.")} and all(
+        x[k].equal(y[k]) for k in keys)
+
+
 def run_arm(name: str, pretrain: dict[str, Any], seed: int, work: Path, epochs: float,
-            test: pd.DataFrame) -> dict[str, Any]:
+            test: pd.DataFrame, same_as: dict[str, Any] | None = None) -> dict[str, Any]:
     from ratchet.models import Classifier
     from tasks import finetune
     from tasks import pretrain as pretrain_stage
@@ -101,6 +117,25 @@ def run_arm(name: str, pretrain: dict[str, Any], seed: int, work: Path, epochs: 
                              corpus=work / "corpus.parquet", out=out / "pretrained",
                              metrics=out / "pretrain.json", curve=out / "pretrain_curve.csv")
     t1 = time.perf_counter()
+    head_ppl = [e["perplexity"] for e in pre.get("perplexity_curve", [])
+                if e["step"] == pre.get("head_steps") and e["step"] > 0]
+    measured = {
+        "arm": name, "seed": seed, "pretrain_seconds": t1 - t0,
+        "pretrain_train_seconds": pre.get("train_seconds", 0.0),
+        "pretrain_steps": pre["steps"], "head_steps": pre.get("head_steps", 0),
+        "tokenized_rows": pre.get("tokenized_rows"),
+        "perplexity_before": pre.get("perplexity_before"),
+        "perplexity_after_head": head_ppl[0] if head_ppl else pre.get("perplexity_after")
+        if pre.get("steps") and pre["steps"] == pre.get("head_steps") else None,
+        "perplexity_after": pre.get("perplexity_after"),
+    }
+    if same_as is not None:  # the base encoder, unchanged: `none`'s fine-tuning is this arm's
+        if not same_encoder(out / "pretrained", work / f"none-{seed}" / "pretrained"):
+            raise RuntimeError(f"{name}: the encoder changed; it must be fine-tuned")
+        keep = ("val_accuracy", "val_macro_f1", "test_accuracy", "best_epoch",
+                "finetune_seconds", "finetune_train_seconds")
+        return {**measured, **{k: same_as[k] for k in keep}, "finetune": "none's (same encoder)",
+                "load_avg_1min": [load0, os.getloadavg()[0]]}
     ft = finetune.run(p, train=work / "train.parquet", val=work / "val.parquet",
                       pretrained=out / "pretrained", out=out / "model",
                       metrics=out / "finetune.json", curve=out / "finetune_curve.csv")
@@ -109,18 +144,10 @@ def run_arm(name: str, pretrain: dict[str, Any], seed: int, work: Path, epochs: 
     kept = curve[curve["epoch"] == ft["best_epoch"]].iloc[-1]
     pred, _ = Classifier(out / "model").predict(test["text"].tolist())
     right = np.asarray(pred) == test["label"].to_numpy()
-    head_ppl = [e["perplexity"] for e in pre.get("perplexity_curve", [])
-                if e["step"] == pre.get("head_steps") and e["step"] > 0]
     return {
-        "arm": name, "seed": seed,
+        **measured,
         "val_accuracy": float(kept["val_accuracy"]), "val_macro_f1": ft["best_val_macro_f1"],
         "test_accuracy": float(right.mean()), "best_epoch": ft["best_epoch"],
-        "pretrain_seconds": t1 - t0, "pretrain_train_seconds": pre.get("train_seconds", 0.0),
-        "pretrain_steps": pre["steps"], "head_steps": pre.get("head_steps", 0),
-        "tokenized_rows": pre.get("tokenized_rows"),
-        "perplexity_before": pre.get("perplexity_before"),
-        "perplexity_after_head": head_ppl[0] if head_ppl else None,
-        "perplexity_after": pre.get("perplexity_after"),
         "finetune_seconds": t2 - t1, "finetune_train_seconds": ft["train_seconds"],
         "load_avg_1min": [load0, os.getloadavg()[0]],
     }
@@ -166,13 +193,14 @@ def choose(summary: dict[str, Any]) -> dict[str, Any]:
 
 def run(*, seeds: tuple[int, ...] = SEEDS, per_label: int = LABELED, epochs: float = EPOCHS,
         n_labels: int | None = None, head_steps: int = HEAD_STEPS, steps: int = STEPS,
-        long_steps: int = LONG_STEPS, log=print) -> dict[str, Any]:
+        log=print) -> dict[str, Any]:
     if not (DATA / "train.csv").is_file():
         return {"skipped": f"no CLINC150 at {DATA}"}
     train = load("train")
     labels = sorted(train["label"].unique())[:n_labels] if n_labels else None
     train, val, test = load("train", labels), load("val", labels), load("test", labels)
-    recipes = arms(head_steps, steps, long_steps)
+    val, _ = few_labels(val, min(VAL_PER_LABEL, int(val["label"].value_counts().min())), 0)
+    recipes = arms(head_steps, steps)
     names = list(recipes)
     runs: list[dict[str, Any]] = []
     began = time.perf_counter()
@@ -184,9 +212,15 @@ def run(*, seeds: tuple[int, ...] = SEEDS, per_label: int = LABELED, epochs: flo
             labeled[["text", "label"]].to_parquet(work / "train.parquet", index=False)
             rest[["text"]].to_parquet(work / "corpus.parquet", index=False)
             val[["text", "label"]].to_parquet(work / "val.parquet", index=False)
+            # Rotated per seed (head_only, which reuses none's fine-tuning, after none).
             order = names[i % len(names):] + names[: i % len(names)]
+            order.remove("head_only")
+            order.insert(order.index("none") + 1, "head_only")
+            done: dict[str, dict[str, Any]] = {}
             for name in order:
-                r = run_arm(name, recipes[name], seed, work, epochs, test)
+                r = run_arm(name, recipes[name], seed, work, epochs, test,
+                            same_as=done["none"] if name == "head_only" else None)
+                done[name] = r
                 r.update(train_rows=len(labeled), corpus_rows=len(rest))
                 runs.append(r)
                 log(json.dumps({k: (round(v, 4) if isinstance(v, float) else v)
@@ -206,7 +240,7 @@ def run(*, seeds: tuple[int, ...] = SEEDS, per_label: int = LABELED, epochs: flo
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.pretrain", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--smoke", action="store_true", help="20 labels, 1 seed, 1 epoch, few steps")
+    ap.add_argument("--smoke", action="store_true", help="10 labels, 2 seeds, 1 epoch, few steps")
     ap.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
     ap.add_argument("--epochs", type=float, default=EPOCHS)
     ap.add_argument("--labels", type=int, default=None, help="keep the first N labels")
@@ -214,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     kw: dict[str, Any] = {"seeds": tuple(a.seeds), "epochs": a.epochs, "n_labels": a.labels}
     if a.smoke:
-        kw.update(seeds=(0,), epochs=1.0, n_labels=20, head_steps=10, steps=5, long_steps=10)
+        kw.update(seeds=(0, 1), epochs=1.0, n_labels=10, head_steps=10, steps=5)
     result = run(**kw)
     if "skipped" in result:
         print(f"pretrain: skipped ({result['skipped']})")
