@@ -221,17 +221,59 @@ def read_corpus(path: Path) -> list[str]:
     return [t for t in texts if t]
 
 
+def head_names(model) -> list[str]:
+    """The MLM head's parameters: every parameter outside the encoder (`base_model`)."""
+    encoder = {id(p) for p in model.base_model.parameters()}
+    return [n for n, p in model.named_parameters() if id(p) not in encoder]
+
+
+def checkpoint_keys(folder: Path) -> set[str]:
+    """The tensor names a Hugging Face model folder holds (safetensors, else PyTorch files)."""
+    import torch
+    from safetensors import safe_open
+
+    keys: set[str] = set()
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as fh:
+            keys.update(fh.keys())
+    if not keys:
+        for f in sorted(folder.glob("pytorch_model*.bin")):
+            keys.update(torch.load(f, map_location="cpu", weights_only=True, mmap=True))
+    return keys
+
+
+TRAINED_FLAG = "ratchet_mlm_trained"  # set in a pretrained output's config when its head trained
+
+
 def start_model(params: Params, out: Path):
-    """The base model, or (`pretrain.init: previous`) the last run's output where there is one."""
+    """The base model, or (`pretrain.init: previous`) the last run's output where there is one;
+    and whether its MLM head was trained (a source folder holding every head weight, or a
+    previous output whose head this stage trained) rather than newly initialised."""
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
-    from ratchet.models import load_base_mlm
+    from ratchet.models import load_base_mlm, source_dir
 
     if params.pretrain.init == "previous" and (out / "config.json").is_file():
-        return AutoModelForMaskedLM.from_pretrained(out), AutoTokenizer.from_pretrained(out), \
-            "previous"
+        model = AutoModelForMaskedLM.from_pretrained(out)
+        return model, AutoTokenizer.from_pretrained(out), "previous", bool(
+            getattr(model.config, TRAINED_FLAG, False))
     model, tok = load_base_mlm(params.model.source, params.model.seed)
-    return model, tok, "base"
+    folder = source_dir(params.model.source)  # None: `tiny`, random from a config
+    trained = folder is not None and set(head_names(model)) <= checkpoint_keys(folder)
+    return model, tok, "base", trained
+
+
+def plan(enabled: bool | str, head_trained: bool) -> tuple[bool, str]:
+    """Whether to train, and why not. `auto` trains only a model whose MLM head is trained:
+    from a random head (the packaged MiniLM ships none), MLM steps were measured not to help
+    few-label fine-tuning on CLINC150 and to cost time (benchmarks/results/pretrain.json)."""
+    if enabled is False:
+        return False, "pretrain.enabled is false"
+    if enabled == "auto" and not head_trained:
+        return False, ("pretrain.enabled is auto and the start model has no trained MLM head: "
+                       "MLM steps from a random head did not help fine-tuning "
+                       "(benchmarks/pretrain.py); the base encoder is passed on")
+    return True, ""
 
 
 CURVE_FIELDS = ["step", "loss", "lr", "perplexity"]
@@ -261,20 +303,22 @@ def run(params: Params, *, train: Path, val: Path, corpus: Path, out: Path,
     cfg, mcfg = params.pretrain, params.model
     dist = init_distributed()
     set_rank_threads(dist)
-    model, tok, init = start_model(params, out)
+    model, tok, init, head_trained = start_model(params, out)
     model.to(dist.device)
     amp, scaler = mixed_precision(dist.device)
+    train_it, why_not = plan(cfg.enabled, head_trained)
     texts = pd.read_parquet(train)[TEXT].tolist()
-    extra = read_corpus(corpus) if cfg.enabled else []
+    extra = read_corpus(corpus) if train_it else []
     val_texts = pd.read_parquet(val)[TEXT].tolist()
     head_steps, steps = cfg.head_warmup_steps, cfg.max_steps
-    stats: dict = {"enabled": int(bool(cfg.enabled)), "steps": 0, "head_steps": 0,
+    stats: dict = {"enabled": str(cfg.enabled).lower(), "trained": 0, "steps": 0,
+                   "head_steps": 0, "mlm_head": "trained" if head_trained else "untrained",
                    "texts": len(texts), "corpus_texts": len(extra), "tokenized_rows": 0,
                    "eval_rows": 0, "init": init, "whole_word_mask": cfg.whole_word_mask}
     texts += extra
     points: list[dict] = []  # the curve: loss and learning rate per step, perplexity when measured
     folder = None  # this run's checkpoint folder, when it keeps one
-    if cfg.enabled and head_steps + steps > 0 and texts:
+    if train_it and head_steps + steps > 0 and texts:
         ww = cfg.whole_word_mask
         held_out = encode(tok, [val_texts[i] for i in held_out_sample(
             len(val_texts), cfg.eval_texts, mcfg.seed)], mcfg.max_length, ww)
@@ -364,12 +408,14 @@ def run(params: Params, *, train: Path, val: Path, corpus: Path, out: Path,
         stats["perplexity_curve"] = evals + [{"step": stats["steps"],
                                               "perplexity": stats["perplexity_after"]}]
         points[-1]["perplexity"] = stats["perplexity_after"]
+        stats["trained"] = 1
     else:
-        stats["skipped"] = ("pretrain.enabled is false" if not cfg.enabled
-                            else "no steps or no texts")
+        stats["skipped"] = why_not or "no steps or no texts"
     stats["peak_rss_mb"] = peak_rss_mb()
     if dist.device.type == "cuda":
         stats["cuda_peak_mb"] = torch.cuda.max_memory_allocated(dist.device) / 2**20
+    # `init: previous` reads it back: a head trained here or by the source stays "trained"
+    setattr(model.config, TRAINED_FLAG, bool(head_trained or stats["trained"]))
     if dist.main:
         if curve is not None:  # empty when skipped: DVC expects the plot either way
             write_curve(curve, points, CURVE_FIELDS,

@@ -574,6 +574,48 @@ def test_pretrain_disabled_passes_the_base_model_on(data, tmp_path):
     assert "perplexity_after" not in stats and (tmp_path / "model" / "config.json").is_file()
 
 
+def test_pretrain_auto_trains_only_a_model_whose_mlm_head_is_trained(data, tmp_path):
+    """`auto` skips a random head (tiny; the packaged MiniLM, which ships none) and says why,
+    trains a source folder that holds every head weight, and, with `init: previous`, an output
+    whose head it trained before."""
+    from ratchet.config import parse_params
+    from tasks.pretrain import start_model
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("my card was stolen\n")
+    skipped = pretrain(data, tmp_path / "tiny", pretrain_params(enabled="auto"), corpus)
+    assert skipped["trained"] == skipped["steps"] == skipped["corpus_texts"] == 0
+    assert skipped["mlm_head"] == "untrained" and "auto" in skipped["skipped"]
+    assert (tmp_path / "tiny" / "model" / "config.json").is_file()
+    minilm = parse_params({"model": {"source": "minilm-l6"}}, "test")
+    assert start_model(minilm, tmp_path / "none")[3] is False  # no cls.* weights shipped
+    shipped = parse_params({"model": {"source": str(data["pretrained"]), "max_length": 32},
+                            "pretrain": {"enabled": "auto", "max_steps": 3, "batch_size": 16}},
+                           "test")
+    ran = pretrain(data, tmp_path / "shipped", shipped)
+    assert ran["mlm_head"] == "trained" and ran["trained"] == 1 and ran["steps"] == 3
+    again = pretrain(data, tmp_path / "tiny", pretrain_params(enabled="auto", init="previous"))
+    assert again["init"] == "previous" and again["trained"] == 0  # the head it kept is random
+    first = pretrain(data, tmp_path / "cont", pretrain_params(max_steps=3))
+    assert first["trained"] == 1
+    cont = pretrain(data, tmp_path / "cont", pretrain_params(enabled="auto", init="previous",
+                                                             max_steps=3))
+    assert cont["init"] == "previous" and cont["mlm_head"] == "trained" and cont["steps"] == 3
+
+
+@pytest.mark.parametrize("value, parsed", [("auto", "auto"), (True, True), (False, False),
+                                           ("false", False)])
+def test_pretrain_enabled_is_true_false_or_auto(value, parsed):
+    assert pretrain_params(enabled=value).pretrain.enabled == parsed
+
+
+def test_pretrain_enabled_refuses_other_words():
+    from ratchet.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="pretrain.enabled"):
+        pretrain_params(enabled="sometimes")
+
+
 def test_pretrain_can_continue_from_the_previous_encoder(data, tmp_path):
     from safetensors.torch import load_file
 
