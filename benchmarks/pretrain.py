@@ -28,6 +28,11 @@ phase), pretrain and finetune wall seconds. The summary gives mean ± sd over se
 arm's paired val and test differences to `none` (mean ± sd). An arm "helps" when its mean
 paired val gain exceeds the sd of that gain; the choice is made on val, test is reported.
 
+Threads: every stage honours OMP_NUM_THREADS (`ratchet.models.set_threads`). On a 2-core
+machine shared with other jobs (load average 13-16 here), one MiniLM training step took 3.6 s
+with 1 thread and 19.3 s with 2 (OpenMP threads waiting on each other when preempted), so the
+recorded run sets OMP_NUM_THREADS=1; `setup.threads` says which it used.
+
 `python -m benchmarks.pretrain --smoke` is a small run (10 labels, 2 seeds, few steps);
 `python -m benchmarks pretrain` (or `python -m benchmarks.pretrain`) the full one, which writes
 benchmarks/results/pretrain.json.
