@@ -527,6 +527,30 @@ def test_pretrain_tokenizes_only_the_rows_its_batches_draw(data, tmp_path, monke
     assert json.loads((tmp_path / "metrics.json").read_text())["tokenized_rows"] == len(trained)
 
 
+def test_the_loss_on_masked_positions_only_is_the_models_own_mlm_loss():
+    """The vocabulary projection runs on masked positions only: the same loss as the model's
+    (which projects every position), and its gradient."""
+    import contextlib
+
+    from ratchet.models import load_base_mlm
+    from tasks.pretrain import Masker, encode, masked_loss_sum
+
+    model, tok = load_base_mlm("tiny", 0)
+    model.eval()  # no dropout: both passes see the same network
+    batch = Masker(tok, 0.3, seed=0)(encode(tok, [f"text number {i} of a few" for i in range(8)],
+                                            32, False))
+    n = int((batch["labels"] != -100).sum())
+    ours = masked_loss_sum(model, batch["input_ids"], batch["attention_mask"], batch["labels"],
+                           contextlib.nullcontext()) / n
+    ours.backward()
+    grad = model.bert.encoder.layer[0].output.dense.weight.grad.clone()
+    model.zero_grad()
+    theirs = model(**batch).loss
+    theirs.backward()
+    assert float(ours.detach()) == pytest.approx(float(theirs.detach()), rel=1e-5)
+    assert torch.allclose(grad, model.bert.encoder.layer[0].output.dense.weight.grad, atol=1e-6)
+
+
 def test_the_head_warmup_trains_the_mlm_head_alone_then_the_whole_model(data, tmp_path):
     from safetensors.torch import load_file
 
