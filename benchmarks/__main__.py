@@ -1,7 +1,7 @@
 """Run the benchmarks named on the command line (default: all) and write benchmarks/results/*.json.
 
 Each benchmark is a module in this package with a `run() -> dict` function, registered in
-BENCHMARKS: drift, faults, gate, incremental, noise, orchestration, robustness, stream and training.
+BENCHMARKS below.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ BENCHMARKS: dict[str, str] = {  # name -> module
     "incremental": "benchmarks.incremental",
     "noise": "benchmarks.noise",
     "orchestration": "benchmarks.orchestration",
+    "pretrain": "benchmarks.pretrain",
     "robustness": "benchmarks.robustness",
     "stream": "benchmarks.stream",
     "training": "benchmarks.training",

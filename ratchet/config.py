@@ -212,12 +212,28 @@ class AugmentConfig(_Section):
 
 
 class PretrainConfig(_Section):
-    enabled: bool = Field(True, description="Continue MLM pre-training on the domain's texts.")
+    enabled: bool | Literal["auto"] = Field(
+        True, description="Continue MLM pre-training on the domain's texts. auto: only when "
+        "the start model has a trained MLM head (skipped, the base encoder passed on, for a "
+        "source without one such as the packaged MiniLM: benchmarks/pretrain.py measured no "
+        "gain from training a random head)."
+    )
     init: Literal["base", "previous"] = Field(
         "base", description="base: from model.source each run; previous: continue from the last "
         "run's pretrained encoder (where there is one)."
     )
-    max_steps: int = Field(30, ge=0, description="Step budget (optimizer steps).")
+    max_steps: int = Field(
+        30, ge=0, description="Steps (optimizer steps) that train the whole model, after the "
+        "head's warmup."
+    )
+    head_warmup_steps: int = Field(
+        0, ge=0, description="Steps first that train only the MLM head, the encoder frozen: a "
+        "source without an MLM head (the packaged MiniLM) starts from a random one, whose "
+        "gradients would otherwise flow into the encoder."
+    )
+    head_learning_rate: float = Field(
+        1e-3, gt=0, description="Peak learning rate of the head's warmup steps."
+    )
     max_seconds: float = Field(0.0, ge=0, description="Time budget in seconds (0: none).")
     batch_size: int = Field(32, ge=1)
     learning_rate: float = Field(5e-5, gt=0)

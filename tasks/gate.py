@@ -63,6 +63,16 @@ def version_tags(decision: Decision, label: str, *, fingerprint: str, compared_w
     return tags
 
 
+def pretrain_summary(path: Path | None) -> dict[str, Any] | None:
+    """Whether pretrain trained the encoder the candidate started from, and if not, why."""
+    stats = read_json(path) if path is not None and path.is_file() else None
+    if stats is None:
+        return None
+    keys = ("enabled", "trained", "skipped", "mlm_head", "steps", "head_steps",
+            "perplexity_before", "perplexity_after", "train_seconds")
+    return {k: stats[k] for k in keys if k in stats}
+
+
 def newest_noise(report: dict | None) -> dict | None:
     """The noise stage's verdict on the newest batch (its entry, `flagged`, `summary`)."""
     if not report:
@@ -131,6 +141,7 @@ def run(params: Params, *, eval_metrics: Path, eval_report: Path, validation: Pa
         "drift_summary": drift_report.get("summary"),
         "validation_warnings": val.get("warnings", []),
         "label_noise": noise,
+        "pretrain": pretrain_summary(pretrain_metrics),
         "data_docs": val.get("data_docs"),
         "behaviour": details.get("behaviour"),
         "new_classes": new_classes,
@@ -516,7 +527,8 @@ def model_card(params: Params, name: str, label: str, decision: Decision, m: dic
         f"seed {params.model.seed}.",
         f"- Fine-tuning: {params.finetune.epochs:g} epochs, batch {params.finetune.batch_size}, "
         f"learning rate {params.finetune.learning_rate:g}; continued MLM pre-training "
-        f"{'on' if params.pretrain.enabled else 'off'}.",
+        f"{ {True: 'on', False: 'off'}.get(params.pretrain.enabled, 'auto')} (the gate "
+        "record's `pretrain` says whether it trained, and why not).",
         f"{code_at_gate(dvc_experiment())}; params hash `{params_hash(params)}`.",
         "- Data (md5 from dvc.lock, as this run computed them):",
         *[f"  - `{p}`: `{h}`" for p, h in sorted(hashes.items())],

@@ -70,31 +70,46 @@ class Masker:
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def masked_loss_sum(model, input_ids, attention_mask, labels, amp):
+    """The cross-entropy summed over the masked positions. The vocabulary projection (the
+    largest matmul of a small encoder's step) runs on those positions only where the model's
+    MLM head is a separate module (`cls`: BERT; `lm_head`: RoBERTa); else on every position."""
+    import torch
+
+    picked = labels != -100
+    head = getattr(model, "cls", None)
+    if head is None:
+        head = getattr(model, "lm_head", None)
+    with amp:
+        if head is not None:
+            hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask)[0]
+            logits = head(hidden[picked])
+        else:
+            logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[picked]
+    return torch.nn.functional.cross_entropy(logits.float(), labels[picked], reduction="sum")
+
+
 def shard_loss(model, batch: dict, dist, amp):
     """This rank's part of the global batch's mean masked-token loss: the cross-entropy summed
     over its share of the rows, divided by the masked tokens of the whole batch (so the ranks'
     gradients add up to the 1-process gradient; a share with no masked token adds zero)."""
-    import torch
-
     masked = int((batch["labels"] != -100).sum())
     mine = dist.shard(list(range(len(batch["labels"]))))
     part = {k: v[mine[0] : mine[-1] + 1] for k, v in batch.items()}
     width = int(part["attention_mask"].sum(1).max())
     part = {k: v[:, :width].to(dist.device) for k, v in part.items()}
-    with amp:
-        logits = model(input_ids=part["input_ids"], attention_mask=part["attention_mask"]).logits
-    total = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1),
-                                              part["labels"].flatten(), ignore_index=-100,
-                                              reduction="sum")
+    total = masked_loss_sum(model, part["input_ids"], part["attention_mask"], part["labels"], amp)
     return total / max(masked, 1)
 
 
-def perplexity(model, tok, texts: list[str], max_length: int, mlm_probability: float,
-               whole_word: bool = False) -> float:
-    """Masked-token perplexity with fixed masks (seeded), comparable before and after training."""
+def perplexity(model, tok, examples: list[dict], mlm_probability: float) -> float:
+    """Masked-token perplexity of encoded rows (`encode`) with fixed masks (seeded), comparable
+    before and after training."""
+    import contextlib
+
     import torch
 
-    if not texts:
+    if not examples:
         return float("nan")
     collate = Masker(tok, mlm_probability, seed=1234)  # the same masks every time
     was_training = model.training
@@ -102,15 +117,89 @@ def perplexity(model, tok, texts: list[str], max_length: int, mlm_probability: f
     total, count = 0.0, 0
     device = next(model.parameters()).device
     with torch.inference_mode():
-        for start in range(0, len(texts), 64):
-            batch = collate(encode(tok, texts[start : start + 64], max_length, whole_word))
+        for start in range(0, len(examples), 64):
+            batch = collate(examples[start : start + 64])
             batch = {k: v.to(device) for k, v in batch.items()}
             n = int((batch["labels"] != -100).sum())
             if n:
-                total += float(model(**batch).loss) * n
+                total += float(masked_loss_sum(model, batch["input_ids"],
+                                               batch["attention_mask"], batch["labels"],
+                                               contextlib.nullcontext()))
                 count += n
     model.train(was_training)
     return math.exp(total / count) if count else float("nan")
+
+
+class LazyEncoded:
+    """Rows of a text list, tokenized the first time a batch draws them: a run tokenizes at
+    most (steps x batch size) rows however large the corpus is."""
+
+    def __init__(self, tok, texts: list[str], max_length: int, whole_word: bool):
+        self.tok, self.texts, self.max_length, self.whole_word = tok, texts, max_length, whole_word
+        self.done: dict[int, dict] = {}
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def rows(self, idx: list[int]) -> list[dict]:
+        new = [i for i in idx if i not in self.done]
+        if new:
+            encoded = encode(self.tok, [self.texts[i] for i in new], self.max_length,
+                             self.whole_word)
+            self.done.update(zip(new, encoded, strict=True))
+        return [self.done[i] for i in idx]
+
+
+def held_out_sample(n: int, k: int, seed: int) -> list[int]:
+    """`k` of `n` held-out rows, drawn by seed (a prepared split is ordered by batch, and a
+    source file often by label: its head would be a few labels of the oldest batch)."""
+    return sorted(random.Random(seed).sample(range(n), min(k, n)))
+
+
+def phase_multipliers(head_steps: int, steps: int):
+    """Learning-rate multipliers per optimizer step, for the MLM head's parameters and the
+    encoder's: the first `head_steps` steps train the head alone (the encoder frozen: 0) with
+    a 10% warmup and a linear decay; then `steps` steps train everything, warmed up over their
+    first 10% and decayed linearly. The head's multiplier after its warmup is relative to its
+    own learning rate, so `ratio` (learning_rate / head_learning_rate) scales it down."""
+
+    def linear(i: int, total: int) -> float:
+        warm = total // 10
+        if i < warm:
+            return i / max(1, warm)
+        return max(0.0, (total - i) / max(1, total - warm))
+
+    def encoder(i: int) -> float:
+        return 0.0 if i < head_steps else linear(i - head_steps, steps)
+
+    def head(i: int, ratio: float = 1.0) -> float:
+        return linear(i, head_steps) if i < head_steps else ratio * encoder(i)
+
+    return head, encoder
+
+
+def make_phased_optimizer(model, head_params: set[int], lr: float, head_lr: float,
+                          weight_decay: float, head_steps: int, steps: int):
+    """AdamW (no decay on biases and norms) with the head and the encoder in their own groups,
+    each on its `phase_multipliers` schedule; without a head phase, one schedule for all."""
+    import torch
+
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, p in model.named_parameters():
+        key = (id(p) in head_params, p.ndim < 2 or "LayerNorm" in name)
+        groups.setdefault(key, []).append(p)
+    keys = sorted(groups)
+    head_rate = head_lr if head_steps else lr
+    head, encoder = phase_multipliers(head_steps, steps)
+    param_groups = [{"params": groups[k], "lr": head_rate if k[0] else lr,
+                     "weight_decay": 0.0 if k[1] else weight_decay} for k in keys]
+    try:  # one fused kernel per step instead of a loop over tensors (CPU and CUDA)
+        opt = torch.optim.AdamW(param_groups, lr=lr, fused=True)
+    except (RuntimeError, TypeError):
+        opt = torch.optim.AdamW(param_groups, lr=lr)
+    ratio = lr / head_rate
+    lambdas = [(lambda i: head(i, ratio)) if k[0] else encoder for k in keys]
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambdas)
 
 
 def read_corpus(path: Path) -> list[str]:
@@ -132,17 +221,59 @@ def read_corpus(path: Path) -> list[str]:
     return [t for t in texts if t]
 
 
+def head_names(model) -> list[str]:
+    """The MLM head's parameters: every parameter outside the encoder (`base_model`)."""
+    encoder = {id(p) for p in model.base_model.parameters()}
+    return [n for n, p in model.named_parameters() if id(p) not in encoder]
+
+
+def checkpoint_keys(folder: Path) -> set[str]:
+    """The tensor names a Hugging Face model folder holds (safetensors, else PyTorch files)."""
+    import torch
+    from safetensors import safe_open
+
+    keys: set[str] = set()
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as fh:
+            keys.update(fh.keys())
+    if not keys:
+        for f in sorted(folder.glob("pytorch_model*.bin")):
+            keys.update(torch.load(f, map_location="cpu", weights_only=True, mmap=True))
+    return keys
+
+
+TRAINED_FLAG = "ratchet_mlm_trained"  # set in a pretrained output's config when its head trained
+
+
 def start_model(params: Params, out: Path):
-    """The base model, or (`pretrain.init: previous`) the last run's output where there is one."""
+    """The base model, or (`pretrain.init: previous`) the last run's output where there is one;
+    and whether its MLM head was trained (a source folder holding every head weight, or a
+    previous output whose head this stage trained) rather than newly initialised."""
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
-    from ratchet.models import load_base_mlm
+    from ratchet.models import load_base_mlm, source_dir
 
     if params.pretrain.init == "previous" and (out / "config.json").is_file():
-        return AutoModelForMaskedLM.from_pretrained(out), AutoTokenizer.from_pretrained(out), \
-            "previous"
+        model = AutoModelForMaskedLM.from_pretrained(out)
+        return model, AutoTokenizer.from_pretrained(out), "previous", bool(
+            getattr(model.config, TRAINED_FLAG, False))
     model, tok = load_base_mlm(params.model.source, params.model.seed)
-    return model, tok, "base"
+    folder = source_dir(params.model.source)  # None: `tiny`, random from a config
+    trained = folder is not None and set(head_names(model)) <= checkpoint_keys(folder)
+    return model, tok, "base", trained
+
+
+def plan(enabled: bool | str, head_trained: bool) -> tuple[bool, str]:
+    """Whether to train, and why not. `auto` trains only a model whose MLM head is trained:
+    from a random head (the packaged MiniLM ships none), MLM steps were measured not to help
+    few-label fine-tuning on CLINC150 and to cost time (benchmarks/results/pretrain.json)."""
+    if enabled is False:
+        return False, "pretrain.enabled is false"
+    if enabled == "auto" and not head_trained:
+        return False, ("pretrain.enabled is auto and the start model has no trained MLM head: "
+                       "MLM steps from a random head did not help fine-tuning "
+                       "(benchmarks/pretrain.py); the base encoder is passed on")
+    return True, ""
 
 
 CURVE_FIELDS = ["step", "loss", "lr", "perplexity"]
@@ -153,13 +284,11 @@ def run(params: Params, *, train: Path, val: Path, corpus: Path, out: Path,
     import torch
 
     from ratchet.training import (
-        Schedule,
         all_sum,
         checkpoint_key,
         file_digest,
         init_distributed,
         load_agreed_checkpoint,
-        make_optimizer,
         mixed_precision,
         optimizer_step,
         peak_rss_mb,
@@ -174,35 +303,42 @@ def run(params: Params, *, train: Path, val: Path, corpus: Path, out: Path,
     cfg, mcfg = params.pretrain, params.model
     dist = init_distributed()
     set_rank_threads(dist)
-    model, tok, init = start_model(params, out)
+    model, tok, init, head_trained = start_model(params, out)
     model.to(dist.device)
     amp, scaler = mixed_precision(dist.device)
+    train_it, why_not = plan(cfg.enabled, head_trained)
     texts = pd.read_parquet(train)[TEXT].tolist()
-    extra = read_corpus(corpus) if cfg.enabled else []
+    extra = read_corpus(corpus) if train_it else []
     val_texts = pd.read_parquet(val)[TEXT].tolist()
-    stats: dict = {"enabled": int(cfg.enabled), "steps": 0, "texts": len(texts),
-                   "corpus_texts": len(extra), "init": init, "whole_word_mask": cfg.whole_word_mask}
+    head_steps, steps = cfg.head_warmup_steps, cfg.max_steps
+    stats: dict = {"enabled": str(cfg.enabled).lower(), "trained": 0, "steps": 0,
+                   "head_steps": 0, "mlm_head": "trained" if head_trained else "untrained",
+                   "texts": len(texts), "corpus_texts": len(extra), "tokenized_rows": 0,
+                   "eval_rows": 0, "init": init, "whole_word_mask": cfg.whole_word_mask}
     texts += extra
     points: list[dict] = []  # the curve: loss and learning rate per step, perplexity when measured
     folder = None  # this run's checkpoint folder, when it keeps one
-    if cfg.enabled and cfg.max_steps > 0 and texts:
+    if train_it and head_steps + steps > 0 and texts:
         ww = cfg.whole_word_mask
-        held_out = val_texts[: cfg.eval_texts]
-        before = perplexity(model, tok, held_out, mcfg.max_length, cfg.mlm_probability, ww)
+        held_out = encode(tok, [val_texts[i] for i in held_out_sample(
+            len(val_texts), cfg.eval_texts, mcfg.seed)], mcfg.max_length, ww)
+        stats["eval_rows"] = len(held_out)
+        before = perplexity(model, tok, held_out, cfg.mlm_probability)
         stats["perplexity_before"] = before
         torch.manual_seed(mcfg.seed)
         rng = random.Random(mcfg.seed)
         # Every rank draws and masks the same global batch, then trains on its share: N
         # processes follow the 1-process run (up to float summation order; dropout aside).
         collate = Masker(tok, cfg.mlm_probability, mcfg.seed)
-        examples = encode(tok, texts, mcfg.max_length, ww)
+        examples = LazyEncoded(tok, texts, mcfg.max_length, ww)
         if min(cfg.batch_size, len(examples)) < dist.world:
             raise RatchetError(
                 f"pretrain: a batch of {min(cfg.batch_size, len(examples))} rows cannot be shared "
                 f"by {dist.world} processes; raise pretrain.batch_size or use fewer processes")
-        opt, sched = make_optimizer(model, cfg.learning_rate, 0.01,
-                                    Schedule(cfg.max_steps, cfg.max_steps // 10))
-        trainable = [p for p in model.parameters() if p.requires_grad]
+        encoder = {id(p) for p in model.base_model.parameters()}
+        head = {id(p) for p in model.parameters()} - encoder
+        opt, sched = make_phased_optimizer(model, head, cfg.learning_rate,
+                                           cfg.head_learning_rate, 0.01, head_steps, steps)
         model.train()
         losses, evals = [], [{"step": 0, "perplexity": before}]
         best, bad, stop_reason = before, 0, "max_steps"
@@ -221,24 +357,29 @@ def run(params: Params, *, train: Path, val: Path, corpus: Path, out: Path,
                 best, bad, elapsed = saved["best"], saved["bad"], saved["seconds"]
                 first = saved["step"] + 1
                 stats["resumed_from_step"] = saved["step"]
+        total = head_steps + steps
         start = time.perf_counter() - elapsed  # the budget counts the time before a kill
-        with progress(cfg.max_steps, "pretrain (MLM)", initial=first - 1,
-                      disable=not dist.main) as bar:
-            for step in range(first, cfg.max_steps + 1):
+        with progress(total, "pretrain (MLM)", initial=first - 1, disable=not dist.main) as bar:
+            for step in range(first, total + 1):
+                frozen = step <= head_steps  # the head's warmup: the encoder does not move
+                for p in model.base_model.parameters():
+                    p.requires_grad_(not frozen)
+                trainable = [p for p in model.parameters() if p.requires_grad]
                 rows = rng.sample(range(len(examples)), min(cfg.batch_size, len(examples)))
-                loss = shard_loss(model, collate([examples[i] for i in rows]), dist, amp)
+                loss = shard_loss(model, collate(examples.rows(rows)), dist, amp)
                 (scaler.scale(loss) if scaler is not None else loss).backward()
                 optimizer_step(opt, scaler, trainable, dist)
                 sched.step()
                 opt.zero_grad(set_to_none=True)
                 losses.append(all_sum(float(loss.detach()), dist))  # the global batch's loss
-                points.append({"step": step, "loss": losses[-1], "lr": sched.get_last_lr()[0]})
-                stats["steps"] = step
+                lrs = sched.get_last_lr()  # the head's group is last: its rate in the head phase
+                points.append({"step": step, "loss": losses[-1],
+                               "lr": lrs[-1] if frozen else lrs[0]})
+                stats["steps"], stats["head_steps"] = step, min(step, head_steps)
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")
                 bar.update()
-                if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
-                    ppl = perplexity(model, tok, held_out, mcfg.max_length,
-                                     cfg.mlm_probability, ww)
+                if cfg.eval_every and step % cfg.eval_every == 0 and step < total:
+                    ppl = perplexity(model, tok, held_out, cfg.mlm_probability)
                     evals.append({"step": step, "perplexity": ppl})
                     points[-1]["perplexity"] = ppl
                     best, bad = (ppl, 0) if ppl < best else (best, bad + 1)
@@ -251,26 +392,30 @@ def run(params: Params, *, train: Path, val: Path, corpus: Path, out: Path,
                         time.perf_counter() - start > cfg.max_seconds), dist):
                     stop_reason = f"time budget of {cfg.max_seconds:.0f}s reached"
                     break
-                if folder is not None and step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
+                if folder is not None and step % cfg.checkpoint_every == 0 and step < total:
                     snapshot = training_state(model, opt, sched, rng, scaler, dist)  # all ranks
                     if dist.main:
                         save_checkpoint(folder, {
                             **snapshot, "mask_rng": collate.gen.get_state(), "losses": losses,
                             "evals": evals, "points": points, "best": best, "bad": bad,
                             "seconds": time.perf_counter() - start, "step": step})
+        for p in model.parameters():
+            p.requires_grad_(True)
         stats.update(final_loss=sum(losses[-5:]) / len(losses[-5:]), stop_reason=stop_reason,
-                     train_seconds=time.perf_counter() - start)
-        stats["perplexity_after"] = perplexity(model, tok, held_out, mcfg.max_length,
-                                               cfg.mlm_probability, ww)
+                     train_seconds=time.perf_counter() - start,
+                     tokenized_rows=len(examples.done))
+        stats["perplexity_after"] = perplexity(model, tok, held_out, cfg.mlm_probability)
         stats["perplexity_curve"] = evals + [{"step": stats["steps"],
                                               "perplexity": stats["perplexity_after"]}]
         points[-1]["perplexity"] = stats["perplexity_after"]
+        stats["trained"] = 1
     else:
-        stats["skipped"] = ("pretrain.enabled is false" if not cfg.enabled
-                            else "no steps or no texts")
+        stats["skipped"] = why_not or "no steps or no texts"
     stats["peak_rss_mb"] = peak_rss_mb()
     if dist.device.type == "cuda":
         stats["cuda_peak_mb"] = torch.cuda.max_memory_allocated(dist.device) / 2**20
+    # `init: previous` reads it back: a head trained here or by the source stays "trained"
+    setattr(model.config, TRAINED_FLAG, bool(head_trained or stats["trained"]))
     if dist.main:
         if curve is not None:  # empty when skipped: DVC expects the plot either way
             write_curve(curve, points, CURVE_FIELDS,

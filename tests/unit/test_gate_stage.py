@@ -109,13 +109,16 @@ def test_gate_reevaluates_when_champion_moves_during_the_run(ws):
                   "perplexity": [None, 40.0]}).to_csv(pretrain_curve, index=False)
     (ws / "finetune.json").write_text(json.dumps({"samples_per_s": 120.5, "init": "base",
                                                   "stopped_early": False}))
-    (ws / "pretrain.json").write_text('{"perplexity_before": NaN, "perplexity_after": 40.0}')
+    (ws / "pretrain.json").write_text('{"perplexity_before": NaN, "perplexity_after": 40.0, '
+                                      '"enabled": "auto", "trained": 1, "steps": 2}')
     record = gate.run(params, eval_metrics=ws / "eval.json", eval_report=ws / "eval" /
                       "report.json", validation=ws / "validation.json", drift=ws / "drift.json",
                       candidate=candidate, champion=ws / "champion.json", test=ws / "test.parquet",
                       weights=ws / "absent.parquet", lock=ws / "dvc.lock",
                       report=ws / "gate.json", curve=curve, pretrain_curve=pretrain_curve,
                       finetune_metrics=ws / "finetune.json", pretrain_metrics=ws / "pretrain.json")
+    assert {k: record["pretrain"][k] for k in ("enabled", "trained", "steps")} == {
+        "enabled": "auto", "trained": 1, "steps": 2}  # what the candidate's encoder went through
     # The training curves are the run's metric histories (the UI charts them per step).
     history = client.get_metric_history(record["run_id"], "train/loss")
     assert [(h.step, h.value) for h in history] == [(1, 1.5), (2, 1.0), (3, 0.7)]

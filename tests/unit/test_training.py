@@ -496,6 +496,91 @@ def test_whole_word_masking_masks_every_piece_of_a_word():
             assert len(set(masked[a:b])) == 1  # a word is masked whole or not at all
 
 
+def test_pretrain_tokenizes_only_the_rows_its_batches_draw(data, tmp_path, monkeypatch):
+    """A 20,000-row corpus and 3,000 held-out rows, 3 steps of 16: the real tokenizer sees at
+    most 48 training rows, drawn from the whole file, and each of 32 held-out rows once."""
+    from tasks import pretrain as stage
+
+    seen: list[str] = []
+    real = stage.encode
+
+    def counting(tok, texts, max_length, whole_word):
+        seen.extend(texts)
+        return real(tok, texts, max_length, whole_word)
+
+    monkeypatch.setattr(stage, "encode", counting)
+    big = pd.DataFrame({TEXT: [f"row {i} of the corpus" for i in range(20_000)]})
+    big.to_parquet(tmp_path / "train.parquet")
+    held = pd.DataFrame({TEXT: [f"held out {i}" for i in range(3_000)]})
+    held.to_parquet(tmp_path / "val.parquet")
+    p = pretrain_params(max_steps=3, eval_texts=32)
+    stats = stage.run(p, train=tmp_path / "train.parquet", val=tmp_path / "val.parquet",
+                      corpus=tmp_path / "none", out=tmp_path / "model",
+                      metrics=tmp_path / "metrics.json")
+    trained = [t for t in seen if t.startswith("row ")]
+    evaluated = [t for t in seen if t.startswith("held out ")]
+    assert stats["steps"] == 3 and len(trained) <= 48
+    assert stats["tokenized_rows"] == len(set(trained)) == len(trained)
+    assert max(int(t.split()[1]) for t in trained) >= 10_000  # sampled, not the file's head
+    assert len(evaluated) == len(set(evaluated)) == stats["eval_rows"] == 32
+    assert max(int(t.split()[2]) for t in evaluated) >= 32
+    assert json.loads((tmp_path / "metrics.json").read_text())["tokenized_rows"] == len(trained)
+
+
+def test_the_loss_on_masked_positions_only_is_the_models_own_mlm_loss():
+    """The vocabulary projection runs on masked positions only: the same loss as the model's
+    (which projects every position), and its gradient."""
+    import contextlib
+
+    from ratchet.models import load_base_mlm
+    from tasks.pretrain import Masker, encode, masked_loss_sum
+
+    model, tok = load_base_mlm("tiny", 0)
+    model.eval()  # no dropout: both passes see the same network
+    batch = Masker(tok, 0.3, seed=0)(encode(tok, [f"text number {i} of a few" for i in range(8)],
+                                            32, False))
+    n = int((batch["labels"] != -100).sum())
+    ours = masked_loss_sum(model, batch["input_ids"], batch["attention_mask"], batch["labels"],
+                           contextlib.nullcontext()) / n
+    ours.backward()
+    grad = model.bert.encoder.layer[0].output.dense.weight.grad.clone()
+    model.zero_grad()
+    theirs = model(**batch).loss
+    theirs.backward()
+    assert float(ours.detach()) == pytest.approx(float(theirs.detach()), rel=1e-5)
+    assert torch.allclose(grad, model.bert.encoder.layer[0].output.dense.weight.grad, atol=1e-6)
+
+
+def test_the_head_warmup_trains_the_mlm_head_alone_then_the_whole_model(data, tmp_path):
+    from safetensors.torch import load_file
+
+    from tasks.pretrain import phase_multipliers
+
+    head, encoder = phase_multipliers(10, 20)
+    assert [encoder(i) for i in range(10)] == [0.0] * 10 and encoder(12) > 0
+    assert head(0) == 0.0 and head(1) == 1.0 and head(9) < head(5) < 1.0
+    assert head(12, 0.1) == pytest.approx(0.1 * encoder(12))
+    base = weights(data["pretrained"])
+    start = tmp_path / "only_head" / "model"
+    shutil.copytree(data["pretrained"], start)  # `init: previous` starts from the fixture's
+    only_head = pretrain(data, tmp_path / "only_head", pretrain_params(
+        init="previous", head_warmup_steps=15, max_steps=0, head_learning_rate=0.01))
+    after = load_file(start / "model.safetensors")
+    assert only_head["steps"] == only_head["head_steps"] == 15
+    assert only_head["perplexity_after"] < only_head["perplexity_before"]
+    moved = {k for k in base if not torch.equal(base[k], after[k])}
+    assert moved and all(k.startswith("cls.") for k in moved), sorted(moved)
+    shutil.copytree(data["pretrained"], tmp_path / "both" / "model")
+    both = pretrain(data, tmp_path / "both", pretrain_params(
+        init="previous", head_warmup_steps=5, max_steps=5, head_learning_rate=0.01))
+    after = load_file(tmp_path / "both" / "model" / "model.safetensors")
+    assert both["steps"] == 10 and both["head_steps"] == 5
+    assert not torch.equal(base["bert.encoder.layer.0.attention.self.query.weight"],
+                           after["bert.encoder.layer.0.attention.self.query.weight"])
+    lr = pd.read_csv(tmp_path / "both" / "curve.csv")["lr"].tolist()
+    assert min(lr[:4]) > 0.001 >= max(lr[5:])  # the head's rate, then the model's
+
+
 def test_pretrain_stops_early_and_on_its_time_budget(data, tmp_path):
     early = pretrain(data, tmp_path / "early", pretrain_params(
         max_steps=200, eval_every=2, patience=1, learning_rate=0.5))
@@ -511,6 +596,48 @@ def test_pretrain_disabled_passes_the_base_model_on(data, tmp_path):
     assert pd.read_csv(tmp_path / "curve.csv").empty  # DVC's plot exists, with no steps
     assert (tmp_path / "curve.png").is_file()
     assert "perplexity_after" not in stats and (tmp_path / "model" / "config.json").is_file()
+
+
+def test_pretrain_auto_trains_only_a_model_whose_mlm_head_is_trained(data, tmp_path):
+    """`auto` skips a random head (tiny; the packaged MiniLM, which ships none) and says why,
+    trains a source folder that holds every head weight, and, with `init: previous`, an output
+    whose head it trained before."""
+    from ratchet.config import parse_params
+    from tasks.pretrain import start_model
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("my card was stolen\n")
+    skipped = pretrain(data, tmp_path / "tiny", pretrain_params(enabled="auto"), corpus)
+    assert skipped["trained"] == skipped["steps"] == skipped["corpus_texts"] == 0
+    assert skipped["mlm_head"] == "untrained" and "auto" in skipped["skipped"]
+    assert (tmp_path / "tiny" / "model" / "config.json").is_file()
+    minilm = parse_params({"model": {"source": "minilm-l6"}}, "test")
+    assert start_model(minilm, tmp_path / "none")[3] is False  # no cls.* weights shipped
+    shipped = parse_params({"model": {"source": str(data["pretrained"]), "max_length": 32},
+                            "pretrain": {"enabled": "auto", "max_steps": 3, "batch_size": 16}},
+                           "test")
+    ran = pretrain(data, tmp_path / "shipped", shipped)
+    assert ran["mlm_head"] == "trained" and ran["trained"] == 1 and ran["steps"] == 3
+    again = pretrain(data, tmp_path / "tiny", pretrain_params(enabled="auto", init="previous"))
+    assert again["init"] == "previous" and again["trained"] == 0  # the head it kept is random
+    first = pretrain(data, tmp_path / "cont", pretrain_params(max_steps=3))
+    assert first["trained"] == 1
+    cont = pretrain(data, tmp_path / "cont", pretrain_params(enabled="auto", init="previous",
+                                                             max_steps=3))
+    assert cont["init"] == "previous" and cont["mlm_head"] == "trained" and cont["steps"] == 3
+
+
+@pytest.mark.parametrize("value, parsed", [("auto", "auto"), (True, True), (False, False),
+                                           ("false", False)])
+def test_pretrain_enabled_is_true_false_or_auto(value, parsed):
+    assert pretrain_params(enabled=value).pretrain.enabled == parsed
+
+
+def test_pretrain_enabled_refuses_other_words():
+    from ratchet.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="pretrain.enabled"):
+        pretrain_params(enabled="sometimes")
 
 
 def test_pretrain_can_continue_from_the_previous_encoder(data, tmp_path):
