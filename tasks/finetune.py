@@ -16,6 +16,7 @@ from typing import Any
 import pandas as pd
 
 from ratchet.config import FinetuneConfig, Params
+from ratchet.continual import newest_batch
 from ratchet.data import BATCH, LABEL, RECENT, TEXT
 from ratchet.errors import ConfigError, RatchetError
 from ratchet.runtime import write_json
@@ -106,6 +107,28 @@ def champion_classifier(params: Params, champion: Path | None):
 
     clf = load_champion(params, ref).unwrap_python_model()._clf
     return clf.model, clf.tokenizer, ref["version"]
+
+
+def starting_point(params: Params, init: Path | None, labels: set[str]) -> tuple[str, str, Any]:
+    """(`full` | `continual`, why, the champion's (model, tokenizer, version) or None): the
+    plan in finetune-init.json (`ratchet.continual.start`), checked against the champion's own
+    labels under `finetune.init: auto`, where a label it lacks means a full retrain (in mode
+    `champion` its head grows instead)."""
+    from ratchet.continual import FULL, Facts, choose, start
+
+    cfg = params.finetune
+    ref = json.loads(init.read_text()) if init is not None and init.is_file() else {}
+    how, why = start(cfg.init, cfg.full_every, ref)
+    if how == FULL:
+        return how, why, None
+    champion = champion_classifier(params, init)
+    if champion is None:
+        return FULL, "there is no champion yet", None
+    config = champion[0].config
+    grew = sorted(labels - {config.id2label[i] for i in range(config.num_labels)})
+    if cfg.init == "auto" and grew:
+        return (*choose(cfg.full_every, Facts(champion[2], None, None, grew)), None)
+    return how, why, champion
 
 
 def with_lora(model, cfg: FinetuneConfig):
@@ -231,7 +254,11 @@ def train_classifier(params: Params, *, train: Path, val: Path, pretrained: Path
     train_df, val_df = pd.read_parquet(train), pd.read_parquet(val)
     replay_df = pd.read_parquet(replay) if replay is not None and replay.is_file() else None
     torch.manual_seed(mcfg.seed)
-    start_from = champion_classifier(params, init) if cfg.init == "champion" else None
+    how, why, start_from = starting_point(
+        params, init, set(params.data.labels) | set(train_df[LABEL]) | set(val_df[LABEL]))
+    newest = newest_batch([*train_df.get(BATCH, []), *val_df.get(BATCH, [])])
+    trained_on = (json.loads(init.read_text()).get("batch") if init is not None
+                  and init.is_file() else None) or newest
     data_stats: dict[str, Any]
     train_df, data_stats = training_frame(train_df, replay_df, cfg,
                                           continual=start_from is not None, seed=mcfg.seed)
@@ -248,7 +275,7 @@ def train_classifier(params: Params, *, train: Path, val: Path, pretrained: Path
         model = AutoModelForSequenceClassification.from_pretrained(
             pretrained, num_labels=len(labels), id2label=dict(enumerate(labels)),
             label2id={lab: i for i, lab in enumerate(labels)})
-        init_used = "base" if cfg.init == "base" else "base (there is no champion yet)"
+        init_used = "base"
     model.config.ratchet_max_length = mcfg.max_length
     label2id = {lab: i for i, lab in enumerate(labels)}
     total_params = sum(p.numel() for p in model.parameters())
@@ -372,7 +399,8 @@ def train_classifier(params: Params, *, train: Path, val: Path, pretrained: Path
     if cfg.mode == "lora":
         model = model.merge_and_unload()  # plain weights: serving needs no peft
     stats = {
-        **data_stats, "mode": cfg.mode, "init": init_used, "labels": len(labels),
+        **data_stats, "mode": cfg.mode, "init": how, "init_reason": why, "init_from": init_used,
+        "batch": trained_on, "labels": len(labels),
         "added_labels": added, "steps": state.step, "epochs": state.epoch,
         "best_epoch": state.best_epoch, "best_val_macro_f1": state.best,
         "stopped_early": state.step < total, "resumed_from_epoch": resumed_from,
@@ -411,7 +439,7 @@ def main() -> None:
         "train": "augmented train split (parquet)",
         "val": "prepared val split (parquet), for early stopping",
         "pretrained": "folder of the pretrained encoder",
-        "init": "finetune-init.json: the champion to start from (finetune.init: champion)",
+        "init": "finetune-init.json: full retrain or continual from the champion, and why",
         "replay": "replay buffer (parquet), mixed in by continual mode",
         "checkpoints": "folder for per-epoch checkpoints (a killed run resumes from them)",
         "out": "folder for the candidate model",

@@ -551,7 +551,8 @@ def test_continual_mode_starts_from_the_registered_champion_and_grows_its_head(d
 
     stats = train(data, tmp_path / "out", p, train=tmp_path / "train.parquet",
                   init=tmp_path / "init.json", replay=tmp_path / "replay.parquet")
-    assert stats["init"] == f"champion v{version}"
+    assert stats["init"] == "continual" and stats["init_from"] == f"champion v{version}"
+    assert stats["init_reason"].startswith("finetune.init: champion (always continual)")
     assert stats["added_labels"] == ["weather"] and stats["labels"] == 4
     assert stats["new_rows"] == 40 and stats["replay_rows"] == 40 and stats["train_rows"] == 80
     from transformers import AutoModelForSequenceClassification
@@ -569,4 +570,57 @@ def test_continual_mode_without_a_champion_trains_from_the_base(data, tmp_path):
     (tmp_path / "init.json").write_text('{"init": "champion", "name": null, "version": null}')
     stats = train(data, tmp_path, params(init="champion", epochs=1.0),
                   init=tmp_path / "init.json")
-    assert stats["init"] == "base (there is no champion yet)" and stats["train_rows"] == 160
+    assert stats["init"] == "full" and stats["init_from"] == "base"
+    assert stats["init_reason"] == "there is no champion yet" and stats["train_rows"] == 160
+
+
+def _registered_champion(p, tmp_path: Path, labels: list[str]) -> str:
+    from ratchet.registry import connect, log_candidate
+    from tests.conftest import save_tiny_classifier
+
+    save_tiny_classifier(tmp_path / "champion", labels, seed=3, max_length=32)
+    connect(p.registry, tmp_path)
+    return log_candidate(tmp_path / "champion", name=p.registry.model_name, params={},
+                         metrics={}, artifacts=[], run_tags={"fingerprint": "champ"})[1]
+
+
+def _auto_plan(p, version: str, **facts) -> str:
+    return json.dumps({"init": "auto", "plan": "continual", "name": p.registry.model_name,
+                       "version": version, "batch": "0002-b", "full_every": 5,
+                       "batches_since_full": 1, "last_full": "0001-a",
+                       "champion_batch": "0001-a", **facts})
+
+
+def test_auto_continues_from_the_champion_on_a_routine_batch_and_says_why(data, tmp_path,
+                                                                         monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    p = params(init="auto", epochs=1.0, replay_mix=1.0)
+    version = _registered_champion(p, tmp_path, LABELS)
+    (tmp_path / "init.json").write_text(_auto_plan(p, version))
+    old, new = frame(120, 0, batch="0001-a"), frame(40, 1, batch="0002-b")
+    pd.concat([old, new]).to_parquet(tmp_path / "train.parquet")
+    old.to_parquet(tmp_path / "replay.parquet")
+    stats = train(data, tmp_path / "out", p, train=tmp_path / "train.parquet",
+                  init=tmp_path / "init.json", replay=tmp_path / "replay.parquet")
+    assert stats["init"] == "continual" and stats["init_from"] == f"champion v{version}"
+    assert stats["init_reason"].startswith("a routine batch: 1 batch(es) since the last full")
+    assert stats["batch"] == "0002-b" and stats["train_rows"] == 80  # new + replay, not all
+    # Made under full_every 5; a `dvc exp run -S finetune.full_every=1` (no refresh) is obeyed.
+    again = train(data, tmp_path / "again", params(init="auto", epochs=1.0, full_every=1),
+                  train=tmp_path / "train.parquet", init=tmp_path / "init.json",
+                  replay=tmp_path / "replay.parquet")
+    assert again["init"] == "full" and again["train_rows"] == 160
+    assert again["init_reason"].endswith("finetune.full_every is 1")
+
+
+def test_auto_retrains_from_base_when_the_champion_lacks_a_label(data, tmp_path, monkeypatch):
+    """The plan said continual (say a `dvc exp run -S data.labels=...` added a label after the
+    refresh): the champion's head has no output for `weather`, so auto retrains from base."""
+    monkeypatch.chdir(tmp_path)
+    p = params(init="auto", epochs=1.0)
+    version = _registered_champion(p, tmp_path, LABELS[:3])
+    (tmp_path / "init.json").write_text(_auto_plan(p, version))
+    stats = train(data, tmp_path / "out", p, init=tmp_path / "init.json")
+    assert stats["init"] == "full" and stats["init_from"] == "base"
+    assert "the label set grew: 1 label(s)" in stats["init_reason"]
+    assert "weather" in stats["init_reason"] and stats["added_labels"] == []
