@@ -1,7 +1,8 @@
 """Run the benchmarks named on the command line (default: all) and write benchmarks/results/*.json.
 
 Each benchmark is a module in this package with a `run() -> dict` function, registered in
-BENCHMARKS: drift, faults, gate, noise, orchestration, robustness, stream and training.
+BENCHMARKS: continual, drift, faults, gate, noise, orchestration, robustness, stream and
+training.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
 BENCHMARKS: dict[str, str] = {  # name -> module
+    "continual": "benchmarks.continual",
     "drift": "benchmarks.drift",
     "faults": "benchmarks.faults",
     "gate": "benchmarks.gate",
