@@ -379,7 +379,9 @@ def status(workspace_dir: WorkspaceOpt = Path(".")) -> None:
         for alias, v in (model.aliases if model else {}).items():
             aliases.setdefault(str(v), []).append(alias)
         table = Table(title=f"{name}: {len(versions)} version(s)")
-        for col in ("version", "aliases", "decision", "vs", "created", "reasons"):
+        from ratchet.continual import INIT_TAG
+
+        for col in ("version", "aliases", "decision", "trained", "vs", "created", "reasons"):
             table.add_column(col, overflow="fold")
         for mv in sorted(versions, key=lambda v: int(v.version)):
             tags = mv.tags or {}
@@ -387,6 +389,7 @@ def status(workspace_dir: WorkspaceOpt = Path(".")) -> None:
                 str(mv.version),
                 ", ".join(aliases.get(str(mv.version), [])),
                 tags.get("decision", "?"),
+                tags.get(INIT_TAG, "-"),  # full | continual (`finetune.init`)
                 tags.get("compared_with", "-").replace("None", "-"),
                 time.strftime("%Y-%m-%d %H:%M", time.localtime(mv.creation_timestamp / 1000)),
                 "\n".join(_short(r) for r in _deciding(tags)),

@@ -200,6 +200,26 @@ def test_continual_new_rows_are_the_recent_slice_never_the_previous_batch():
     assert (mixed[BATCH] == "0003-c").sum() == 20
 
 
+def test_continual_new_rows_are_every_batch_the_champion_has_not_seen():
+    """The champion was trained up to batch 1; batch 2's candidate was rejected: under auto
+    (finetune-init.json's `champion_batch`) batch 2 is as new to it as batch 3, not replay."""
+    from tasks.finetune import NothingNew
+
+    old, rejected = frame(100, 0, batch="0001-a"), frame(30, 1, batch="0002-b")
+    new = frame(20, 2, batch="0003-c").assign(slice="recent")
+    train = pd.concat([old.assign(slice="reference"), rejected.assign(slice="reference"), new])
+    replay = pd.concat([old, rejected.head(10)])
+    cfg = params(replay_mix=1.0).finetune
+    mixed, stats = finetune.training_frame(train, replay, cfg, continual=True, seed=0,
+                                           since="0001-a")
+    assert stats == {"train_rows": 100, "new_rows": 50, "replay_rows": 50,
+                     "new_batch": "0003-c", "new_batches": 2}
+    assert set(mixed[BATCH]) == {"0001-a", "0002-b", "0003-c"}
+    assert (mixed[BATCH] == "0002-b").sum() == 30  # all of it, none counted twice from replay
+    with pytest.raises(NothingNew, match="no train row is newer than batch 0003-c"):
+        finetune.training_frame(train, replay, cfg, continual=True, seed=0, since="0003-c")
+
+
 def test_length_grouped_batches_cover_every_row_once_with_less_padding():
     rng = random.Random(0)
     lengths = [rng.randint(3, 60) for _ in range(1000)]
@@ -611,6 +631,21 @@ def test_auto_continues_from_the_champion_on_a_routine_batch_and_says_why(data, 
                   replay=tmp_path / "replay.parquet")
     assert again["init"] == "full" and again["train_rows"] == 160
     assert again["init_reason"].endswith("finetune.full_every is 1")
+
+
+def test_auto_with_nothing_new_to_the_champion_retrains_from_base(data, tmp_path, monkeypatch):
+    """The champion was trained on batch 2 already (say prepare dropped every new row): auto
+    does what the default did before it, a full retrain, instead of failing the run."""
+    monkeypatch.chdir(tmp_path)
+    p = params(init="auto", epochs=1.0)
+    version = _registered_champion(p, tmp_path, LABELS)
+    (tmp_path / "init.json").write_text(_auto_plan(p, version, champion_batch="0002-b"))
+    pd.concat([frame(120, 0, batch="0001-a"), frame(40, 1, batch="0002-b")]).to_parquet(
+        tmp_path / "train.parquet")
+    stats = train(data, tmp_path / "out", p, train=tmp_path / "train.parquet",
+                  init=tmp_path / "init.json")
+    assert stats["init"] == "full" and stats["init_reason"].startswith("nothing new")
+    assert stats["train_rows"] == 160 and stats["init_from"] == "base"
 
 
 def test_auto_retrains_from_base_when_the_champion_lacks_a_label(data, tmp_path, monkeypatch):
