@@ -2,6 +2,8 @@
 
 Each benchmark is a module in this package with a `run() -> dict` function, registered in
 BENCHMARKS below.
+BENCHMARKS: continual, drift, faults, gate, noise, orchestration, robustness, stream and
+training.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
 BENCHMARKS: dict[str, str] = {  # name -> module
+    "continual": "benchmarks.continual",
     "drift": "benchmarks.drift",
     "faults": "benchmarks.faults",
     "gate": "benchmarks.gate",

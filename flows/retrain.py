@@ -48,8 +48,8 @@ IO_RETRIES = {"retries": len(IO_DELAYS), "retry_delay_seconds": IO_DELAYS,
 
 
 @task(name="refresh-champion", **IO_RETRIES)
-def refresh_champion(ws: Path) -> dict:
-    return workspace.refresh_champion(ws)
+def refresh_champion(ws: Path, full: bool = False) -> dict:
+    return workspace.refresh_champion(ws, full=full)
 
 
 @task(name="stage")
@@ -142,6 +142,8 @@ def timings_table(timings: dict[str, float]) -> list[str]:
 def decision_markdown(gate: dict, timings: dict[str, float], noise: dict | None = None) -> str:
     """The artifact's markdown. `noise`: the noise stage's report, read when the gate record
     has no `label_noise` entry (a gate from before that check)."""
+    from tasks.gate import training_line
+
     uri = gate.get("tracking_uri", "")
     name, version = gate.get("model_name"), gate.get("version")
     if uri.startswith("http"):
@@ -155,6 +157,7 @@ def decision_markdown(gate: dict, timings: dict[str, float], noise: dict | None 
         f"Champion before: {gate.get('champion_before')}; after: {gate.get('champion_after')}",
         f"Drift: {gate.get('drift_summary')}",
         noise_line(gate.get("label_noise") or noise),
+        f"Training: {training_line(gate.get('training'))}",
         f"Data Docs: {docs_link(gate)}",
         "",
         "| check | passed | reason |",
@@ -221,7 +224,7 @@ def undo_failed(flow, flow_run, state) -> None:
 @flow(name="retrain", log_prints=True, on_failure=[undo_failed], on_crashed=[undo_failed],
       on_cancellation=[undo_failed])
 def retrain(workspace_dir: str = ".", batch: str | None = None,
-            overrides: dict[str, dict[str, Any]] | None = None) -> dict:
+            overrides: dict[str, dict[str, Any]] | None = None, full: bool = False) -> dict:
     """Retrain on the workspace's batches and gate the candidate; returns the gate record.
 
     Args:
@@ -229,6 +232,8 @@ def retrain(workspace_dir: str = ".", batch: str | None = None,
         batch: a file to ingest first (csv/jsonl/parquet); a refused batch fails the run.
         overrides: params.yaml changes for this and later runs, e.g.
             `{"finetune": {"epochs": 2}}`; validated, then committed with the run.
+        full: retrain from base this time, whatever `finetune.init` would choose (as
+            `ratchet run --full`; `overrides={"finetune": {"init": "base"}}` makes it stick).
     """
     logger = get_run_logger()
     RECORDED.clear()
@@ -241,11 +246,11 @@ def retrain(workspace_dir: str = ".", batch: str | None = None,
         if batch:
             landed = workspace.ingest(ws, Path(batch))
             logger.info("ingested %s as %s", batch, landed.batch_id)
-        return _retrain(ws, logger)
+        return _retrain(ws, logger, full)
 
 
-def _retrain(ws: Path, logger) -> dict:
-    champion = refresh_champion(ws)
+def _retrain(ws: Path, logger, full: bool = False) -> dict:
+    champion = refresh_champion(ws, full)
     timings: dict[str, float] = {}
     stages = workspace.stage_names(ws)
     # One `dvc status` instead of a `dvc repro` per stage when inputs did not change; once a
@@ -289,7 +294,7 @@ def sweep_grid(ws: Path) -> dict:
     return load_params(ws / "params.yaml").sweep.grid
 
 
-def run_once(ws: Path) -> dict:
+def run_once(ws: Path, *, full: bool = False) -> dict:
     """Run the flow in this process (against a temporary Prefect server of its own unless
     PREFECT_API_URL is set; see `prefect_api`).
 
@@ -306,7 +311,7 @@ def run_once(ws: Path) -> dict:
     quiet_ratchet_tracebacks()
     with prefect_api() as api:
         try:
-            result = retrain(str(ws))
+            result = retrain(str(ws), full=full)
         except (httpx.HTTPError, OSError) as err:
             if RECORDED:
                 workspace._warn(f"the run is recorded, but Prefect's API at {api} could not be "

@@ -294,7 +294,7 @@ def ingest(
             console.print(f"  [yellow]warning:[/] {w}", highlight=False)
 
 
-def _run(ws: Path, engine: Engine) -> dict[str, Any]:
+def _run(ws: Path, engine: Engine, full: bool = False) -> dict[str, Any]:
     from ratchet import workspace
     from ratchet.config import load_params
     from ratchet.registry import connect
@@ -307,8 +307,8 @@ def _run(ws: Path, engine: Engine) -> dict[str, Any]:
     if engine is Engine.prefect:
         from flows.retrain import run_once
 
-        return run_once(ws)
-    return workspace.run_pipeline(ws)
+        return run_once(ws, full=full)
+    return workspace.run_pipeline(ws, full=full)
 
 
 @app.command()
@@ -317,6 +317,10 @@ def run(
     engine: Annotated[
         Engine, typer.Option(help="prefect: the `retrain` flow; dvc: dvc only.")
     ] = Engine.prefect,
+    full: Annotated[
+        bool, typer.Option("--full", help="Retrain from base this time, whatever "
+                           "`finetune.init` would choose (the gate record says so).")
+    ] = False,
 ) -> None:
     """Retrain once: refresh the champion, run the stages, gate the candidate."""
     import signal
@@ -329,7 +333,7 @@ def run(
     previous = signal.signal(signal.SIGTERM, terminated)
     try:
         with user_errors():
-            gate = _run(workspace_dir.resolve(), engine)
+            gate = _run(workspace_dir.resolve(), engine, full)
             _print_gate(gate)
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -375,7 +379,9 @@ def status(workspace_dir: WorkspaceOpt = Path(".")) -> None:
         for alias, v in (model.aliases if model else {}).items():
             aliases.setdefault(str(v), []).append(alias)
         table = Table(title=f"{name}: {len(versions)} version(s)")
-        for col in ("version", "aliases", "decision", "vs", "created", "reasons"):
+        from ratchet.continual import INIT_TAG
+
+        for col in ("version", "aliases", "decision", "trained", "vs", "created", "reasons"):
             table.add_column(col, overflow="fold")
         for mv in sorted(versions, key=lambda v: int(v.version)):
             tags = mv.tags or {}
@@ -383,6 +389,7 @@ def status(workspace_dir: WorkspaceOpt = Path(".")) -> None:
                 str(mv.version),
                 ", ".join(aliases.get(str(mv.version), [])),
                 tags.get("decision", "?"),
+                tags.get(INIT_TAG, "-"),  # full | continual (`finetune.init`)
                 tags.get("compared_with", "-").replace("None", "-"),
                 time.strftime("%Y-%m-%d %H:%M", time.localtime(mv.creation_timestamp / 1000)),
                 "\n".join(_short(r) for r in _deciding(tags)),

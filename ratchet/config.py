@@ -252,14 +252,25 @@ class PretrainConfig(_Section):
     )
 
 
+FULL_EVERY = 5  # see benchmarks/continual.py and the README's continual table
+
+
 class FinetuneConfig(_Section):
     mode: Literal["full", "lora"] = Field(
         "full", description="full: train every weight; lora: low-rank adapters on attention "
         "(peft), merged into the weights for serving."
     )
-    init: Literal["base", "champion"] = Field(
-        "base", description="base: start from the pretrained encoder with a new head; champion: "
-        "continue from the current champion (continual mode; falls back to base without one)."
+    init: Literal["auto", "base", "champion"] = Field(
+        "auto", description="auto: continue from the champion with replay for a routine batch; "
+        "retrain from base every `full_every` batches, when the label set grew, without a "
+        "champion, or on request (`ratchet run --full`). base: always retrain from the "
+        "pretrained encoder with a new head. champion: always continue from the champion "
+        "(new labels grow its head; base without one). finetune-init.json and the gate record "
+        "say which ran and why."
+    )
+    full_every: int = Field(
+        FULL_EVERY, ge=1, description="auto: retrain from base once this many batches arrived "
+        "since the newest batch of the last full retrain in the registry (1: every batch)."
     )
     epochs: float = Field(3.0, gt=0, description="Passes over the training split.")
     batch_size: int = Field(32, ge=1, description="Examples per optimizer step (global).")

@@ -37,9 +37,8 @@ CHAMPION_FILE = Path("champion.json")
 # The floor's models besides the champion (`ratchet.floor`): apart from champion.json, so that a
 # change of the pool re-runs only evaluate and gate, not the stages that read the champion.
 FLOOR_FILE = Path("floor.json")
-# What finetune starts from: the champion in continual mode (finetune.init: champion), else
-# {"init": "base"}; apart from champion.json so that a champion move re-trains only when the
-# training starts from it.
+# What finetune starts from (finetune.init: auto | champion | base, see `finetune_init`): apart
+# from champion.json so that a champion move re-trains only when the training starts from it.
 INIT_FILE = Path("finetune-init.json")
 CANDIDATE = Path("models/candidate")  # the finetune stage's model
 GATE_REPORT = Path("reports/gate.json")
@@ -630,12 +629,13 @@ def find_batch(ws: Path, ref: str) -> str:
     raise WorkspaceError(f"no batch `{ref}` in {ws} (batches: {known})")
 
 
-def refresh_champion(ws: Path) -> dict[str, Any]:
+def refresh_champion(ws: Path, *, full: bool = False) -> dict[str, Any]:
     """Resolve the `champion` alias into champion.json, rewriting it only when it changed.
 
     The evaluate stage depends on this file, so a move made by hand in the MLflow UI re-runs
     exactly evaluate and gate, and nothing else. Every run passes here, so this is also where
-    such a move is first noticed and recorded in the alias history (as `manual`).
+    such a move is first noticed and recorded in the alias history (as `manual`). It also
+    writes what finetune starts from (finetune-init.json; `full`: a full retrain requested).
     """
     from ratchet.promotion import record_manual_moves
     from ratchet.registry import connect, current_champion, split_scheme
@@ -652,7 +652,7 @@ def refresh_champion(ws: Path) -> dict[str, Any]:
         # What prepare holds fixed while this champion serves (see tasks.prepare).
         "split_scheme": split_scheme(client, ref.name, ref.version) if ref else None,
     }
-    init = finetune_init(ws, params, content)
+    init = finetune_init(ws, params, content, client=client, full=full)
     floor: dict[str, Any] = {"floor": []}
     if ref and params.gate.floor_models:
         from ratchet.floor import members
@@ -667,28 +667,49 @@ def refresh_champion(ws: Path) -> dict[str, Any]:
     return content
 
 
-def finetune_init(ws: Path, params: Params, champion: dict[str, Any]) -> dict[str, Any]:
-    """What finetune starts from: {"init": "base"}, or in continual mode the champion and the
-    newest batch it is to be trained on.
+def finetune_init(ws: Path, params: Params, champion: dict[str, Any], *, client=None,
+                  full: bool = False) -> dict[str, Any]:
+    """What finetune starts from (finetune-init.json), by `finetune.init`:
+    base: {"init": "base"}; champion: the champion and the newest batch; auto: the plan
+    (`full` | `continual`), why, and the facts it was made from (`ratchet.continual`), with
+    the champion and the newest batch. `full`: a full retrain requested for this batch.
 
-    The file is kept as it is while no batch arrived and the champion is the model that was
-    trained on the current data (the workspace's candidate, just promoted): rewriting it would
-    make the next run fine-tune the new champion again on the batch it was trained on. A new
+    The file is kept as it is while no batch arrived and the champion is the one it was made
+    for, or is the model that was trained on the current data (the workspace's candidate, just
+    promoted): rewriting it would make the next run fine-tune the new champion again on the
+    batch it was trained on, or redo a requested full retrain's batch continually. A new
     batch, or a champion moved to another model (a rollback), does move it.
     """
-    if params.finetune.init != "champion":
+    from ratchet.continual import FULL, REQUESTED, auto_plan
+
+    cfg = params.finetune
+    if cfg.init == "base":
         return {"init": "base"}
     ids = batch_ids(ws)
-    want = {"init": "champion", **champion, "batch": ids[-1] if ids else None}
+    newest = ids[-1] if ids else None
+    every = cfg.full_every if cfg.init == "auto" else None
     path = ws / INIT_FILE
     have = json.loads(path.read_text()) if path.is_file() else {}
     try:
         trained_here = champion["fingerprint"] == fingerprint(ws / CANDIDATE)
     except OSError:  # no candidate in this checkout yet
         trained_here = False
-    if have.get("init") == "champion" and have.get("batch") == want["batch"] and trained_here:
+    if (not full and have.get("init") == cfg.init and have.get("batch") == newest
+            and have.get("full_every") == every
+            and (trained_here or have.get("version") == champion.get("version"))):
         return have
-    return want
+    if full:
+        return {"init": cfg.init, "plan": FULL, "reason": REQUESTED, **champion,
+                "batch": newest, **({"full_every": every} if every else {})}
+    if cfg.init == "champion":
+        return {"init": "champion", **champion, "batch": newest}
+    if client is None:
+        from ratchet.registry import connect
+
+        client = connect(params.registry, ws)
+    plan = auto_plan(client, params.registry.model_name, champion.get("version"), ws=ws,
+                     batches_dir=ws / BATCHES, full_every=cfg.full_every)
+    return {"init": "auto", **plan, **champion, "batch": newest, "full_every": every}
 
 
 def forget_experiment(ws: Path) -> bool:
@@ -1127,17 +1148,18 @@ def run_guard(ws: Path, *, log: Callable[[str], None] = print) -> Iterator[str]:
             os.environ[RUN_TOKEN_ENV] = previous
 
 
-def run_pipeline(ws: Path) -> dict[str, Any]:
+def run_pipeline(ws: Path, *, full: bool = False) -> dict[str, Any]:
     """The pipeline through DVC alone (no Prefect): refresh champion, `dvc repro`, record.
 
     Like the flow, it stops after the drift stage when the trigger policy says not to retrain.
+    `full`: retrain from base this time (`ratchet run --full`).
     """
     ws = require(ws)
     check_batches(ws)
     start = time.perf_counter()
     say = lambda msg: print(f"ratchet: {msg}", file=sys.stderr)  # noqa: E731
     with retrain_lock(ws, on_wait=say), run_guard(ws, log=say):
-        champion = refresh_champion(ws)
+        champion = refresh_champion(ws, full=full)
         repro(ws, "drift", upstream=True)
         drift = read_drift(ws)
         if drift.get("retrain", True) is False:

@@ -16,6 +16,7 @@ from typing import Any
 import pandas as pd
 
 from ratchet.config import FinetuneConfig, Params
+from ratchet.continual import newest_batch
 from ratchet.data import BATCH, LABEL, RECENT, TEXT
 from ratchet.errors import ConfigError, RatchetError
 from ratchet.runtime import write_json
@@ -27,33 +28,57 @@ CURVE_FIELDS = ["step", "epoch", "loss", "lr", "val_macro_f1", "val_accuracy"]
 # --- the training set ----------------------------------------------------------------------------
 
 
-def training_frame(train: pd.DataFrame, replay: pd.DataFrame | None, cfg: FinetuneConfig, *,
-                   continual: bool, seed: int) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """Everything (from base), or the newest batch plus replayed older rows (continual).
+class NothingNew(RatchetError):
+    """Continual training found no train row the champion has not seen."""
 
-    The newest batch is prepare's `recent` slice, as every stage reads it: when prepare left it
-    no train row, there is nothing new to continue on (the batch before it is not "new").
+
+def training_frame(train: pd.DataFrame, replay: pd.DataFrame | None, cfg: FinetuneConfig, *,
+                   continual: bool, seed: int, since: str | None = None
+                   ) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Everything (from base), or the new rows plus replayed older rows (continual).
+
+    With `since` (the newest batch the champion was trained on, `finetune.batch`), the new
+    rows are those of every later batch: a batch whose candidate the gate rejected is still
+    new to the champion, not only replayed. Without it, the newest batch is prepare's `recent`
+    slice, as every stage reads it: when prepare left it no train row, there is nothing new to
+    continue on (the batch before it is not "new").
     """
     if not continual or BATCH not in train.columns:
         return train, {"train_rows": len(train)}
-    if "slice" in train.columns:
+    if since is not None:
+        new = train[train[BATCH].astype(str) > since]
+        if new.empty:
+            raise NothingNew(
+                f"finetune: no train row is newer than batch {since}, the champion's newest "
+                "(prepare dropped the new rows as conflicts, duplicates or noise suspects, or "
+                "all fell in val/test; see metrics/prepare.json `recent/*`), so continual "
+                "training has nothing new to learn: ingest a batch with new rows, or set "
+                "`finetune.init: base`")
+        newest = max(new[BATCH].astype(str))
+        seen = (replay[replay[BATCH].astype(str) <= since]
+                if replay is not None and BATCH in replay else None)
+    elif "slice" in train.columns:
         new = train[train["slice"] == RECENT]
         if new.empty:
-            raise RatchetError(
+            raise NothingNew(
                 "finetune: the newest batch has no row in the train split (prepare dropped its "
                 "rows as conflicts, duplicates or noise suspects, or all fell in val/test; see "
                 "metrics/prepare.json `recent/*`), so continual training has nothing new to "
                 "learn: ingest a batch with new rows, or set `finetune.init: base`")
         newest = new[BATCH].iloc[0]
+        seen = replay[replay[BATCH] != newest] if replay is not None and BATCH in replay else None
     else:  # a train file from before prepare marked slices
         newest = sorted(train[BATCH].dropna().unique())[-1]
         new = train[train[BATCH] == newest]
-    old = replay[replay[BATCH] != newest] if replay is not None and BATCH in replay else None
-    take = 0 if old is None else min(len(old), math.ceil(cfg.replay_mix * len(new)))
-    mixed = new if take == 0 else pd.concat([new, old.sample(n=take, random_state=seed)],
+        seen = replay[replay[BATCH] != newest] if replay is not None and BATCH in replay else None
+    take = 0 if seen is None else min(len(seen), math.ceil(cfg.replay_mix * len(new)))
+    mixed = new if take == 0 else pd.concat([new, seen.sample(n=take, random_state=seed)],
                                             ignore_index=True)
-    return mixed.reset_index(drop=True), {"train_rows": len(mixed), "new_rows": len(new),
-                                          "replay_rows": take, "new_batch": str(newest)}
+    stats = {"train_rows": len(mixed), "new_rows": len(new), "replay_rows": take,
+             "new_batch": str(newest)}
+    if since is not None:
+        stats["new_batches"] = int(new[BATCH].nunique())
+    return mixed.reset_index(drop=True), stats
 
 
 # --- the model -----------------------------------------------------------------------------------
@@ -95,17 +120,37 @@ def grow_head(model, old: list[str], labels: list[str]) -> list[str]:
     return added
 
 
-def champion_classifier(params: Params, champion: Path | None):
-    """The champion's model and tokenizer (unwrapped from its registered pyfunc), or None."""
-    if champion is None or not champion.is_file():
-        return None
-    ref = json.loads(champion.read_text())
+def champion_classifier(params: Params, ref: dict[str, Any]):
+    """The champion's (model, tokenizer, version) (unwrapped from its registered pyfunc) that
+    finetune-init.json (`ref`) names, or None."""
     if not ref.get("version"):
         return None
     from ratchet.registry import load_champion
 
     clf = load_champion(params, ref).unwrap_python_model()._clf
     return clf.model, clf.tokenizer, ref["version"]
+
+
+def starting_point(params: Params, ref: dict[str, Any], labels: set[str]
+                   ) -> tuple[str, str, Any]:
+    """(`full` | `continual`, why, the champion's (model, tokenizer, version) or None): the
+    plan in finetune-init.json (`ref`, see `ratchet.continual.start`), checked against the
+    champion's own labels under `finetune.init: auto`, where a label it lacks means a full
+    retrain (in mode `champion` its head grows instead)."""
+    from ratchet.continual import FULL, Facts, choose, start
+
+    cfg = params.finetune
+    how, why = start(cfg.init, cfg.full_every, ref)
+    if how == FULL:
+        return how, why, None
+    champion = champion_classifier(params, ref)
+    if champion is None:
+        return FULL, "there is no champion yet", None
+    config = champion[0].config
+    grew = sorted(labels - {config.id2label[i] for i in range(config.num_labels)})
+    if cfg.init == "auto" and grew:
+        return (*choose(cfg.full_every, Facts(champion[2], None, None, grew)), None)
+    return how, why, champion
 
 
 def with_lora(model, cfg: FinetuneConfig):
@@ -231,10 +276,24 @@ def train_classifier(params: Params, *, train: Path, val: Path, pretrained: Path
     train_df, val_df = pd.read_parquet(train), pd.read_parquet(val)
     replay_df = pd.read_parquet(replay) if replay is not None and replay.is_file() else None
     torch.manual_seed(mcfg.seed)
-    start_from = champion_classifier(params, init) if cfg.init == "champion" else None
+    ref = json.loads(init.read_text()) if init is not None and init.is_file() else {}
+    how, why, start_from = starting_point(
+        params, ref, set(params.data.labels) | set(train_df[LABEL]) | set(val_df[LABEL]))
+    trained_on = ref.get("batch") or newest_batch([*train_df.get(BATCH, []),
+                                                   *val_df.get(BATCH, [])])
     data_stats: dict[str, Any]
-    train_df, data_stats = training_frame(train_df, replay_df, cfg,
-                                          continual=start_from is not None, seed=mcfg.seed)
+    try:
+        train_df, data_stats = training_frame(
+            train_df, replay_df, cfg, continual=start_from is not None, seed=mcfg.seed,
+            since=ref.get("champion_batch") if cfg.init == "auto" else None)
+    except NothingNew:
+        if cfg.init != "auto":
+            raise
+        # Nothing the champion has not seen: as before auto, a full retrain on what there is.
+        how, why, start_from = "full", ("nothing new to continue on (no train row newer than "
+                                        "the champion's batch): a full retrain"), None
+        train_df, data_stats = training_frame(train_df, replay_df, cfg, continual=False,
+                                              seed=mcfg.seed)
     labels = sorted(set(params.data.labels) | set(train_df[LABEL]) | set(val_df[LABEL]))
     added: list[str] = []
     if start_from is not None:
@@ -248,7 +307,7 @@ def train_classifier(params: Params, *, train: Path, val: Path, pretrained: Path
         model = AutoModelForSequenceClassification.from_pretrained(
             pretrained, num_labels=len(labels), id2label=dict(enumerate(labels)),
             label2id={lab: i for i, lab in enumerate(labels)})
-        init_used = "base" if cfg.init == "base" else "base (there is no champion yet)"
+        init_used = "base"
     model.config.ratchet_max_length = mcfg.max_length
     label2id = {lab: i for i, lab in enumerate(labels)}
     total_params = sum(p.numel() for p in model.parameters())
@@ -372,7 +431,8 @@ def train_classifier(params: Params, *, train: Path, val: Path, pretrained: Path
     if cfg.mode == "lora":
         model = model.merge_and_unload()  # plain weights: serving needs no peft
     stats = {
-        **data_stats, "mode": cfg.mode, "init": init_used, "labels": len(labels),
+        **data_stats, "mode": cfg.mode, "init": how, "init_reason": why, "init_from": init_used,
+        "batch": trained_on, "labels": len(labels),
         "added_labels": added, "steps": state.step, "epochs": state.epoch,
         "best_epoch": state.best_epoch, "best_val_macro_f1": state.best,
         "stopped_early": state.step < total, "resumed_from_epoch": resumed_from,
@@ -411,7 +471,7 @@ def main() -> None:
         "train": "augmented train split (parquet)",
         "val": "prepared val split (parquet), for early stopping",
         "pretrained": "folder of the pretrained encoder",
-        "init": "finetune-init.json: the champion to start from (finetune.init: champion)",
+        "init": "finetune-init.json: full retrain or continual from the champion, and why",
         "replay": "replay buffer (parquet), mixed in by continual mode",
         "checkpoints": "folder for per-epoch checkpoints (a killed run resumes from them)",
         "out": "folder for the candidate model",

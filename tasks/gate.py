@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ratchet.config import Params
+from ratchet.continual import tags as continual_tags
 from ratchet.data import RECENT, REFERENCE
 from ratchet.gate import Check, Decision, decide, gate_inputs
 from ratchet.lineage import Experiment, code_at_gate, commit_tags, dvc_experiment
@@ -41,7 +42,8 @@ def params_hash(params: Params) -> str:
 
 
 def version_tags(decision: Decision, label: str, *, fingerprint: str, compared_with: str | None,
-                 params: Params, drift: dict, validation: dict, lock: Path) -> dict[str, str]:
+                 params: Params, drift: dict, validation: dict, lock: Path,
+                 training: dict | None = None) -> dict[str, str]:
     tags = {
         "decision": label,
         "reasons": " | ".join(decision.reasons)[:4900],
@@ -57,6 +59,9 @@ def version_tags(decision: Decision, label: str, *, fingerprint: str, compared_w
         # Where the great-expectations Data Docs are: in the workspace, and logged with the run.
         "data_docs": str(validation.get("data_docs", "n/a")),
         "drift": str(drift.get("summary", "n/a"))[:4900],
+        # How it was trained (full | continual) and on which newest batch: what the next run's
+        # `finetune.init: auto` counts batches since the last full retrain from.
+        **continual_tags(training or {}),
     }
     for path, md5 in data_hashes(lock).items():
         tags[f"data_hash.{path}"] = md5
@@ -80,6 +85,33 @@ def newest_noise(report: dict | None) -> dict | None:
     entry = (report.get("batches") or {}).get(report.get("newest"), {})
     return {**entry, "batch": report.get("newest"), "flagged": bool(report.get("flagged")),
             "summary": report.get("summary")}
+
+
+TRAINING_KEYS = ("init", "init_reason", "init_from", "batch", "train_rows", "new_rows",
+                 "replay_rows", "added_labels", "samples", "train_seconds")
+
+
+def training_record(finetune_metrics: Path | None) -> dict[str, Any] | None:
+    """How the candidate was trained, from metrics/finetune.json: full retrain or continual
+    (`init`), why (`init_reason`), from what (`init_from`), on which newest batch, and its
+    compute (rows, samples, seconds). None without the file."""
+    if finetune_metrics is None or not finetune_metrics.is_file():
+        return None
+    stats = read_json(finetune_metrics)
+    return {k: stats[k] for k in TRAINING_KEYS if k in stats}
+
+
+def training_line(training: dict | None) -> str:
+    """How the candidate was trained, in one line (the card's, the flow's artifact's)."""
+    if not training or training.get("init") not in ("full", "continual"):
+        return "n/a"
+    how = ("full retrain from base" if training["init"] == "full"
+           else f"continual from {training.get('init_from', 'the champion')}")
+    rows = (f"{training.get('new_rows', '?')} new rows + {training.get('replay_rows', '?')} "
+            "replayed" if training["init"] == "continual"
+            else f"{training.get('train_rows', '?')} rows")
+    return (f"{how} ({training.get('init_reason', '')}); newest batch "
+            f"`{training.get('batch')}`, {rows}.")
 
 
 def reevaluate(params: Params, m: dict[str, float], champion: dict, *, candidate: Path,
@@ -125,6 +157,7 @@ def run(params: Params, *, eval_metrics: Path, eval_report: Path, validation: Pa
     val, drift_report = read_json(validation), read_json(drift)
     noise_report = read_json(noise) if noise is not None and noise.is_file() else None
     noise = newest_noise(noise_report)
+    training = training_record(finetune_metrics)
     paths = (validation, eval_metrics, eval_report, candidate, curve, pretrain_curve,
              finetune_metrics, pretrain_metrics)  # what the candidate's run logs
     ws = Path.cwd()
@@ -145,6 +178,7 @@ def run(params: Params, *, eval_metrics: Path, eval_report: Path, validation: Pa
         "data_docs": val.get("data_docs"),
         "behaviour": details.get("behaviour"),
         "new_classes": new_classes,
+        "training": training,
         "tracking_uri": tracking_uri(params.registry, ws),
         "reevaluations": [],
     }
@@ -154,7 +188,7 @@ def run(params: Params, *, eval_metrics: Path, eval_report: Path, validation: Pa
         record.update(log_experiment(
             params, experiment, m, evaluated=evaluated, noise=noise, new_classes=new_classes,
             fp=fp, identical=bool(before and before.fingerprint == fp), val=val, drift=drift,
-            drift_report=drift_report, lock=lock, card=card, paths=paths),
+            drift_report=drift_report, lock=lock, card=card, paths=paths, training=training),
             champion_after=record["champion_before"])
         write_json(report, record)
         return record
@@ -167,7 +201,8 @@ def run(params: Params, *, eval_metrics: Path, eval_report: Path, validation: Pa
         record["checks"].append({"name": "identity", "passed": True,
                                  "reason": "the candidate is already the champion"})
         write_text_atomic(card, model_card(params, name, "unchanged", decision, m, val=val,
-                                           drift=drift_report, evaluated=evaluated, lock=lock))
+                                           drift=drift_report, evaluated=evaluated, lock=lock,
+                                           training=training))
         write_json(report, record)
         return record
 
@@ -206,7 +241,7 @@ def run(params: Params, *, eval_metrics: Path, eval_report: Path, validation: Pa
         version, run_id = _register_or_tag(
             client, params, name, fp, label, decision, m, version=version, run_id=run_id,
             evaluated=evaluated, val=val, drift=drift, drift_report=drift_report, lock=lock,
-            card=card, paths=paths)
+            card=card, paths=paths, training=training)
         if journal is not None:  # before any alias points at it: undo must know it is ours
             journal.version(version, registered=run_id is not None, run_id=run_id)
         if label != "promoted":
@@ -228,7 +263,7 @@ def run(params: Params, *, eval_metrics: Path, eval_report: Path, validation: Pa
         version, run_id = _register_or_tag(
             client, params, name, fp, label, decision, m, version=version, run_id=run_id,
             evaluated=evaluated, val=val, drift=drift, drift_report=drift_report, lock=lock,
-            card=card, paths=paths)
+            card=card, paths=paths, training=training)
         if journal is not None:
             journal.version(version, registered=run_id is not None, run_id=run_id)
     challenger = alias_target(client, name, CHALLENGER)
@@ -283,7 +318,7 @@ def log_experiment(params: Params, experiment: Experiment, m: dict[str, float], 
                    evaluated: dict, noise: dict | None, new_classes: list[str], fp: str,
                    identical: bool,
                    val: dict, drift: Path, drift_report: dict, lock: Path, card: Path,
-                   paths: tuple[Path, ...]) -> dict[str, Any]:
+                   paths: tuple[Path, ...], training: dict | None = None) -> dict[str, Any]:
     """A `dvc exp run` stays an experiment: its MLflow run, named after the DVC experiment, has
     its params, metrics, curves and the card with the decision the gate would have made, and
     nothing is registered and no alias moves (`gate.experiments: register` opts out).
@@ -306,12 +341,13 @@ def log_experiment(params: Params, experiment: Experiment, m: dict[str, float], 
     write_text_atomic(card, model_card(params, params.registry.model_name,
                                        f"experiment (would be {would_be})", decision, m,
                                        val=val, drift=drift_report, evaluated=evaluated,
-                                       lock=lock))
+                                       lock=lock, training=training))
     (validation, eval_metrics, eval_report, candidate, curve, pretrain_curve, finetune_metrics,
      pretrain_metrics) = paths
     tags = {**experiment.tags(), "decision": "experiment", "would_be": would_be,
             "compared_with": str(evaluated.get("version")),
             "fingerprint": fp, "params_hash": params_hash(params),
+            **continual_tags(training or {}),
             **{f"data_hash.{p}": h for p, h in data_hashes(lock).items()}}
     token = os.environ.get(RUN_TOKEN_ENV)
     with mlflow.start_run(run_name=experiment.name) as run:
@@ -334,19 +370,21 @@ def log_experiment(params: Params, experiment: Experiment, m: dict[str, float], 
 def _register_or_tag(client, params: Params, name: str, fp: str, label: str, decision: Decision,
                      m: dict[str, float], *, version: str | None, run_id: str | None,
                      evaluated: dict, val: dict, drift: Path, drift_report: dict, lock: Path,
-                     card: Path, paths: tuple[Path, ...]) -> tuple[str, str | None]:
+                     card: Path, paths: tuple[Path, ...], training: dict | None = None
+                     ) -> tuple[str, str | None]:
     """Write the model card for this decision, register the candidate (once per model and
     baseline) or bring the run it logged earlier this call up to date (after a re-evaluation or
     a deferral), then tag the version with the decision."""
     from ratchet.registry import find_version
 
     write_text_atomic(card, model_card(params, name, label, decision, m, val=val,
-                                       drift=drift_report, evaluated=evaluated, lock=lock))
+                                       drift=drift_report, evaluated=evaluated, lock=lock,
+                                       training=training))
     if version is None:
         version = find_version(client, name, fp, str(evaluated.get("version")))
         if version is None:
             run_id, version = _log(params, name, fp, label, m, val=val, drift=drift, card=card,
-                                   paths=paths)
+                                   paths=paths, training=training)
     elif run_id is not None:  # the run logged earlier this call: its numbers and card too
         import time
 
@@ -358,22 +396,24 @@ def _register_or_tag(client, params: Params, name: str, fp: str, label: str, dec
         client.set_tag(run_id, "decision", label)
         client.log_artifact(run_id, str(card))
     _tag(client, params, name, version, label, decision, m, fp=fp, evaluated=evaluated,
-         val=val, drift_report=drift_report, lock=lock)
+         val=val, drift_report=drift_report, lock=lock, training=training)
     return version, run_id
 
 
 def _tag(client, params: Params, name: str, version: str, label: str, decision: Decision,
          m: dict[str, float], *, fp: str, evaluated: dict, val: dict, drift_report: dict,
-         lock: Path) -> None:
+         lock: Path, training: dict | None = None) -> None:
     tags = version_tags(decision, label, fingerprint=fp, compared_with=evaluated.get("version"),
-                        params=params, drift=drift_report, validation=val, lock=lock)
+                        params=params, drift=drift_report, validation=val, lock=lock,
+                        training=training)
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
     client.update_model_version(name, version, description=description(label, decision, m))
 
 
 def _log(params: Params, name: str, fp: str, label: str, m: dict[str, float], *, val: dict,
-         drift: Path, card: Path, paths: tuple[Path, ...]) -> tuple[str, str]:
+         drift: Path, card: Path, paths: tuple[Path, ...], training: dict | None = None
+         ) -> tuple[str, str]:
     """Log the candidate's run (params, metrics, reports, model card) and register it."""
     from ratchet.registry import log_candidate
 
@@ -385,7 +425,7 @@ def _log(params: Params, name: str, fp: str, label: str, m: dict[str, float], *,
         candidate, name=name, params=flat_params(params), metrics=m,
         artifacts=[drift, drift.with_suffix(".png"), validation, eval_metrics, eval_report,
                    card, *plots, *docs],
-        run_tags={"fingerprint": fp, "decision": label},
+        run_tags={"fingerprint": fp, "decision": label, **continual_tags(training or {})},
         model_card=card,
     )
     log_training(run_id, curve=curve, pretrain_curve=pretrain_curve,
@@ -512,7 +552,8 @@ def description(label: str, decision: Decision, m: dict[str, float]) -> str:
 
 
 def model_card(params: Params, name: str, label: str, decision: Decision, m: dict[str, float], *,
-               val: dict, drift: dict, evaluated: dict, lock: Path) -> str:
+               val: dict, drift: dict, evaluated: dict, lock: Path,
+               training: dict | None = None) -> str:
     """A model card in markdown: what the model is, what it was trained and judged on, limits."""
     hashes = data_hashes(lock)
     lines = [
@@ -529,6 +570,7 @@ def model_card(params: Params, name: str, label: str, decision: Decision, m: dic
         f"learning rate {params.finetune.learning_rate:g}; continued MLM pre-training "
         f"{ {True: 'on', False: 'off'}.get(params.pretrain.enabled, 'auto')} (the gate "
         "record's `pretrain` says whether it trained, and why not).",
+        f"- Start: {training_line(training)}",
         f"{code_at_gate(dvc_experiment())}; params hash `{params_hash(params)}`.",
         "- Data (md5 from dvc.lock, as this run computed them):",
         *[f"  - `{p}`: `{h}`" for p, h in sorted(hashes.items())],

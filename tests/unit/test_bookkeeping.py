@@ -60,6 +60,27 @@ def test_a_promotion_does_not_make_the_next_run_retrain_the_champion_on_the_same
     assert init()["version"] == "1"
 
 
+def test_by_default_a_routine_second_batch_continues_from_the_champion(tmp_path):
+    """`finetune.init: auto`, the default: v1 (a full retrain on batch 1, tagged so by the
+    gate) serves; batch 2 brings no new label and full_every is not reached, so finetune starts
+    from v1 with the replay buffer instead of retraining on everything from base."""
+    ws = tmp_path
+    (ws / "params.yaml").write_text(template("params.yaml").read_text())  # as `ratchet init`
+    _batch(ws, "0001-aaaaaaaaaaaa")
+    store = fresh_store(ws)
+    register(store, 1)
+    store.set_model_version_tag(NAME, "1", "finetune.init", "full")
+    store.set_model_version_tag(NAME, "1", "finetune.batch", "0001-aaaaaaaaaaaa")
+    move_alias(store, NAME, CHAMPION, "1", by="gate", expected=None, reason="first")
+    _batch(ws, "0002-bbbbbbbbbbbb")
+    refresh_champion(ws)
+    got = json.loads((ws / INIT_FILE).read_text())
+    assert got.get("init") == "auto" and got.get("plan") == "continual", got
+    assert got["version"] == "1" and got["batch"] == "0002-bbbbbbbbbbbb"
+    assert got["batches_since_full"] == 1 and got["last_full"] == "0001-aaaaaaaaaaaa"
+    assert got["reason"].startswith("a routine batch: 1 batch(es) since the last full retrain")
+
+
 def _dvc_md5(text: str) -> str:
     return yaml.safe_load(text)["outs"][0]["md5"]
 

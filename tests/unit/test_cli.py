@@ -168,8 +168,10 @@ def test_promote_rollback_and_history(ws, monkeypatch):
         assert text in shown.output
     none = cli(ws, "history", "--alias", "challenger")
     assert none.exit_code == 0 and "no alias moves recorded yet" in none.output
+    other_writer(ws).set_model_version_tag(NAME, "2", "finetune.init", "continual")
     status = cli(ws, "status")
     assert status.exit_code == 0 and "champion 3 since" in status.output
+    assert "trained" in status.output and "continual" in status.output
 
 
 def test_a_move_in_the_mlflow_ui_shows_as_manual(ws):

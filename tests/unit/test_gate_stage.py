@@ -107,8 +107,11 @@ def test_gate_reevaluates_when_champion_moves_during_the_run(ws):
     pretrain_curve = ws / "pretrain_curve.csv"
     pd.DataFrame({"step": [1, 2], "loss": [9.0, 8.5], "lr": [1e-3, 5e-4],
                   "perplexity": [None, 40.0]}).to_csv(pretrain_curve, index=False)
-    (ws / "finetune.json").write_text(json.dumps({"samples_per_s": 120.5, "init": "base",
-                                                  "stopped_early": False}))
+    (ws / "finetune.json").write_text(json.dumps({
+        "samples_per_s": 120.5, "init": "continual", "init_from": f"champion v{v1}",
+        "init_reason": "a routine batch: 1 batch(es) since the last full retrain",
+        "batch": "0002-bbbbbbbbbbbb", "new_rows": 40, "replay_rows": 80, "train_rows": 120,
+        "stopped_early": False}))
     (ws / "pretrain.json").write_text('{"perplexity_before": NaN, "perplexity_after": 40.0, '
                                       '"enabled": "auto", "trained": 1, "steps": 2}')
     record = gate.run(params, eval_metrics=ws / "eval.json", eval_report=ws / "eval" /
@@ -144,6 +147,18 @@ def test_gate_reevaluates_when_champion_moves_during_the_run(ws):
     assert current_champion(client, name).version == v2
     mv = client.get_model_version(name, record["version"])
     assert mv.tags["compared_with"] == v2 and mv.tags["decision"] == "rejected"
+    # How it was trained, and why, is in the record, the version's and run's tags and the card
+    # (what the next run's `finetune.init: auto` counts from); the gate judged it as any other.
+    assert record["training"]["init"] == "continual"
+    assert record["training"]["init_reason"].startswith("a routine batch")
+    assert json.loads((ws / "gate.json").read_text())["training"] == record["training"]
+    assert mv.tags["finetune.init"] == "continual"
+    assert mv.tags["finetune.batch"] == "0002-bbbbbbbbbbbb"
+    assert mv.tags["finetune.init_reason"].startswith("a routine batch")
+    assert client.get_run(record["run_id"]).data.tags["finetune.init"] == "continual"
+    assert (f"- Start: continual from champion v{v1} (a routine batch: 1 batch(es) since the "
+            "last full retrain); newest batch `0002-bbbbbbbbbbbb`, 40 new rows + 80 replayed."
+            ) in (ws / "eval" / "model_card.md").read_text()
     assert "| slice | n |" in mv.description and "Gate decision: rejected" in mv.description
     assert str(client.get_registered_model(name).aliases[CHALLENGER]) == record["version"]
     card = client.download_artifacts(record["run_id"], "reports/model_card.md", str(ws / "dl"))

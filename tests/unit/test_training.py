@@ -200,6 +200,26 @@ def test_continual_new_rows_are_the_recent_slice_never_the_previous_batch():
     assert (mixed[BATCH] == "0003-c").sum() == 20
 
 
+def test_continual_new_rows_are_every_batch_the_champion_has_not_seen():
+    """The champion was trained up to batch 1; batch 2's candidate was rejected: under auto
+    (finetune-init.json's `champion_batch`) batch 2 is as new to it as batch 3, not replay."""
+    from tasks.finetune import NothingNew
+
+    old, rejected = frame(100, 0, batch="0001-a"), frame(30, 1, batch="0002-b")
+    new = frame(20, 2, batch="0003-c").assign(slice="recent")
+    train = pd.concat([old.assign(slice="reference"), rejected.assign(slice="reference"), new])
+    replay = pd.concat([old, rejected.head(10)])
+    cfg = params(replay_mix=1.0).finetune
+    mixed, stats = finetune.training_frame(train, replay, cfg, continual=True, seed=0,
+                                           since="0001-a")
+    assert stats == {"train_rows": 100, "new_rows": 50, "replay_rows": 50,
+                     "new_batch": "0003-c", "new_batches": 2}
+    assert set(mixed[BATCH]) == {"0001-a", "0002-b", "0003-c"}
+    assert (mixed[BATCH] == "0002-b").sum() == 30  # all of it, none counted twice from replay
+    with pytest.raises(NothingNew, match="no train row is newer than batch 0003-c"):
+        finetune.training_frame(train, replay, cfg, continual=True, seed=0, since="0003-c")
+
+
 def test_length_grouped_batches_cover_every_row_once_with_less_padding():
     rng = random.Random(0)
     lengths = [rng.randint(3, 60) for _ in range(1000)]
@@ -678,7 +698,8 @@ def test_continual_mode_starts_from_the_registered_champion_and_grows_its_head(d
 
     stats = train(data, tmp_path / "out", p, train=tmp_path / "train.parquet",
                   init=tmp_path / "init.json", replay=tmp_path / "replay.parquet")
-    assert stats["init"] == f"champion v{version}"
+    assert stats["init"] == "continual" and stats["init_from"] == f"champion v{version}"
+    assert stats["init_reason"].startswith("finetune.init: champion (always continual)")
     assert stats["added_labels"] == ["weather"] and stats["labels"] == 4
     assert stats["new_rows"] == 40 and stats["replay_rows"] == 40 and stats["train_rows"] == 80
     from transformers import AutoModelForSequenceClassification
@@ -696,4 +717,72 @@ def test_continual_mode_without_a_champion_trains_from_the_base(data, tmp_path):
     (tmp_path / "init.json").write_text('{"init": "champion", "name": null, "version": null}')
     stats = train(data, tmp_path, params(init="champion", epochs=1.0),
                   init=tmp_path / "init.json")
-    assert stats["init"] == "base (there is no champion yet)" and stats["train_rows"] == 160
+    assert stats["init"] == "full" and stats["init_from"] == "base"
+    assert stats["init_reason"] == "there is no champion yet" and stats["train_rows"] == 160
+
+
+def _registered_champion(p, tmp_path: Path, labels: list[str]) -> str:
+    from ratchet.registry import connect, log_candidate
+    from tests.conftest import save_tiny_classifier
+
+    save_tiny_classifier(tmp_path / "champion", labels, seed=3, max_length=32)
+    connect(p.registry, tmp_path)
+    return log_candidate(tmp_path / "champion", name=p.registry.model_name, params={},
+                         metrics={}, artifacts=[], run_tags={"fingerprint": "champ"})[1]
+
+
+def _auto_plan(p, version: str, **facts) -> str:
+    return json.dumps({"init": "auto", "plan": "continual", "name": p.registry.model_name,
+                       "version": version, "batch": "0002-b", "full_every": 5,
+                       "batches_since_full": 1, "last_full": "0001-a",
+                       "champion_batch": "0001-a", **facts})
+
+
+def test_auto_continues_from_the_champion_on_a_routine_batch_and_says_why(data, tmp_path,
+                                                                         monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    p = params(init="auto", epochs=1.0, replay_mix=1.0)
+    version = _registered_champion(p, tmp_path, LABELS)
+    (tmp_path / "init.json").write_text(_auto_plan(p, version))
+    old, new = frame(120, 0, batch="0001-a"), frame(40, 1, batch="0002-b")
+    pd.concat([old, new]).to_parquet(tmp_path / "train.parquet")
+    old.to_parquet(tmp_path / "replay.parquet")
+    stats = train(data, tmp_path / "out", p, train=tmp_path / "train.parquet",
+                  init=tmp_path / "init.json", replay=tmp_path / "replay.parquet")
+    assert stats["init"] == "continual" and stats["init_from"] == f"champion v{version}"
+    assert stats["init_reason"].startswith("a routine batch: 1 batch(es) since the last full")
+    assert stats["batch"] == "0002-b" and stats["train_rows"] == 80  # new + replay, not all
+    # Made under full_every 5; a `dvc exp run -S finetune.full_every=1` (no refresh) is obeyed.
+    again = train(data, tmp_path / "again", params(init="auto", epochs=1.0, full_every=1),
+                  train=tmp_path / "train.parquet", init=tmp_path / "init.json",
+                  replay=tmp_path / "replay.parquet")
+    assert again["init"] == "full" and again["train_rows"] == 160
+    assert again["init_reason"].endswith("finetune.full_every is 1")
+
+
+def test_auto_with_nothing_new_to_the_champion_retrains_from_base(data, tmp_path, monkeypatch):
+    """The champion was trained on batch 2 already (say prepare dropped every new row): auto
+    does what the default did before it, a full retrain, instead of failing the run."""
+    monkeypatch.chdir(tmp_path)
+    p = params(init="auto", epochs=1.0)
+    version = _registered_champion(p, tmp_path, LABELS)
+    (tmp_path / "init.json").write_text(_auto_plan(p, version, champion_batch="0002-b"))
+    pd.concat([frame(120, 0, batch="0001-a"), frame(40, 1, batch="0002-b")]).to_parquet(
+        tmp_path / "train.parquet")
+    stats = train(data, tmp_path / "out", p, train=tmp_path / "train.parquet",
+                  init=tmp_path / "init.json")
+    assert stats["init"] == "full" and stats["init_reason"].startswith("nothing new")
+    assert stats["train_rows"] == 160 and stats["init_from"] == "base"
+
+
+def test_auto_retrains_from_base_when_the_champion_lacks_a_label(data, tmp_path, monkeypatch):
+    """The plan said continual (say a `dvc exp run -S data.labels=...` added a label after the
+    refresh): the champion's head has no output for `weather`, so auto retrains from base."""
+    monkeypatch.chdir(tmp_path)
+    p = params(init="auto", epochs=1.0)
+    version = _registered_champion(p, tmp_path, LABELS[:3])
+    (tmp_path / "init.json").write_text(_auto_plan(p, version))
+    stats = train(data, tmp_path / "out", p, init=tmp_path / "init.json")
+    assert stats["init"] == "full" and stats["init_from"] == "base"
+    assert "the label set grew: 1 label(s)" in stats["init_reason"]
+    assert "weather" in stats["init_reason"] and stats["added_labels"] == []
