@@ -155,18 +155,16 @@ def set_rank_threads(dist_info: Dist, threads: int = 0) -> None:
         torch.set_num_threads(max(1, torch.get_num_threads() // dist_info.world))
 
 
-def mixed_precision(device):
-    """(autocast context, GradScaler or None) for a training step on `device`: bf16 autocast on
-    a GPU that has bf16, else fp16 with loss scaling; on the CPU, fp32 (a no-op context)."""
-    import contextlib
-
+def mixed_precision(device, used: str):
+    """(autocast context, GradScaler or None) for a training step on `device` in the resolved
+    precision `used` (`ratchet.precision.resolve`): bf16 autocast, fp16 autocast with loss
+    scaling (GPUs without bf16), or fp32 (a no-op context). Weights and optimizer stay fp32."""
     import torch
 
-    if device.type != "cuda":
-        return contextlib.nullcontext(), None
-    if torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16), None
-    return torch.autocast("cuda", dtype=torch.float16), torch.amp.GradScaler("cuda")
+    from ratchet.precision import autocast
+
+    scaler = torch.amp.GradScaler("cuda") if used == "fp16" else None
+    return autocast(used, device), scaler
 
 
 def all_reduce_grads(params: list, dist_info: Dist) -> None:
