@@ -20,17 +20,18 @@ Arms, each in its own Python process (so that its peak RSS, `ru_maxrss`, is its 
   best validation macro-F1 (what `sweep.metric` ranks by) is the `lora` entry: the test split
   chooses nothing.
 
-Order: seed by seed (SEEDS), every arm once per seed, the order of baseline, expert and full
-rotated each round and one LoRA learning rate per round, so machine load falls on every arm
-alike. Per arm and seed (`runs`), and their mean and sample standard deviation (`_sd`) across
-seeds: `samples_per_s` (training rows seen by the model in training mode divided by the
-trainer's own training seconds: `trainer.train()` for the Trainer arms, which validate nothing,
-finetune's `train_seconds` for ratchet, which times its per-epoch validation apart
-(`val_forward_s`)), `wall_s` (the whole training call: loading, tokenizing, training,
-validation, saving; not test prediction), `peak_rss_mb`, `test_accuracy` (all 5,500 test rows,
-predicted by `ratchet.models.Classifier` as the served model predicts), `test_inscope_accuracy`
-(label != oos), `test_macro_f1` (over the labels), padded and real tokens per batch
-(`mean_padded_length`, `padding_share`).
+Order: seed by seed (SEEDS), every compared arm once per seed, the order of baseline, expert
+and full rotated each round, so machine load falls on every arm alike; the LoRA runs last.
+
+Per arm and seed (`runs`), and their mean and sample standard deviation (`_sd`) across seeds:
+`samples_per_s` (training rows seen by the model in training mode divided by the trainer's own
+training seconds: `trainer.train()` for the Trainer arms, which validate nothing, finetune's
+`train_seconds` for ratchet, which times its per-epoch validation apart (`val_forward_s`)),
+`wall_s` (the whole training call: loading, tokenizing, training, validation, saving; not test
+prediction), `peak_rss_mb`, `test_accuracy` (all 5,500 test rows, predicted by
+`ratchet.models.Classifier` as the served model predicts), `test_inscope_accuracy` (label !=
+oos), `test_macro_f1` (over the labels), padded and real tokens per batch (`mean_padded_length`,
+`padding_share`).
 
 FLOPs: `FlopCounterMode` counts one forward + backward of a single text of each length
 1..max_length on the MiniLM classifier (matmuls and attention; with no cross-row operation a
@@ -460,16 +461,13 @@ def _child(arm: str, work: Path, epochs: float, seed: int, lora_lr: float | None
 def schedule(seeds: tuple[int, ...], lora_lrs: tuple[float, ...]
              ) -> list[tuple[str, int, float | None]]:
     """(arm, seed, LoRA learning rate) in run order: round i runs every compared arm with seed
-    i, rotated by i places so that no arm always goes first, then LoRA at its i-th rate (seed
-    `seeds[0]`); LoRA rates beyond the seeds get rounds of their own."""
+    i, rotated by i places so that no arm always goes first; then LoRA at each rate (seed
+    `seeds[0]`), after the rounds, so that a cut-short run has whole rounds."""
     out: list[tuple[str, int, float | None]] = []
-    for i in range(max(len(seeds), len(lora_lrs))):
-        if i < len(seeds):
-            order = COMPARED[i % len(COMPARED):] + COMPARED[: i % len(COMPARED)]
-            out += [(arm, seeds[i], None) for arm in order]
-        if i < len(lora_lrs):
-            out.append(("lora", seeds[0], lora_lrs[i]))
-    return out
+    for i, seed in enumerate(seeds):
+        order = COMPARED[i % len(COMPARED):] + COMPARED[: i % len(COMPARED)]
+        out += [(arm, seed, None) for arm in order]
+    return out + [("lora", seeds[0], lr) for lr in lora_lrs]
 
 
 def run(limit: int | None = None, epochs: float = EPOCHS, keep: Path | None = None, *,

@@ -154,14 +154,12 @@ def test_accuracy_more_than_one_sd_below_the_better_trainer_misses_the_target():
 
 def test_runs_interleave_arms_by_seed_and_rotate_who_goes_first():
     plan = training.schedule((13, 14, 15), (1e-3, 2e-3, 5e-3, 1e-2))
-    assert [p[0] for p in plan[:4]] == ["baseline", "expert", "full", "lora"]
-    assert [p[0] for p in plan[4:8]] == ["expert", "full", "baseline", "lora"]
-    assert [p[0] for p in plan[8:12]] == ["full", "baseline", "expert", "lora"]
-    assert plan[12] == ("lora", 13, 1e-2)
+    assert [p[0] for p in plan[:3]] == ["baseline", "expert", "full"]
+    assert [p[0] for p in plan[3:6]] == ["expert", "full", "baseline"]
+    assert [p[0] for p in plan[6:9]] == ["full", "baseline", "expert"]
     for i, seed in enumerate((13, 14, 15)):
-        assert {p[1] for p in plan[4 * i : 4 * i + 3]} == {seed}
-    assert [p[2] for p in plan if p[0] == "lora"] == [1e-3, 2e-3, 5e-3, 1e-2]
-    assert all(p[1] == 13 for p in plan if p[0] == "lora")
+        assert {p[1] for p in plan[3 * i : 3 * i + 3]} == {seed}
+    assert plan[9:] == [("lora", 13, lr) for lr in (1e-3, 2e-3, 5e-3, 1e-2)]
     assert "lora" not in {p[0] for p in training.schedule((13,), ())}
 
 
