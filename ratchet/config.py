@@ -310,6 +310,13 @@ class FinetuneConfig(_Section):
     deterministic: bool = Field(
         False, description="torch deterministic algorithms (slower; bitwise repeatable on CPU)."
     )
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="Numerics of training (finetune and pretrain) and of the trained "
+        "model's predictions (served and gated alike): bf16 autocast with fp32 weights, or fp32. "
+        "auto: bf16 where the hardware computes it natively (CPU avx512_bf16/amx_bf16, a GPU with "
+        "bf16), else fp32 (fp16 with loss scaling on a GPU without bf16); bf16 on hardware without "
+        "it is an error."
+    )
     compile: bool = Field(False, description="torch.compile the model (first steps are slower).")
     threads: int = Field(0, ge=0, description="Torch threads (0: the cores this process may use).")
 

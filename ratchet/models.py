@@ -89,12 +89,22 @@ def load_base_mlm(source: str, seed: int) -> tuple[PreTrainedModel, PreTrainedTo
 
 
 class Classifier:
-    """Batched inference for a sequence-classification directory: labels and probabilities."""
+    """Batched inference for a sequence-classification directory: labels and probabilities.
+
+    It predicts in the precision the model was trained and evaluated in (its config's
+    `ratchet_precision`, written by finetune: bf16 autocast over the fp32 weights, or fp32) where
+    this machine has it, else fp32 (`ratchet.precision.for_model`); `precision` overrides that.
+    The served pyfunc and evaluate both build it this way, so on the same hardware the gate
+    scores, and times, the predictions the served model gives.
+    """
 
     def __init__(self, model_dir: Path | str | None = None, max_length: int | None = None,
-                 batch_size: int = 64, *, model=None, tokenizer=None):
+                 batch_size: int = 64, *, model=None, tokenizer=None,
+                 precision: str | None = None):
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        from ratchet import precision as numerics
 
         set_threads()
         if model is None:
@@ -106,14 +116,21 @@ class Classifier:
         cfg_len = getattr(self.model.config, "ratchet_max_length", None)
         self.max_length = max_length or cfg_len or 128
         self.batch_size = batch_size
+        self.precision = (numerics.for_model(self.model.config) if precision is None
+                          else numerics.resolve(precision, key="Classifier precision"))
         self._torch = torch
+
+    def _autocast(self):
+        from ratchet.precision import autocast
+
+        return autocast(self.precision)
 
     def predict_proba(self, texts: list[str]) -> np.ndarray:
         torch = self._torch
         out = np.zeros((len(texts), len(self.labels)), dtype=np.float32)
         # Sorting by length keeps padding small; results go back to the original order.
         order = np.argsort([len(t) for t in texts], kind="stable")
-        with torch.inference_mode():
+        with torch.inference_mode(), self._autocast():
             for start in range(0, len(texts), self.batch_size):
                 idx = order[start : start + self.batch_size]
                 enc = self.tokenizer(

@@ -180,8 +180,11 @@ def collate(ids: list[list[int]], rows: list[int], pad_id: int):
 
 
 def evaluate_split(model, ids: list[list[int]], y: list[int], pad_id: int, device,
-                   batch_size: int = 128) -> tuple[float, float]:
-    """(macro-F1, accuracy) on pre-tokenized rows, length-sorted for little padding."""
+                   batch_size: int = 128, amp=None) -> tuple[float, float]:
+    """(macro-F1, accuracy) on pre-tokenized rows, length-sorted for little padding, in the
+    training's autocast `amp` (the precision the saved model predicts in)."""
+    import contextlib
+
     import numpy as np
     import torch
 
@@ -191,7 +194,7 @@ def evaluate_split(model, ids: list[list[int]], y: list[int], pad_id: int, devic
     preds = np.zeros(len(ids), dtype=np.int64)
     was_training = model.training
     model.eval()
-    with torch.inference_mode():
+    with torch.inference_mode(), amp or contextlib.nullcontext():
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
             input_ids, mask = collate(ids, rows, pad_id)
@@ -244,6 +247,8 @@ def train_classifier(params: Params, *, train: Path, val: Path, pretrained: Path
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    from ratchet.precision import MODEL_CONFIG_KEY
+    from ratchet.precision import resolve as resolve_precision
     from ratchet.training import (
         Schedule,
         all_sum,
@@ -271,6 +276,7 @@ def train_classifier(params: Params, *, train: Path, val: Path, pretrained: Path
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
     device = dist.device
+    precision = resolve_precision(cfg.precision, device)  # before any work: bf16 may be refused
     hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected here
 
     train_df, val_df = pd.read_parquet(train), pd.read_parquet(val)
@@ -309,6 +315,7 @@ def train_classifier(params: Params, *, train: Path, val: Path, pretrained: Path
             label2id={lab: i for i, lab in enumerate(labels)})
         init_used = "base"
     model.config.ratchet_max_length = mcfg.max_length
+    setattr(model.config, MODEL_CONFIG_KEY, precision)  # the served model predicts in it too
     label2id = {lab: i for i, lab in enumerate(labels)}
     total_params = sum(p.numel() for p in model.parameters())
     if cfg.mode == "lora":
@@ -333,7 +340,7 @@ def train_classifier(params: Params, *, train: Path, val: Path, pretrained: Path
     opt, sched = make_optimizer(model, lr, cfg.weight_decay,
                                 Schedule(total, int(total * cfg.warmup_ratio), cfg.schedule))
     rng = random.Random(mcfg.seed)
-    amp, scaler = mixed_precision(device)
+    amp, scaler = mixed_precision(device, precision)
     state = State()
     best_state = None
     folder = None
@@ -345,7 +352,7 @@ def train_classifier(params: Params, *, train: Path, val: Path, pretrained: Path
             # continual mode mixes it in; a stage dep either way, so a change is a new run
             "replay": file_digest(replay) if replay is not None else "",
             "pretrained": file_digest(pretrained) if start_from is None else "",
-            "world": dist.world})
+            "world": dist.world, "precision": precision})
         saved = load_agreed_checkpoint(folder, dist, lambda c: c["state"]["step"])
         if saved is not None:
             restore_training_state(saved, model, opt, sched, rng, scaler, dist)
@@ -409,7 +416,7 @@ def train_classifier(params: Params, *, train: Path, val: Path, pretrained: Path
                 bar.update()
             # Keep the epoch with the best validation macro-F1; stop when it stops improving.
             val_start = time.perf_counter()
-            score, acc = evaluate_split(model, val_ids, val_y, pad_id, device)
+            score, acc = evaluate_split(model, val_ids, val_y, pad_id, device, amp=amp)
             state.val_seconds += time.perf_counter() - val_start
             state.rows[-1].update(val_macro_f1=score, val_accuracy=acc)
             if score > state.best or best_state is None:
@@ -443,7 +450,7 @@ def train_classifier(params: Params, *, train: Path, val: Path, pretrained: Path
             "nan"),
         "padding_efficiency": real_tokens / padded_tokens if padded_tokens else float("nan"),
         "trainable_params": sum(p.numel() for p in trainable), "total_params": total_params,
-        "world_size": dist.world, "threads": torch.get_num_threads(),
+        "world_size": dist.world, "threads": torch.get_num_threads(), "precision": precision,
         "peak_rss_mb": peak_rss_mb(),
     }
     if device.type == "cuda":

@@ -305,7 +305,10 @@ def run(params: Params, *, train: Path, val: Path, corpus: Path, out: Path,
     set_rank_threads(dist)
     model, tok, init, head_trained = start_model(params, out)
     model.to(dist.device)
-    amp, scaler = mixed_precision(dist.device)
+    from ratchet.precision import resolve as resolve_precision
+
+    precision = resolve_precision(params.finetune.precision, dist.device)  # one key for both
+    amp, scaler = mixed_precision(dist.device, precision)
     train_it, why_not = plan(cfg.enabled, head_trained)
     texts = pd.read_parquet(train)[TEXT].tolist()
     extra = read_corpus(corpus) if train_it else []
@@ -314,7 +317,8 @@ def run(params: Params, *, train: Path, val: Path, corpus: Path, out: Path,
     stats: dict = {"enabled": str(cfg.enabled).lower(), "trained": 0, "steps": 0,
                    "head_steps": 0, "mlm_head": "trained" if head_trained else "untrained",
                    "texts": len(texts), "corpus_texts": len(extra), "tokenized_rows": 0,
-                   "eval_rows": 0, "init": init, "whole_word_mask": cfg.whole_word_mask}
+                   "eval_rows": 0, "init": init, "whole_word_mask": cfg.whole_word_mask,
+                   "precision": precision}
     texts += extra
     points: list[dict] = []  # the curve: loss and learning rate per step, perplexity when measured
     folder = None  # this run's checkpoint folder, when it keeps one
@@ -348,7 +352,7 @@ def run(params: Params, *, train: Path, val: Path, corpus: Path, out: Path,
                 "pretrain": cfg.model_dump(), "model": mcfg.model_dump(), "init": init,
                 "start": file_digest(out) if init == "previous" else "",
                 "train": file_digest(train), "val": file_digest(val),
-                "corpus": file_digest(corpus), "world": dist.world})
+                "corpus": file_digest(corpus), "world": dist.world, "precision": precision})
             saved = load_agreed_checkpoint(folder, dist, lambda c: c["step"])
             if saved is not None:
                 restore_training_state(saved, model, opt, sched, rng, scaler, dist)

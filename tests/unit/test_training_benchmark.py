@@ -1,10 +1,10 @@
-"""The training benchmark's pure pieces: the continual split and replay sample, the test scores,
-the token meter and FLOP table (tiny BERT), the matmul peak and the result assembly."""
+"""The training benchmark's pieces: the inputs, the test scores, the token meter and FLOP table
+(tiny BERT), the matmul peak, the run order, the result assembly (means and sds over seeds, LoRA
+chosen on val), and the expert Trainer grouping by length (tiny BERT, real steps)."""
 
 from __future__ import annotations
 
 import json
-from collections import Counter
 
 import numpy as np
 import pandas as pd
@@ -26,53 +26,25 @@ def clinc_like(per_label: int = 6) -> pd.DataFrame:
     return frame(rows)
 
 
-def test_split_domain_puts_only_the_new_domain_in_new_and_keeps_oos_old():
-    df = clinc_like()
-    old, new = training.split_domain(df, "work")
-    assert set(new["domain"]) == {"work"} and len(new) == 12
-    assert "work" not in set(old["domain"]) and "oos" in set(old["label"])
-    assert len(old) + len(new) == len(df)
-
-
-def test_replay_sample_spreads_rows_evenly_over_labels_and_is_seeded():
-    old, _ = training.split_domain(clinc_like(per_label=10), "work")  # 5 labels, 44 rows
-    sample = training.replay_sample(old, 12, seed=3)
-    assert len(sample) == 12 and sample["text"].is_unique
-    assert set(sample["text"]) <= set(old["text"])
-    counts = Counter(sample["label"])
-    assert len(counts) == 5 and max(counts.values()) - min(counts.values()) <= 1
-    assert sample.equals(training.replay_sample(old, 12, seed=3))
-    assert sample["text"].tolist() != training.replay_sample(old, 12, seed=4)["text"].tolist()
-    # A label that runs out (oos has 4 rows) leaves the rest to the others, still no repeats.
-    big = training.replay_sample(old, 40, seed=0)
-    assert big["text"].is_unique and Counter(big["label"])["oos"] == 4
-    assert len(training.replay_sample(old, 999, seed=0)) == len(old)
-
-
-def test_prepare_inputs_writes_every_arm_input(tmp_path):
+def test_prepare_inputs_writes_every_split_and_every_label(tmp_path):
     df = clinc_like()
     splits = {"train": df, "val": df.iloc[::2], "test": pd.concat([df, frame([("x", "new_lab",
                                                                                "home")])])}
-    meta = training.prepare_inputs(splits, tmp_path, new_domain="work", replay_mix=0.5, seed=0)
-    assert meta["new_rows"] == 12 and meta["replay_rows"] == 6 and meta["old_rows"] == 28
+    meta = training.prepare_inputs(splits, tmp_path)
     assert "new_lab" in meta["labels"] and meta["labels"] == sorted(meta["labels"])
-    mixed = pd.read_parquet(tmp_path / "new_replay.parquet")
-    assert (mixed["domain"] == "work").sum() == 12 and len(mixed) == 18
-    for name in ("old", "old_val"):
-        assert "work" not in set(pd.read_parquet(tmp_path / f"{name}.parquet")["domain"])
+    for split in training.SPLITS:
+        assert len(pd.read_parquet(tmp_path / f"{split}.parquet")) == len(splits[split])
     assert json.loads((tmp_path / "meta.json").read_text()) == meta
 
 
 def test_scores_count_all_rows_in_scope_rows_and_every_label_in_macro_f1():
     test = frame([("1", "a", "d1"), ("2", "a", "d1"), ("3", "b", "d2"), ("4", "oos", "oos")])
     pred = ["a", "b", "b", "a"]
-    s = training.scores(test, pred, labels=["a", "b", "c", "oos"], new_domain="d2")
+    s = training.scores(test, pred, labels=["a", "b", "c", "oos"])
     assert s["test_accuracy"] == pytest.approx(2 / 4)
     assert s["test_inscope_accuracy"] == pytest.approx(2 / 3)
     # F1: a = 2*1/(2*1+1+1) = 0.5, b = 2/(2+1) = 2/3, c and oos = 0 (never right).
     assert s["test_macro_f1"] == pytest.approx((0.5 + 2 / 3) / 4)
-    assert s["test_accuracy_new_domain"] == 1.0 and s["test_accuracy_old_domains"] == 0.5
-    assert "test_accuracy_new_domain" not in training.scores(test, pred, ["a", "b"])
 
 
 def test_token_meter_records_training_batches_only_and_restores_the_model():
@@ -122,51 +94,106 @@ def test_matmul_peak_is_a_rate_and_restores_threads():
     assert 0 < peak["median"] <= peak["best"]
 
 
-def arm(samples_per_s, acc, **more):
-    return {"samples_per_s": samples_per_s, "test_accuracy": acc, "wall_s": 100.0, **more}
+def arm(samples_per_s, acc, seed=13, **more):
+    return {"seed": seed, "samples_per_s": samples_per_s, "test_accuracy": acc, "wall_s": 100.0,
+            **more}
 
 
-META = {"new_domain": "work", "new_rows": 10, "replay_rows": 10, "old_rows": 90,
-        "replay_mix": 1.0}
 MATMUL = {"best": 100.0, "peak": 200.0}
 
 
-def test_assemble_gives_the_required_shape_and_ratios():
-    arms = {"baseline": arm(10.0, 0.90, achieved_flops=50.0),
-            "full": arm(16.0, 0.897, achieved_flops=80.0, train_samples=1000),
-            "lora": arm(24.0, 0.88),
-            "champion": arm(16.0, 0.80, train_samples=900),
-            "replay": arm(16.0, 0.892, train_samples=300, wall_s=35.0)}
-    r = training.assemble(arms, META, MATMUL, {"config": {"epochs": 2}})
-    assert {"baseline", "full", "lora", "continual", "matmul_peak_flops"} <= set(r)
-    assert r["matmul_peak_flops"] == 200.0 and r["config"] == {"epochs": 2}
-    assert r["full_vs_baseline_speedup"] == pytest.approx(1.6)
+def seeds(*runs):
+    return [arm(s, a, seed=13 + i, **m) for i, (s, a, m) in enumerate(runs)]
+
+
+def test_assemble_gives_means_sds_ratios_and_the_targets():
+    arms = {"baseline": seeds((10.0, 0.90, {"achieved_flops": 50.0}), (12.0, 0.91, {}),
+                              (11.0, 0.91, {})),
+            "expert": seeds((15.0, 0.905, {}), (17.0, 0.915, {}), (16.0, 0.91, {})),
+            "full": seeds((20.0, 0.902, {"achieved_flops": 80.0}), (24.0, 0.91, {}),
+                          (22.0, 0.906, {})),
+            "lora": [arm(30.0, 0.80, lora_learning_rate=1e-3, val_macro_f1=0.70),
+                     arm(33.0, 0.85, lora_learning_rate=2e-3, val_macro_f1=0.80)]}
+    r = training.assemble(arms, MATMUL, {"config": {"epochs": 2}})
+    assert {"baseline", "expert", "full", "lora", "matmul_peak_flops", "targets"} <= set(r)
+    assert r["config"] == {"epochs": 2} and r["matmul_peak_flops"] == 200.0
+    assert r["baseline"]["samples_per_s"] == pytest.approx(11.0)
+    assert r["baseline"]["samples_per_s_sd"] == pytest.approx(1.0)
+    assert r["expert"]["test_accuracy"] == pytest.approx(0.91)
+    assert r["expert"]["test_accuracy_sd"] == pytest.approx(0.005)
+    assert r["full"]["seeds"] == [13, 14, 15] and len(r["full"]["runs"]) == 3
+    assert r["full_vs_baseline_speedup"] == pytest.approx(2.0)
+    assert r["full_vs_expert_speedup"] == pytest.approx(22 / 16)
+    assert r["full_vs_expert_accuracy_delta"] == pytest.approx(-0.004)
+    assert r["full"]["achieved_vs_matmul_peak"] == pytest.approx(0.4)  # the mean over its runs
+    t = r["targets"]
+    assert t["better_trainer_arm"] == "expert" and t["accuracy_gap_to_better"] == pytest.approx(
+        -0.004)
+    assert t["met"] == {"full_vs_baseline_speedup": True, "full_vs_expert_speedup": True,
+                        "accuracy_within_one_sd": True}  # 0.4 points; the expert's sd: 0.5
+    assert r["lora"]["lora_learning_rate"] == 2e-3 and r["lora"]["test_accuracy"] == 0.85
     assert r["lora_vs_full_speedup"] == pytest.approx(1.5)
-    assert r["full_vs_baseline_accuracy_delta"] == pytest.approx(-0.003)
-    assert r["full"]["achieved_vs_matmul_peak"] == pytest.approx(0.4)
-    c = r["continual"]
-    assert c["compute_ratio_samples"] == pytest.approx(0.3)
-    assert c["compute_ratio_wall"] == pytest.approx(0.35)
-    assert c["accuracy_delta"] == pytest.approx(-0.005) and c["goal_met"] is True
-    assert c["champion_on_old"]["train_samples"] == 900  # reported, not counted in B
 
 
-@pytest.mark.parametrize("replay", [arm(16.0, 0.88, train_samples=300),  # 1.7 points worse
-                                    arm(16.0, 0.90, train_samples=500)])  # 50% of the compute
-def test_continual_goal_needs_both_accuracy_and_compute(replay):
-    full = arm(16.0, 0.897, train_samples=1000)
-    assert training.continual_summary(full, arm(1, 0.8), replay, META)["goal_met"] is False
+def test_lora_is_chosen_by_val_never_by_test():
+    runs = [arm(30.0, 0.95, lora_learning_rate=1e-2, val_macro_f1=0.70),  # best on test
+            arm(30.0, 0.85, lora_learning_rate=5e-3, val_macro_f1=0.80)]
+    chosen = training.choose_lora(runs)
+    assert chosen["lora_learning_rate"] == 5e-3 and chosen["test_accuracy"] == 0.85
+    assert [c["test_accuracy"] for c in chosen["candidates"]] == [0.95, 0.85]
 
 
-def test_a_failed_arm_is_kept_and_leaves_its_ratios_empty():
-    arms = {"baseline": arm(10.0, 0.9), "full": arm(16.0, 0.9, train_samples=1000),
-            "lora": {"error": "RuntimeError: boom"}, "champion": {"error": "x"},
-            "replay": {"error": "x"}}
-    r = training.assemble(arms, META, MATMUL, {})
-    assert r["lora"] == {"error": "RuntimeError: boom"}
-    assert r["lora_vs_full_speedup"] is None and r["lora_vs_full_accuracy_delta"] is None
-    assert r["continual"]["goal_met"] is None
-    assert r["continual"]["champion_plus_replay"] == {"error": "x"}
+def test_accuracy_more_than_one_sd_below_the_better_trainer_misses_the_target():
+    arms = {"baseline": seeds((10.0, 0.90, {}), (10.0, 0.91, {})),
+            "expert": seeds((15.0, 0.92, {}), (15.0, 0.93, {})),
+            "full": seeds((40.0, 0.91, {}), (40.0, 0.91, {}))}
+    met = training.assemble(arms, MATMUL, {})["targets"]["met"]
+    assert met["accuracy_within_one_sd"] is False  # 0.91 < 0.925 - 0.0071
+    assert met["full_vs_expert_speedup"] is True
+
+
+def test_runs_interleave_arms_by_seed_and_rotate_who_goes_first():
+    plan = training.schedule((13, 14, 15), (1e-3, 2e-3, 5e-3, 1e-2))
+    assert [p[0] for p in plan[:3]] == ["baseline", "expert", "full"]
+    assert [p[0] for p in plan[3:6]] == ["expert", "full", "baseline"]
+    assert [p[0] for p in plan[6:9]] == ["full", "baseline", "expert"]
+    for i, seed in enumerate((13, 14, 15)):
+        assert {p[1] for p in plan[3 * i : 3 * i + 3]} == {seed}
+    assert plan[9:] == [("lora", 13, lr) for lr in (1e-3, 2e-3, 5e-3, 1e-2)]
+    assert "lora" not in {p[0] for p in training.schedule((13,), ())}
+
+
+def test_a_failed_run_is_kept_and_leaves_its_ratios_empty():
+    arms = {"baseline": seeds((10.0, 0.9, {})), "expert": [{"seed": 13, "error": "boom"}],
+            "full": seeds((16.0, 0.9, {})), "lora": [{"seed": 13, "error": "RuntimeError: x"}]}
+    r = training.assemble(arms, MATMUL, {})
+    assert r["expert"]["error"] == "boom" and r["full_vs_expert_speedup"] is None
+    assert r["lora"]["error"] and r["lora_vs_full_speedup"] is None
+    assert r["full_vs_baseline_speedup"] == pytest.approx(1.6)
+    assert r["targets"]["met"]["accuracy_within_one_sd"] is None  # one seed: no sd
+
+
+def test_expert_trainer_groups_by_length_and_plain_does_not(tmp_path):
+    from benchmarks import hf_baseline
+    from ratchet.precision import cpu_has_bf16
+    from tests.conftest import save_tiny_classifier
+
+    save_tiny_classifier(tmp_path / "tiny", ["a", "b"])
+    rng = np.random.default_rng(0)
+    texts = [" ".join(["word"] * int(n)) for n in rng.integers(1, 40, size=320)]
+    df = pd.DataFrame({"text": texts, "label": ["a", "b"] * 160})
+    shares, stats = {}, {}
+    for name, expert in (("plain", False), ("expert", True)):
+        meter = training.TokenMeter()
+        with meter.installed():
+            stats[name] = hf_baseline.train(df, tmp_path / name, model_dir=tmp_path / "tiny",
+                                            labels=["a", "b"], epochs=1.0, batch_size=8,
+                                            max_length=48, expert=expert)
+        shares[name] = meter.summary()["padding_share"]
+    assert stats["expert"]["train_sampling_strategy"] == "group_by_length"
+    assert stats["plain"]["train_sampling_strategy"] == "random"
+    assert stats["expert"]["bf16"] is cpu_has_bf16() and stats["plain"]["bf16"] is False
+    assert shares["expert"] < shares["plain"] / 2, shares
 
 
 def test_run_is_skipped_without_the_data(tmp_path, monkeypatch):
