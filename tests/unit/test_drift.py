@@ -356,6 +356,30 @@ def test_weighted_scores_follow_the_weights():
     assert all(math.isnan(v) for v in weighted_scores([], [], np.array([])).values())
 
 
+def test_the_weighted_slice_is_the_rows_the_drift_stage_weighted():
+    """Drift weights a sample of the test rows and gives the rest 0: the weighted slice and its
+    bootstrap are those rows, the same numbers as a frame holding only them."""
+    from ratchet.evaluation import score
+
+    rng = np.random.default_rng(2)
+    n = 400
+    y = rng.choice(list("abcd"), n)
+    frame = pd.DataFrame({
+        "label": y, "slice": np.where(np.arange(n) < 300, "reference", "recent"),
+        "candidate": np.where(rng.random(n) < 0.8, y, rng.choice(list("abcd"), n)),
+        "champion": np.where(rng.random(n) < 0.7, y, rng.choice(list("abcd"), n)),
+        "weight": np.where(rng.random(n) < 0.4, rng.gamma(2.0, 0.5, n), 0.0),
+    })
+    params = parse_params({"evaluate": {"bootstrap_resamples": 300}})
+    out = score(frame, params)
+    kept = score(frame[frame["weight"] > 0].reset_index(drop=True), params)
+    assert out["n/weighted"] == (frame["weight"] > 0).sum() < n
+    for key in ("candidate/weighted/macro_f1", "diff/weighted/macro_f1",
+                "diff/weighted/macro_f1_low", "diff/weighted/accuracy_high",
+                "test/weighted/p_value", "ess/weighted"):
+        assert out[key] == kept[key], key
+
+
 def test_weights_must_belong_to_the_test_rows(tmp_path):
     from ratchet.errors import RatchetError
     from ratchet.evaluation import load_test_weights
