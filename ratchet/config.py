@@ -155,7 +155,12 @@ class DriftConfig(_Section):
     )
     max_rows: int = Field(
         1000, ge=10, description="Rows per slice embedded for the MMD test and the domain "
-        "classifier (a seeded sample); test rows are always embedded for their weights.",
+        "classifier (a seeded sample, stable across runs).",
+    )
+    weight_rows: int = Field(
+        5000, ge=10, description="Test rows given importance weights (a seeded sample, stable "
+        "across runs; the rest weigh 0 in the drift-weighted slice): drift embeds at most "
+        "2 x max_rows + weight_rows rows, however long the history.",
     )
     batch_size: int = Field(64, ge=1, description="Texts per forward pass when embedding.")
     folds: int = Field(5, ge=2, le=20, description="Cross-validation folds of the domain "

@@ -77,6 +77,13 @@ def load_encoder(params: Params, champion: dict, workspace: Path
     A champion that cannot be loaded falls back to the base model, and the description says so:
     drift is still measured consistently, because both samples go through the same encoder.
     """
+    model, tok, description, _ = load_keyed_encoder(params, champion, workspace)
+    return model, tok, description
+
+
+def load_keyed_encoder(params: Params, champion: dict, workspace: Path
+                       ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str, str]:
+    """`load_encoder`, and the cache key (`encoder_key`) of the encoder it actually loaded."""
     base = f"base model `{params.model.source}`"
     if champion.get("version"):
         try:
@@ -85,12 +92,54 @@ def load_encoder(params: Params, champion: dict, workspace: Path
                 model, tok = load_dir_encoder(
                     champion_model_dir(params, champion, workspace, Path(tmp))
                 )
-            return model, tok, f"champion {champion['name']} v{champion['version']}"
+            return (model, tok, champion_description(champion),
+                    encoder_key(params, champion))
         except Exception as err:  # noqa: BLE001 - any failure falls back, and is recorded
             model, tok = load_base_encoder(params.model.source, params.model.seed)
-            return model, tok, f"{base} (champion v{champion['version']} not loadable: {err})"
+            return (model, tok, f"{base} (champion v{champion['version']} not loadable: {err})",
+                    encoder_key(params, {}))
     model, tok = load_base_encoder(params.model.source, params.model.seed)
-    return model, tok, base
+    return model, tok, base, encoder_key(params, {})
+
+
+def champion_description(champion: dict) -> str:
+    return f"champion {champion['name']} v{champion['version']}"
+
+
+def encoder_key(params: Params, champion: dict) -> str:
+    """What identifies the embeddings an encoder gives (the embedding cache's model key).
+
+    The champion's: its fingerprint (the hash of its weights; without one, its name and
+    version). The base model's: `tiny` with its seed and the torch version that initialised it,
+    or the hash of the source directory's weights. Both with `model.max_length`, which
+    truncates the texts.
+    """
+    length = f"L{params.model.max_length}"
+    if champion.get("version"):
+        fp = champion.get("fingerprint") or f"{champion.get('name')}-v{champion['version']}"
+        return f"champion-{fp}-{length}"
+    source = params.model.source
+    path = source_dir(source)
+    if source == TINY or path is None:
+        import torch
+
+        version = str(torch.__version__).replace("+", "_")
+        return f"tiny-s{params.model.seed}-torch{version}-{length}"
+    return f"base-{_weights_hash(path)}-{length}"
+
+
+def _weights_hash(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    files = sorted(p for p in path.iterdir()
+                   if p.suffix in {".safetensors", ".bin"} or p.name == "config.json")
+    for f in files:
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()[:16]
 
 
 def embed(

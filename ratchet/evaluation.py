@@ -5,9 +5,9 @@ The evaluate stage (`tasks/evaluate.py`), the gate's re-evaluation when `champio
 and the benchmarks all call these functions, so every path judges a candidate the same way.
 
 Slices: `all`, `recent` (the newest batch's test rows), `reference` (every earlier batch's),
-`domain:<name>` for each domain, and `weighted`: every test row weighted by the drift stage's
-importance weights, an estimate of how each model does on data distributed like the recent
-batch.
+`domain:<name>` for each domain, and `weighted`: the test rows the drift stage weighted (a
+bounded sample of them; the others have weight 0), each weighted by its importance weight, an
+estimate of how each model does on data distributed like the recent batch.
 """
 
 from __future__ import annotations
@@ -120,31 +120,38 @@ def score(frame: pd.DataFrame, params: Params) -> dict[str, float]:
     the margin implies worse, so (b) only adds caution; without it, a domain where a few
     discordant rows make the whole drop fails on equal models (on CLINC150, two seeds at 1,000
     recent rows: 7% of cases failed a domain with (a) alone, none with both).
+
+    Memory grows with the rows, never with resamples x rows: the resampling statistics run a
+    block of resamples at a time (`ratchet.stats.BLOCK_BYTES`); 1M test rows score in about
+    1.3 GB (`benchmarks/eval_scale.py`).
     """
-    from ratchet.stats import bootstrap, harm_p_value, mcnemar, paired_permutation
+    from ratchet.stats import bootstraps, harm_p_value, mcnemar, paired_permutation
 
     cfg, margin = params.evaluate, -params.gate.max_regression
     out: dict[str, float] = {}
     has_champion = "champion" in frame.columns
     masks = slice_masks(frame)
     if "weight" in frame.columns:
-        masks["weighted"] = np.ones(len(frame), dtype=bool)
+        # The rows the drift stage weighted (it weights a bounded sample of the test rows and
+        # gives the rest 0): a row of weight 0 adds nothing to a weighted metric.
+        masks["weighted"] = frame["weight"].to_numpy(dtype=float) > 0
     judged = sum(1 for k, m in masks.items()
                  if k.startswith("domain:") and m.sum() >= params.gate.min_domain_rows)
     for name, mask in masks.items():
         weights = frame["weight"].to_numpy(dtype=float) if name == "weighted" else None
         out[f"n/{name}"] = int(mask.sum())
         if weights is not None:
-            out["ess/weighted"] = effective_sample_size(weights)
+            out["ess/weighted"] = effective_sample_size(weights[mask])
         _model_metrics(out, frame, name, mask, weights)
         if not has_champion:
             continue
         refs = frame.loc[mask, LABEL].astype(str).tolist()
         cand = frame.loc[mask, "candidate"].astype(str).tolist()
         champ = frame.loc[mask, "champion"].astype(str).tolist()
-        for metric in ("macro_f1", "accuracy"):
-            boot = bootstrap(refs, cand, champ, metric=metric, resamples=cfg.bootstrap_resamples,
-                             seed=cfg.seed, weights=None if weights is None else weights[mask])
+        boots = bootstraps(refs, cand, champ, metrics=("macro_f1", "accuracy"),
+                           resamples=cfg.bootstrap_resamples, seed=cfg.seed,
+                           weights=None if weights is None else weights[mask])
+        for metric, boot in boots.items():
             c = boot.comparison(cfg.confidence)
             out[f"diff/{name}/{metric}"] = c.diff
             out[f"diff/{name}/{metric}_low"] = c.low

@@ -67,14 +67,79 @@ def _onehot(classes: np.ndarray, n_classes: int) -> np.ndarray:
     return out
 
 
-def _macro_f1_counts(counts: np.ndarray, y: np.ndarray, p: np.ndarray, n_classes: int):
-    """Macro-F1 per row of (B, T) counts of example types whose truth/prediction are y/p."""
-    truth, pred = _onehot(y, n_classes), _onehot(p, n_classes)
-    tp = counts @ (truth * (y == p)[:, None])
-    support = counts @ truth + counts @ pred
-    present = support > 0
-    f1 = np.divide(2 * tp, support, out=np.zeros_like(tp), where=present)
-    return f1.sum(axis=1) / np.maximum(present.sum(axis=1), 1)
+BLOCK_BYTES = 8 * 2**20
+"""Memory of one block of resamples: the bootstrap and the permutation test draw and score
+their resamples a block at a time, so their peak memory is this plus what grows with the rows
+(never resamples x rows)."""
+
+
+def _blocks(total: int, width: int, bytes_per_cell: int = 32) -> list[tuple[int, int]]:
+    """(start, stop) of consecutive blocks of `total` resamples, each holding `width` cells of
+    about `bytes_per_cell` bytes within BLOCK_BYTES (at least one resample a block)."""
+    size = max(1, min(total, BLOCK_BYTES // max(1, width * bytes_per_cell)))
+    return [(start, min(start + size, total)) for start in range(0, total, size)]
+
+
+def _group_sum(values: np.ndarray, groups: np.ndarray, n_groups: int) -> np.ndarray:
+    """Sum of the columns of a (B, T) array by group of each column -> (B, n_groups) float64
+    (exact for integer counts)."""
+    rows = values.shape[0]
+    if values.shape[1] == 0:
+        return np.zeros((rows, n_groups))
+    index = (np.arange(rows)[:, None] * n_groups + groups[None, :]).ravel()
+    return np.bincount(index, weights=values.ravel(), minlength=rows * n_groups
+                       ).reshape(rows, n_groups)
+
+
+class _TypeScorer:
+    """Macro-F1 and accuracy of both models from counts of example types.
+
+    A type is a (truth, candidate, champion) triple; given how much of each type a resample
+    holds (a count, or a sum of weights), both models' per-class true positives and supports
+    are sums over types, so scoring costs O(types) per resample, never O(types x classes).
+    """
+
+    def __init__(self, ty: np.ndarray, tc: np.ndarray, tb: np.ndarray, n_classes: int) -> None:
+        self.ty, self.tc, self.tb, self.n_classes = ty, tc, tb, n_classes
+
+    def _f1(self, mass: np.ndarray, pred: np.ndarray, dtype) -> np.ndarray:
+        c = self.n_classes
+        hit = pred == self.ty
+        tp = _group_sum(mass[:, hit], self.ty[hit], c).astype(dtype)
+        support = (_group_sum(mass, self.ty, c) + _group_sum(mass, pred, c)).astype(dtype)
+        present = support > 0
+        f1 = np.divide(2 * tp, support, out=np.zeros_like(tp), where=present)
+        return f1.sum(axis=1) / np.maximum(present.sum(axis=1), 1)
+
+    def _accuracy(self, mass: np.ndarray, pred: np.ndarray) -> np.ndarray:
+        right = pred == self.ty
+        return mass[:, right].sum(axis=1) / mass.sum(axis=1)
+
+    def scores(self, mass: np.ndarray, metric: str, dtype=np.float64
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """(candidate, champion) scores of each row of a (B, types) mass array."""
+        if metric == "accuracy":
+            return self._accuracy(mass, self.tc), self._accuracy(mass, self.tb)
+        return self._f1(mass, self.tc, dtype), self._f1(mass, self.tb, dtype)
+
+
+def _types(*columns: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The distinct rows of the label columns in lexicographic order, their counts, and each
+    row's type index (the same order as `np.unique(..., axis=0)`)."""
+    if n_classes ** len(columns) >= 2**62:  # too many classes to pack a row into one integer
+        uniq, inverse, freq = np.unique(np.stack(columns, axis=1), axis=0, return_inverse=True,
+                                        return_counts=True)
+        return uniq, freq, inverse.ravel()
+    code = np.zeros(len(columns[0]), dtype=np.int64)
+    for col in columns:
+        code = code * n_classes + col
+    uniq, inverse, freq = np.unique(code, return_inverse=True, return_counts=True)
+    out = np.empty((len(uniq), len(columns)), dtype=np.int64)
+    rest = uniq.copy()
+    for j in range(len(columns) - 1, -1, -1):
+        out[:, j] = rest % n_classes
+        rest //= n_classes
+    return out, freq, inverse.ravel()
 
 
 @dataclass(frozen=True)
@@ -149,53 +214,110 @@ def bootstrap(
     Examples with the same (truth, candidate, champion) labels are interchangeable, so a resample
     is fully described by how many of each such type it holds, and those counts are one
     multinomial draw. Scoring works on (resamples x types) counts instead of (resamples x n)
-    labels: 10,000 resamples of 5,000 examples take about a second, and the result is exactly
-    the usual bootstrap distribution.
+    labels, and a block of resamples at a time (BLOCK_BYTES), so memory grows with the rows and
+    the types, never with resamples x rows; the result is exactly the usual bootstrap
+    distribution, and for a seed the same numbers as drawing every resample at once.
 
-    With `weights` (drift importance weights) every row is its own type, rows are resampled
-    uniformly and each drawn row counts with its weight: the weighted metric's distribution.
+    With `weights` (drift importance weights) rows are resampled uniformly (one multinomial
+    draw over the rows per resample) and each drawn row counts with its weight: the weighted
+    metric's distribution. The drawn weights are summed per type before scoring.
     """
-    if metric not in {"macro_f1", "accuracy"}:
-        raise ValueError(f"unknown metric {metric!r} (macro_f1 or accuracy)")
+    return bootstraps(references, candidate, champion, metrics=(metric,), resamples=resamples,
+                      seed=seed, weights=weights)[metric]
+
+
+def bootstraps(
+    references: list[str],
+    candidate: list[str],
+    champion: list[str],
+    *,
+    metrics: tuple[str, ...] = ("macro_f1", "accuracy"),
+    resamples: int = 2000,
+    seed: int = 0,
+    weights: np.ndarray | list[float] | None = None,
+) -> dict[str, Bootstrap]:
+    """`bootstrap` of each metric, each the same as its own `bootstrap` call with this seed.
+
+    With weights every metric is scored on the same resamples of the rows (as separate calls
+    with one seed would draw them), drawn once: the draws over the rows are the costly part.
+    """
+    unknown = sorted(set(metrics) - {"macro_f1", "accuracy"})
+    if unknown:
+        raise ValueError(f"unknown metric {unknown[0]!r} (macro_f1 or accuracy)")
     n = len(references)
     if not n == len(candidate) == len(champion):
         raise ValueError("references and both prediction lists must have the same length")
     if weights is not None and len(weights) != n:
         raise ValueError(f"{len(weights)} weights for {n} rows")
     if n == 0:
-        return Bootstrap(0, math.nan, math.nan, np.empty(0))
+        return {m: Bootstrap(0, math.nan, math.nan, np.empty(0)) for m in metrics}
     y, pc, pb = _encode(references, candidate, champion)
     n_classes = int(max(y.max(), pc.max(), pb.max())) + 1
-    rng = np.random.default_rng(seed)
     if weights is None:
-        # For accuracy only (candidate right, champion right) matters: four types at most.
-        keys = np.stack([pc == y, pb == y] if metric == "accuracy" else [y, pc, pb], axis=1)
-        types, freq = np.unique(keys.astype(np.int64), axis=0, return_counts=True)
-        ty, tc, tb = (types[:, 0], types[:, 1], None) if metric == "accuracy" else types.T
-        type_w = np.ones(len(types), dtype=np.float32)
-    else:
-        ty, tc, tb = y, pc, pb
-        freq = np.ones(n, dtype=np.int64)
-        type_w = np.asarray(weights, dtype=np.float32)
-    draws = rng.multinomial(n, freq / n, size=resamples)
-    counts = np.vstack([freq, draws]).astype(np.float32) * type_w[None, :]
-    # Row 0 is the observed sample: its point values in float64, so a gain of exactly
-    # min_delta is not lost to float32 rounding (the resamples only feed quantiles).
-    point = (freq.astype(np.float64) * type_w.astype(np.float64))[None, :]
-    def scores(c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        if metric == "accuracy":
-            if weights is None:  # types are (candidate right, champion right)
-                right_c, right_b = ty.astype(c.dtype), tc.astype(c.dtype)
-            else:
-                right_c, right_b = (pc == y).astype(c.dtype), (pb == y).astype(c.dtype)
-            total = c.sum(axis=1)
-            return c @ right_c / total, c @ right_b / total
-        return (_macro_f1_counts(c, ty, tc, n_classes), _macro_f1_counts(c, ty, tb, n_classes))
+        return {m: _unweighted_bootstrap(y, pc, pb, n_classes, m, resamples, seed)
+                for m in metrics}
+    return _weighted_bootstrap(y, pc, pb, n_classes, np.asarray(weights, dtype=np.float64),
+                               metrics, resamples, seed)
 
-    per_c, per_b = scores(counts[1:])
-    cand, champ = scores(point)
-    dist = (per_c - per_b).astype(np.float64)
+
+def _accuracy_pair(mass: np.ndarray, right_c: np.ndarray, right_b: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    total = mass.sum(axis=1)
+    return mass[:, right_c].sum(axis=1) / total, mass[:, right_b].sum(axis=1) / total
+
+
+def _unweighted_bootstrap(y: np.ndarray, pc: np.ndarray, pb: np.ndarray, n_classes: int,
+                          metric: str, resamples: int, seed: int) -> Bootstrap:
+    n = len(y)
+    rng = np.random.default_rng(seed)
+    if metric == "accuracy":
+        # Only (candidate right, champion right) matters: four types at most.
+        types, freq, _ = _types((pc == y).astype(np.int64), (pb == y).astype(np.int64),
+                                n_classes=2)
+        right_c, right_b = types[:, 0] == 1, types[:, 1] == 1
+
+        def scores(mass: np.ndarray, dtype) -> tuple[np.ndarray, np.ndarray]:
+            return _accuracy_pair(mass.astype(dtype), right_c, right_b)
+    else:
+        types, freq, _ = _types(y, pc, pb, n_classes=n_classes)
+        scorer = _TypeScorer(*types.T, n_classes)
+
+        def scores(mass: np.ndarray, dtype) -> tuple[np.ndarray, np.ndarray]:
+            return scorer.scores(mass, metric, dtype)
+    # The observed sample in float64, so a gain of exactly min_delta is not lost to float32
+    # rounding; the resamples (integer counts, exact in float32) only feed quantiles.
+    cand, champ = scores(freq[None, :].astype(np.float64), np.float64)
+    p = freq / n
+    dist = np.empty(resamples)
+    for start, stop in _blocks(resamples, len(freq)):
+        draws = rng.multinomial(n, p, size=stop - start)
+        per_c, per_b = scores(draws, np.float32)
+        dist[start:stop] = per_c - per_b
     return Bootstrap(n, float(cand[0]), float(champ[0]), dist)
+
+
+def _weighted_bootstrap(y: np.ndarray, pc: np.ndarray, pb: np.ndarray, n_classes: int,
+                        w: np.ndarray, metrics: tuple[str, ...], resamples: int, seed: int
+                        ) -> dict[str, Bootstrap]:
+    n = len(y)
+    rng = np.random.default_rng(seed)
+    types, _, row_type = _types(y, pc, pb, n_classes=n_classes)
+    scorer = _TypeScorer(*types.T, n_classes)
+    n_types = len(types)
+    point = np.bincount(row_type, weights=w, minlength=n_types)[None, :]
+    observed = {m: scorer.scores(point, m) for m in metrics}
+    p = np.full(n, 1 / n)
+    dist = {m: np.empty(resamples) for m in metrics}
+    for start, stop in _blocks(resamples, n, bytes_per_cell=24):
+        draws = rng.multinomial(n, p, size=stop - start)
+        mass = np.stack([np.bincount(row_type, weights=d * w, minlength=n_types)
+                         for d in draws])
+        del draws
+        for m in metrics:
+            per_c, per_b = scorer.scores(mass, m)
+            dist[m][start:stop] = per_c - per_b
+    return {m: Bootstrap(n, float(observed[m][0][0]), float(observed[m][1][0]), dist[m])
+            for m in metrics}
 
 
 def paired_bootstrap(
@@ -288,19 +410,16 @@ def paired_permutation(
     # moves a prediction a -> b on the candidate's side and b -> a on the champion's: the
     # change of each side's counts is linear in the swap counts of the types.
     diff_rows = pc != pb
-    types, freq = np.unique(np.stack([y, pc, pb], axis=1)[diff_rows], axis=0,
-                            return_counts=True)
+    types, freq, _ = _types(y[diff_rows], pc[diff_rows], pb[diff_rows], n_classes=n_classes)
     # Classes no differing row touches keep their F1 on both sides: only the touched ones
     # are rescored (columns in `touched` order).
     touched = np.unique(types)
     col = np.searchsorted(touched, types)
     ty, ta, tb = (col.T if len(types) else (np.empty(0, np.int64),) * 3)
-    hot_t, hot_a, hot_b = (_onehot(v, len(touched)).astype(np.float64) for v in (ty, ta, tb))
-    d_tp = hot_t * ((tb == ty).astype(np.float64) - (ta == ty))[:, None]
-    d_sup = hot_b - hot_a
-    swaps = rng.binomial(freq, 0.5, size=(resamples, len(types))).astype(np.float64)
-    swaps = np.vstack([np.zeros((1, len(types))), swaps])  # row 0: the observed sample
-    move_tp, move_sup = swaps @ d_tp, swaps @ d_sup
+    k = len(touched)
+    # Per swapped row of a type: the candidate's true positives of class t move by
+    # [b == t] - [a == t], its support of b up by one and of a down by one.
+    tp_step = (tb == ty).astype(np.float64) - (ta == ty)
     fixed = np.ones(n_classes, dtype=bool)
     fixed[touched] = False
 
@@ -312,9 +431,19 @@ def paired_permutation(
         total = per_class.sum(axis=1) + np.sum(2 * tp[still] / sup[still])
         return total / np.maximum(present.sum(axis=1) + still.sum(), 1)
 
-    cand = f1(tp_c, sup_c, move_tp, move_sup)
-    champ = f1(tp_b, sup_b, -move_tp, -move_sup)
-    null = cand[1:] - champ[1:]
+    def both(swaps: np.ndarray) -> np.ndarray:
+        """candidate - champion on each row of a (B, types) array of swap counts."""
+        move_tp = _group_sum(swaps * tp_step, ty, k)
+        move_sup = _group_sum(swaps, tb, k) - _group_sum(swaps, ta, k)
+        return f1(tp_c, sup_c, move_tp, move_sup) - f1(tp_b, sup_b, -move_tp, -move_sup)
+
+    still = np.zeros((1, k))
+    cand, champ = f1(tp_c, sup_c, still, still), f1(tp_b, sup_b, still, still)
+    null = np.empty(resamples)
+    # Drawn a block at a time, in the order one (resamples x types) draw would fill them.
+    for start, stop in _blocks(resamples, len(types)):
+        swaps = rng.binomial(freq, 0.5, size=(stop - start, len(types))).astype(np.float64)
+        null[start:stop] = both(swaps)
     return Permutation(n, float(cand[0]), float(champ[0]), null)
 
 

@@ -8,11 +8,20 @@ summary plot and the importance weights of the test split's rows.
 The weights apply to the rows of `test.parquet` (keyed by row order and text, and by `id` when
 the batches carry one): w(x) estimates
 p_recent(x) / p_reference(x), so metrics weighted by w estimate how a model does on data
-distributed like the recent batch, using every test row rather than the few recent ones.
+distributed like the recent batch, using many test rows rather than the few recent ones.
+
+Bounded work: the stage embeds a stable seeded sample of `max_rows` reference and `max_rows`
+recent rows, and weights a stable seeded sample of `weight_rows` test rows (the others weigh 0,
+and evaluate's weighted slice is the weighted rows), so it never embeds more than
+2 x max_rows + weight_rows rows however long the history. With `--cache`, an encoder embeds a
+text once across runs (`ratchet.cache.EmbeddingCache`): while the champion stays, a run embeds
+the new batch's sampled rows and the few that entered the samples; the report's `embedding`
+says how many rows were embedded now and how many came from the cache.
 """
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -58,35 +67,74 @@ def _compare(reference: pd.DataFrame, recent: pd.DataFrame, cfg: DriftConfig,
     return out, arrays
 
 
-def _sample(index: pd.Index, size: int, rng: np.random.Generator) -> np.ndarray:
-    """At most `size` row labels, seeded, in their original order."""
-    picked = index.to_numpy()
+def _sample(rows: pd.DataFrame, size: int, seed: int) -> np.ndarray:
+    """At most `size` row labels of `rows`, seeded, in their original order.
+
+    The rows whose seeded text hashes are smallest: a uniform sample without replacement that
+    is stable as the rows grow (a row stays in it until `size` rows hash below it), so a run
+    embeds only the few rows that entered, the rest come from the embedding cache.
+    """
+    picked = rows.index.to_numpy()
     if len(picked) > size:
-        picked = np.sort(rng.choice(picked, size=size, replace=False))
+        salt = f"ratchet-drift-sample-{seed}\x00".encode()
+        coins = np.array([int.from_bytes(hashlib.sha256(salt + t.encode("utf-8", "surrogatepass"))
+                                         .digest()[:8], "big")
+                          for t in rows[TEXT].astype(str)], dtype=np.uint64)
+        picked = np.sort(picked[np.argsort(coins, kind="stable")[:size]])
     return picked
 
 
-def run(params: Params, *, data: Path, champion: Path, report: Path, plot_path: Path,
-        weights: Path) -> dict[str, Any]:
-    from ratchet.embed import embed, load_encoder
+def embed_rows(params: Params, champion: dict, texts: list[str], cache: Path | None
+               ) -> tuple[np.ndarray, str, dict[str, Any]]:
+    """Embeddings of `texts` with the champion's encoder (the base model before one), served
+    from the embedding cache where that encoder embedded a text before; the encoder is loaded
+    only when some text is new to it.
 
+    Returns the (n, hidden) array, which encoder it is, and how many rows were embedded now.
+    """
+    from ratchet.cache import EmbeddingCache
+    from ratchet.embed import champion_description, embed, encoder_key, load_keyed_encoder
+
+    store = EmbeddingCache(cache)
+    key = encoder_key(params, champion)
+    description = (champion_description(champion) if champion.get("version")
+                   else f"base model `{params.model.source}`")
+    loaded: dict[str, Any] = {}
+
+    def compute(batch: list[str]) -> np.ndarray:
+        model, tok = loaded["model"], loaded["tok"]
+        return embed(batch, model, tok, max_length=params.model.max_length,
+                     batch_size=params.drift.batch_size)
+
+    _, missing = store.lookup(key, texts)
+    if len(missing) or cache is None:
+        model, tok, description, loaded_key = load_keyed_encoder(params, champion, Path.cwd())
+        loaded.update(model=model, tok=tok)
+        key = loaded_key  # the base model's when the champion could not be loaded
+    vectors, embedded = store.embed(key, texts, compute)
+    return vectors, description, {"encoder_key": key, "rows": len(texts), "embedded": embedded,
+                                  "cached": len(texts) - embedded}
+
+
+def run(params: Params, *, data: Path, champion: Path, report: Path, plot_path: Path,
+        weights: Path, cache: Path | None = None) -> dict[str, Any]:
     cfg = params.drift
     frames = {s: pd.read_parquet(data / f"{s}.parquet").assign(split=s) for s in SPLITS}
     rows = pd.concat(frames.values(), ignore_index=True)
     reference, recent = rows[rows["slice"] == REFERENCE], rows[rows["slice"] == RECENT]
-    test_idx = rows.index[rows["split"] == "test"].to_numpy()
+    test_rows = rows[rows["split"] == "test"]
     champ = read_json(champion)
-    rng = np.random.default_rng(cfg.seed)
-    ref_idx = _sample(reference.index, cfg.max_rows, rng)
-    rec_idx = _sample(recent.index, cfg.max_rows, rng)
+    ref_idx = _sample(reference, cfg.max_rows, cfg.seed)
+    rec_idx = _sample(recent, cfg.max_rows, cfg.seed)
+    # The test rows that get a weight: a bounded, stable sample too (the rest weigh 0).
+    test_idx = _sample(test_rows, cfg.weight_rows, cfg.seed + 1)
     prob_test = np.full(len(test_idx), np.nan)
     emb: dict[int, np.ndarray] = {}
-    encoder = None
+    encoder, embedding = None, {"rows": 0, "embedded": 0, "cached": 0}
     if len(ref_idx) >= 2 and len(rec_idx) >= 2:
-        model, tok, encoder = load_encoder(params, champ, Path.cwd())
         need = np.union1d(np.union1d(ref_idx, rec_idx), test_idx)
-        vectors = embed(rows.loc[need, TEXT].astype(str).tolist(), model, tok,
-                        max_length=params.model.max_length, batch_size=cfg.batch_size)
+        vectors, encoder, embedding = embed_rows(
+            params, champ, rows.loc[need, TEXT].astype(str).tolist(), cache)
         emb = dict(zip(need.tolist(), vectors, strict=True))
     stats, arrays = _compare(
         reference, recent, cfg,
@@ -105,23 +153,33 @@ def run(params: Params, *, data: Path, champion: Path, report: Path, plot_path: 
         w = importance_weights(prob_test, n_reference=len(ref_idx), n_recent=len(rec_idx),
                                clip=(cfg.weight_min, cfg.weight_max))
         weighting = "domain classifier (out-of-fold where the row was in its sample)"
-    else:
+    else:  # nothing to weigh by: every test row alike, none of them embedded for it
+        test_idx = test_rows.index.to_numpy()
+        prob_test = np.full(len(test_idx), np.nan)
         w = np.ones(len(test_idx))
         weighting = "uniform (no reference to compare with)"
+    # Back to every test row, in file order: unsampled rows weigh 0 and have no probability.
+    position = {label: i for i, label in enumerate(test_rows.index)}
+    at = np.array([position[i] for i in test_idx], dtype=np.int64)
+    w_all = np.zeros(len(test_rows))
+    w_all[at] = w
+    prob_all = np.full(len(test_rows), np.nan)
+    prob_all[at] = prob_test
     retrain, why = should_retrain(cfg.trigger, drifted=bool(stats["drifted"]),
                                   new_rows=len(recent), has_champion=bool(champ.get("version")))
     stats.update(
         encoder=encoder, alpha=cfg.alpha, retrain=retrain, retrain_reason=why,
         trigger_mode=cfg.trigger.mode, weights_apply_to="rows of the test split, in file order",
-        weights_method=weighting, weights_n=len(w),
+        weights_method=weighting, weights_n=len(w), weights_test_rows=len(test_rows),
+        weights_sampled=len(w) < len(test_rows),
         weights_min=float(w.min()) if len(w) else None,
         weights_max=float(w.max()) if len(w) else None,
-        weights_ess=effective_sample_size(w),
+        weights_ess=effective_sample_size(w), embedding=embedding,
     )
     test = frames["test"]
     table = pd.DataFrame({"row": np.arange(len(test)), "text": test[TEXT].astype(str).to_numpy(),
                           "slice": test["slice"].astype(str).to_numpy(),
-                          "prob_recent": prob_test, "weight": w})
+                          "prob_recent": prob_all, "weight": w_all})
     if ID in test.columns:  # batches may carry their own row ids; keep them as a second key
         table.insert(1, ID, test[ID].to_numpy())
     write_parquet_atomic(table, weights)
@@ -199,7 +257,9 @@ def main() -> None:
         "report": "drift report JSON to write",
         "plot_path": "PNG summary plot to write",
         "weights": "importance weights of the test rows (parquet) to write",
-    }, run)
+        "cache": "folder of the embedding cache (by encoder and text): each encoder embeds a "
+                 "text once across runs",
+    }, run, optional=("cache",))
 
 
 if __name__ == "__main__":

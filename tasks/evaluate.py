@@ -1,13 +1,17 @@
 """evaluate: candidate AND champion on every slice, with the statistics the gate rule reads.
 
 Slices: `all`, `recent` (the newest batch's test rows), `reference` (every earlier batch's),
-`domain:<name>` for each domain, and `weighted`: every test row weighted by the drift stage's
-importance weights, an estimate of how each model does on data distributed like the recent
-batch. For each slice and model: accuracy, macro/micro/weighted F1 and expected calibration
-error; for each slice, the paired bootstrap of the difference (macro-F1 and accuracy: bounds
-and p-values) and McNemar's test on accuracy. Also: per-class precision/recall/F1, a confusion
-matrix PNG, the candidate's latency and size, and its behavioural checks (casing and typo
-invariance, minimum-functionality probes). Per-example predictions of both models are kept.
+`domain:<name>` for each domain, and `weighted`: the test rows the drift stage weighted (a
+bounded sample of them; the others have weight 0), each weighted by its importance weight, an
+estimate of how each model does on data distributed like the recent batch. For each slice and
+model: accuracy, macro/micro/weighted F1 and expected calibration error; for each slice, the
+paired bootstrap of the difference (macro-F1 and accuracy: bounds and p-values) and McNemar's
+test on accuracy. Also: per-class precision/recall/F1, a confusion matrix PNG, the candidate's
+latency and size, and its behavioural checks (casing and typo invariance,
+minimum-functionality probes). Per-example predictions of both models are kept.
+With `--cache` every model predicts through the prediction cache (`ratchet.cache`): a row a
+model predicted in an earlier run is not predicted again (`predicted` in the report counts the
+rows each model predicted now).
 """
 
 

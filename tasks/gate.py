@@ -114,14 +114,21 @@ def training_line(training: dict | None) -> str:
             f"`{training.get('batch')}`, {rows}.")
 
 
+PREDICTION_CACHE = Path(".ratchet/cache/predictions")
+"""The evaluate stage's prediction cache (its `--cache` in dvc.yaml), relative to the workspace."""
+
+
 def reevaluate(params: Params, m: dict[str, float], champion: dict, *, candidate: Path,
-               test: Path, weights: Path | None) -> tuple[dict[str, float], list[str]]:
+               test: Path, weights: Path | None
+               ) -> tuple[dict[str, float], list[str], dict[str, int]]:
     """Metrics against another champion: the comparisons, latency ratio and behaviour beside it
-    anew; the candidate-only measurements (size, batch-32 latency, probes) kept."""
+    anew; the candidate-only measurements (size, batch-32 latency, probes) kept. Every model
+    predicts through the prediction cache, so only rows it never saw are predicted: returns
+    also how many rows each model predicted now."""
     from ratchet.evaluation import champion_labels, predict_frame, score, serving
 
     df, clf, champ = predict_frame(params, candidate, test, champion, weights,
-                                   cache=Path(".ratchet/cache/predictions"))
+                                   cache=PREDICTION_CACHE)
     fresh = score(df, params)
     fresh.update(serving(df, params, clf, champ)[0])
     kept = {k: v for k, v in m.items()
@@ -129,7 +136,7 @@ def reevaluate(params: Params, m: dict[str, float], champion: dict, *, candidate
                              "behaviour/candidate/probes"))}
     labels = champion_labels(champ) if champ is not None else None
     new = sorted(set(df["label"].astype(str)) - set(labels)) if labels is not None else []
-    return {**fresh, **kept}, new
+    return {**fresh, **kept}, new, dict(df.attrs.get("predicted", {}))
 
 
 def run(params: Params, *, eval_metrics: Path, eval_report: Path, validation: Path, drift: Path,
@@ -232,9 +239,10 @@ def run(params: Params, *, eval_metrics: Path, eval_report: Path, validation: Pa
             evaluated = {"name": name, "version": current.version,
                          "fingerprint": current.fingerprint,
                          "floor": evaluated.get("floor") or []}
-            m, new_classes = reevaluate(params, m, evaluated, candidate=candidate, test=test,
-                                        weights=weights_path)
-            record["reevaluations"].append({"from": moved_from, "to": evaluated.get("version")})
+            m, new_classes, predicted = reevaluate(params, m, evaluated, candidate=candidate,
+                                                   test=test, weights=weights_path)
+            record["reevaluations"].append({"from": moved_from, "to": evaluated.get("version"),
+                                            "predicted": predicted})
         decision = decide(gate_inputs(m, evaluated, noise=noise, new_classes=new_classes),
                           params.gate)
         label = "promoted" if decision.promote else "rejected"

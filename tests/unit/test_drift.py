@@ -337,6 +337,83 @@ def test_drift_stage_writes_report_plot_and_weights(tmp_path):
     assert (out / "drift.png").stat().st_size > 10_000
 
 
+def _prepared(folder, rng, sizes, recent_words=NEW_WORDS, start=0):
+    folder.mkdir(exist_ok=True)
+    for split, n in sizes.items():
+        n_rec = n // 3
+        pd.DataFrame({
+            "text": [f"{t} r{start}x{i}" for i, t in enumerate(
+                texts(rng, n - n_rec, WORDS) + texts(rng, n_rec, recent_words))],
+            "label": labels(rng, n - n_rec, "ab") + labels(rng, n_rec, "bc"),
+            "slice": ["reference"] * (n - n_rec) + ["recent"] * n_rec,
+        }).to_parquet(folder / f"{split}.parquet")
+
+
+def test_drift_embeds_a_bounded_sample_and_each_text_once_across_runs(tmp_path):
+    """With the tiny encoder: at most 2 x max_rows + weight_rows rows embedded, only sampled
+    test rows weighted; a second run over the same rows embeds nothing and gives the same
+    numbers; a new batch costs only its own rows."""
+    from tasks.drift import run
+
+    rng = random.Random(8)
+    data, cache, out = tmp_path / "prepared", tmp_path / "cache", tmp_path / "out"
+    _prepared(data, rng, {"train": 300, "val": 60, "test": 150})
+    champion = tmp_path / "champion.json"
+    champion.write_text('{"name": null, "version": null, "fingerprint": null}')
+    params = parse_params({"model": {"source": "tiny"},
+                           "drift": {"permutations": 399, "max_rows": 40, "weight_rows": 50}})
+
+    def once() -> tuple[dict, pd.DataFrame]:
+        report = run(params, data=data, champion=champion, report=out / "drift.json",
+                     plot_path=out / "drift.png", weights=out / "weights.parquet", cache=cache)
+        return report, pd.read_parquet(out / "weights.parquet")
+
+    first, w1 = once()
+    assert first["embedding"]["rows"] <= 2 * 40 + 50
+    assert first["embedding"]["embedded"] == first["embedding"]["rows"] > 0
+    assert len(w1) == 150 and (w1["weight"] > 0).sum() == 50 == first["weights_n"]
+    assert w1.loc[w1["weight"] > 0, "weight"].mean() == pytest.approx(1.0)
+    assert w1.loc[w1["weight"] == 0, "prob_recent"].isna().all()
+    second, w2 = once()
+    assert second["embedding"] == {**first["embedding"], "embedded": 0,
+                                   "cached": first["embedding"]["rows"]}
+    pd.testing.assert_frame_equal(w1, w2)
+    assert second["mmd_p"] == first["mmd_p"] and second["domain_auc"] == first["domain_auc"]
+
+    # A new batch: the old recent rows join reference, 60 new rows arrive (20 recent in test).
+    old = {s: pd.read_parquet(data / f"{s}.parquet").assign(slice="reference")
+           for s in ("train", "val", "test")}
+    _prepared(tmp_path / "new", rng, {"train": 90, "val": 30, "test": 60}, start=1)
+    new_rows = 0
+    for s in ("train", "val", "test"):
+        fresh = pd.read_parquet(tmp_path / "new" / f"{s}.parquet")
+        fresh = fresh[fresh["slice"] == "recent"]
+        new_rows += len(fresh)
+        pd.concat([old[s], fresh], ignore_index=True).to_parquet(data / f"{s}.parquet")
+    third, _ = once()
+    assert 0 < third["embedding"]["embedded"] <= new_rows < third["embedding"]["rows"]
+
+
+def test_embeddings_of_a_fallback_encoder_are_cached_as_the_base_models(tmp_path, monkeypatch):
+    """A champion whose encoder cannot be loaded: drift embeds with the base model, and the
+    cache files those embeddings under the base model's key, never under the champion's."""
+    from ratchet.embed import encoder_key
+    from tasks.drift import embed_rows
+
+    monkeypatch.chdir(tmp_path)
+    # A tracking server that does not answer: the champion cannot be downloaded.
+    params = parse_params({"model": {"source": "tiny"},
+                           "registry": {"tracking_uri": "http://127.0.0.1:9", "timeout_s": 0.2}})
+    champ = {"name": "absent-model", "version": "7", "fingerprint": "f00d"}
+    sentences = ["book a flight", "what is my balance", "play jazz"]
+    vectors, encoder, counts = embed_rows(params, champ, sentences, tmp_path / "cache")
+    assert "not loadable" in encoder and counts["embedded"] == 3
+    assert counts["encoder_key"] == encoder_key(params, {}) != encoder_key(params, champ)
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [encoder_key(params, {})]
+    again, _, counts = embed_rows(params, champ, sentences, tmp_path / "cache")
+    assert counts["embedded"] == 0 and np.array_equal(again, vectors)
+
+
 # --- evaluate: drift-weighted metrics ---------------------------------------------------------
 
 
@@ -354,6 +431,30 @@ def test_weighted_scores_follow_the_weights():
     assert tilted["accuracy"] == pytest.approx(0.5)
     assert tilted["macro_f1"] < even["macro_f1"]
     assert all(math.isnan(v) for v in weighted_scores([], [], np.array([])).values())
+
+
+def test_the_weighted_slice_is_the_rows_the_drift_stage_weighted():
+    """Drift weights a sample of the test rows and gives the rest 0: the weighted slice and its
+    bootstrap are those rows, the same numbers as a frame holding only them."""
+    from ratchet.evaluation import score
+
+    rng = np.random.default_rng(2)
+    n = 400
+    y = rng.choice(list("abcd"), n)
+    frame = pd.DataFrame({
+        "label": y, "slice": np.where(np.arange(n) < 300, "reference", "recent"),
+        "candidate": np.where(rng.random(n) < 0.8, y, rng.choice(list("abcd"), n)),
+        "champion": np.where(rng.random(n) < 0.7, y, rng.choice(list("abcd"), n)),
+        "weight": np.where(rng.random(n) < 0.4, rng.gamma(2.0, 0.5, n), 0.0),
+    })
+    params = parse_params({"evaluate": {"bootstrap_resamples": 300}})
+    out = score(frame, params)
+    kept = score(frame[frame["weight"] > 0].reset_index(drop=True), params)
+    assert out["n/weighted"] == (frame["weight"] > 0).sum() < n
+    for key in ("candidate/weighted/macro_f1", "diff/weighted/macro_f1",
+                "diff/weighted/macro_f1_low", "diff/weighted/accuracy_high",
+                "test/weighted/p_value", "ess/weighted"):
+        assert out[key] == kept[key], key
 
 
 def test_weights_must_belong_to_the_test_rows(tmp_path):

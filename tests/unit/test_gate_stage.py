@@ -139,7 +139,9 @@ def test_gate_reevaluates_when_champion_moves_during_the_run(ws):
         saved = client.download_artifacts(record["run_id"], logged_curve.path, str(ws / stage))
         assert Path(saved).read_text() == source.read_text()
     # Judged against v2 (whose predictions it shares: no gain), not against v1; v2 stays.
-    assert record["reevaluations"] == [{"from": v1, "to": v2}]
+    # Through the prediction cache: each model predicts each of the 12 distinct texts once.
+    assert record["reevaluations"] == [{"from": v1, "to": v2,
+                                        "predicted": {"candidate": 12, "champion": 12}}]
     assert record["evaluated_against"] == v2
     assert record["decision"] == "rejected" and record["metrics"]["diff/all/macro_f1"] == 0.0
     # Latency and behaviour were measured anew beside v2 (not kept from beside v1).
@@ -180,6 +182,10 @@ def test_gate_reevaluates_when_champion_moves_during_the_run(ws):
                      candidate=candidate, champion=ws / "champion.json", test=ws / "test.parquet",
                      weights=ws / "absent.parquet", lock=ws / "dvc.lock", report=ws / "gate.json")
     assert again["version"] == record["version"] and again["decision"] == "rejected"
+    # Re-evaluated against v2 again, every prediction from the cache: no model predicted a row.
+    assert again["reevaluations"] == [{"from": v1, "to": v2,
+                                       "predicted": {"candidate": 0, "champion": 0}}]
+    assert again["metrics"]["diff/all/macro_f1"] == record["metrics"]["diff/all/macro_f1"]
     assert (ws / "eval" / "model_card.md").is_file()
     assert len(client.search_model_versions(f"name = '{name}'")) == 3
     # The hand move was noticed and recorded as manual before the gate's own record.

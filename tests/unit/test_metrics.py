@@ -191,3 +191,25 @@ def test_confusion_png_replaces_an_existing_file(tmp_path):
     target.write_bytes(b"old")
     metrics.confusion_png(["a", "b"], ["a", "a"], str(target), "again")
     assert target.read_bytes()[:8] == PNG_MAGIC
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_compute_gives_the_numbers_of_the_modules_through_evaluate(weighted):
+    """`compute` and `ece` skip `evaluate`'s Arrow round trip, not the modules' arithmetic."""
+    import evaluate
+
+    y, p, w = noisy_labels(3, 700)
+    kw = {"sample_weight": w.tolist()} if weighted else {}
+    through = evaluate.combine([metrics._module(n) for n in metrics.NAMES]).compute(
+        predictions=p, references=y, **kw)
+    direct = metrics.compute(p, y, sample_weight=w if weighted else None)
+    assert set(direct) == set(through)
+    for name, value in direct.items():
+        assert value == pytest.approx(through[name], rel=1e-12, abs=1e-12)
+        if not weighted:  # counts: exactly the same floats
+            assert value == through[name]
+    conf = np.random.default_rng(3).random(700)
+    hit = np.asarray(p) == np.asarray(y)
+    assert metrics.ece(conf, hit, sample_weight=w if weighted else None) == pytest.approx(
+        metrics._module("ece").compute(confidences=conf.tolist(), correct=hit.tolist(),
+                                       **kw)["ece"], rel=1e-12)

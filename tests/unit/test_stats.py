@@ -295,3 +295,144 @@ def test_harm_p_value_needs_more_than_a_few_lost_rows_and_can_go_below_holm():
     assert lost(0)[1] == 1.0
     assert np.isnan(harm_p_value([], [], [], bootstrap([], [], []), margin=-0.02,
                                  resolution=1e-4))
+
+
+# ---------------------------------------------------------------- bounded memory
+
+
+def _whole_matrix_bootstrap(y, a, b, *, metric, resamples, seed, weights=None):
+    """The bootstrap as it was before it ran in blocks (48e5dc0): every resample drawn at once
+    as one (resamples x types) matrix, scored by (types x classes) one-hot products."""
+    yy, pc, pb = _encode(y, a, b)
+    n, n_classes = len(yy), int(max(yy.max(), pc.max(), pb.max())) + 1
+    rng = np.random.default_rng(seed)
+
+    def onehot(v):
+        out = np.zeros((len(v), n_classes), dtype=np.float32)
+        out[np.arange(len(v)), v] = 1
+        return out
+
+    def f1(counts, ty, tp_):
+        truth, pred = onehot(ty), onehot(tp_)
+        tp = counts @ (truth * (ty == tp_)[:, None])
+        support = counts @ truth + counts @ pred
+        present = support > 0
+        f = np.divide(2 * tp, support, out=np.zeros_like(tp), where=present)
+        return f.sum(axis=1) / np.maximum(present.sum(axis=1), 1)
+
+    if weights is None:
+        keys = np.stack([pc == yy, pb == yy] if metric == "accuracy" else [yy, pc, pb], axis=1)
+        types, freq = np.unique(keys.astype(np.int64), axis=0, return_counts=True)
+        ty, tc, tb = (types[:, 0], types[:, 1], None) if metric == "accuracy" else types.T
+        type_w = np.ones(len(types), dtype=np.float32)
+    else:
+        ty, tc, tb = yy, pc, pb
+        freq, type_w = np.ones(n, dtype=np.int64), np.asarray(weights, dtype=np.float32)
+    counts = rng.multinomial(n, freq / n, size=resamples).astype(np.float32) * type_w
+    if metric == "accuracy":
+        if weights is None:
+            right_c, right_b = ty.astype(np.float32), tc.astype(np.float32)
+        else:
+            right_c, right_b = (pc == yy).astype(np.float32), (pb == yy).astype(np.float32)
+        total = counts.sum(axis=1)
+        return (counts @ right_c / total - counts @ right_b / total).astype(np.float64)
+    return (f1(counts, ty, tc) - f1(counts, ty, tb)).astype(np.float64)
+
+
+def _data(seed, n, classes):
+    rng = np.random.default_rng(seed)
+    labels = [f"c{i}" for i in range(classes)]
+    y = [str(x) for x in rng.choice(labels, n)]
+    return y, _noisy(y, 0.8, rng, labels), _noisy(y, 0.7, rng, labels), rng
+
+
+@pytest.mark.parametrize("block_bytes", [64, 4096, None])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_blocked_bootstrap_gives_the_numbers_of_the_whole_matrix_one(seed, block_bytes,
+                                                                      monkeypatch):
+    """Drawn a block at a time, the resamples are the ones drawing them all at once gave (the
+    same seed, the same stream): unweighted exactly the same numbers, weighted the same to
+    float32 rounding (the old code summed float32 weights, the new one float64)."""
+    import ratchet.stats as stats
+
+    if block_bytes is not None:
+        monkeypatch.setattr(stats, "BLOCK_BYTES", block_bytes)
+    y, a, b, rng = _data(seed, 300, 7)
+    w = rng.random(300) * 3
+    for metric in ("macro_f1", "accuracy"):
+        new = bootstrap(y, a, b, metric=metric, resamples=250, seed=seed)
+        assert np.array_equal(new.dist, _whole_matrix_bootstrap(
+            y, a, b, metric=metric, resamples=250, seed=seed))
+        weighted = stats.bootstraps(y, a, b, resamples=250, seed=seed, weights=w)[metric]
+        old = _whole_matrix_bootstrap(y, a, b, metric=metric, resamples=250, seed=seed,
+                                      weights=w)
+        assert np.allclose(weighted.dist, old, atol=1e-5)
+        assert weighted.diff == pytest.approx(
+            bootstrap(y, a, b, metric=metric, resamples=10, seed=seed, weights=w).diff)
+
+
+def _whole_matrix_permutation_null(y, a, b, *, resamples, seed):
+    """The macro-F1 permutation null as one (resamples x rows) swap matrix, scored directly."""
+    yy, pc, pb = _encode(y, a, b)
+    n_classes = int(max(yy.max(), pc.max(), pb.max())) + 1
+    rng = np.random.default_rng(seed)
+    diff = pc != pb
+    types, inverse, freq = np.unique(np.stack([yy, pc, pb], axis=1)[diff], axis=0,
+                                     return_inverse=True, return_counts=True)
+    swaps = rng.binomial(freq, 0.5, size=(resamples, len(types)))
+    null = np.empty(resamples)
+    for r in range(resamples):
+        # Swap the first swaps[r, t] rows of each type t (rows of a type are interchangeable).
+        x, z = pc.copy(), pb.copy()
+        rows = np.flatnonzero(diff)
+        for t in range(len(types)):
+            members = rows[inverse.ravel() == t][: swaps[r, t]]
+            x[members], z[members] = pb[members], pc[members]
+        null[r] = (macro_f1_rows(yy[None], x[None], n_classes)
+                   - macro_f1_rows(yy[None], z[None], n_classes))[0]
+    return null
+
+
+@pytest.mark.parametrize("block_bytes", [64, None])
+def test_blocked_permutation_gives_the_numbers_of_the_whole_matrix_one(block_bytes, monkeypatch):
+    import ratchet.stats as stats
+
+    if block_bytes is not None:
+        monkeypatch.setattr(stats, "BLOCK_BYTES", block_bytes)
+    y, a, b, _ = _data(4, 120, 5)
+    perm = stats.paired_permutation(y, a, b, resamples=60, seed=4)
+    assert np.allclose(perm.null, _whole_matrix_permutation_null(y, a, b, resamples=60, seed=4),
+                       atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["weighted", "macro_f1", "permutation"])
+def test_resampling_memory_grows_with_rows_not_resamples_x_rows(kind):
+    """300 resamples of 40,000 rows: one (resamples x rows) or (resamples x types) array of
+    int64 is 96 MB (2,000 x 200k was 3.2 GB); the blocked code stays under a quarter of it,
+    numpy's allocations counted by tracemalloc (the label lists exist before it starts)."""
+    import tracemalloc
+
+    import ratchet.stats as stats
+
+    n, resamples, budget = 40_000, 300, 20 * 2**20
+    rng = np.random.default_rng(0)
+    labels = [f"c{i}" for i in range(40)]
+    # Random predictions: tens of thousands of (truth, candidate, champion) types.
+    y, a, b = ([str(x) for x in rng.choice(labels, n)] for _ in range(3))
+    w = rng.random(n) + 0.5
+    assert resamples * n * 8 >= 4 * budget
+    tracemalloc.start()
+    try:
+        if kind == "weighted":
+            out = stats.bootstrap(y, a, b, resamples=resamples, weights=w)
+            assert out.dist.shape == (resamples,)
+        elif kind == "macro_f1":
+            assert stats.bootstrap(y, a, b, resamples=resamples).dist.shape == (resamples,)
+        else:
+            assert stats.paired_permutation(y, a, b, resamples=resamples).null.shape == (
+                resamples,)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < budget, f"{kind}: peak {peak / 2**20:.0f} MB"
+    print(f"{kind}: peak {peak / 2**20:.1f} MB")
