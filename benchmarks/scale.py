@@ -291,6 +291,7 @@ def merge_old(previous: dict[str, Any], current: dict[str, Any]) -> dict[str, An
     out["batches"] = ([r for r in previous["batches"] if r["arm"] == "old"]
                       + [r for r in current.get("batches", []) if r["arm"] != "old"])
     out["batches"].sort(key=lambda r: (r["batch"], ARMS.index(r["arm"])))
+    out["setup"] = {**mine, "arms": list(ARMS)}
     out["separate_invocations"] = True
     out["invocations"] = [*previous.get("invocations", []), *current.get("invocations", [])]
     return out
@@ -538,7 +539,9 @@ def eval_scale(tree: Path, rows: str | None, log: Path) -> dict[str, Any]:
     if not (tree / "benchmarks" / "eval_scale.py").exists():
         return {"skipped": "benchmarks/eval_scale.py is not in this tree"}
     env = {**os.environ, **TELEMETRY_OFF, "PYTHONPATH": str(tree)}
-    cmd = [sys.executable, "-m", "benchmarks.eval_scale"] + (["--rows", rows] if rows else [])
+    sizes = [n.strip() for n in (rows or "").split(",") if n.strip()]
+    cmd = [sys.executable, "-m", "benchmarks.eval_scale"]
+    cmd += [a for n in sizes for a in ("--rows", n)]
     m = measured(cmd, env=env, cwd=tree, log=log)
     results = []
     for line in m.output.splitlines():
@@ -556,7 +559,7 @@ def eval_scale(tree: Path, rows: str | None, log: Path) -> dict[str, Any]:
 
 def eval_1m(ev: dict[str, Any]) -> float | None:
     for r in ev.get("results", []):
-        if r.get("rows") == 1_000_000:
+        if r.get("rows") == 1_000_000 and r.get("arm", "new") == "new":
             return r.get("peak_rss_mb")
     return None
 
@@ -572,7 +575,11 @@ def plot(result: dict[str, Any], path: Path) -> None:
     rows = result["batches"]
     arms = [a for a in ARMS if any(r["arm"] == a for r in rows)]
     colors = {"old": "tab:red", "new": "tab:blue"}
+    from matplotlib.ticker import MaxNLocator
+
     fig, axes = plt.subplots(2, 2, figsize=(13, 8.5))
+    for ax in axes.flat:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax = axes[0][0]
     for a in arms:
         mine = sorted((r for r in rows if r["arm"] == a), key=lambda r: r["batch"])
@@ -653,8 +660,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--reuse-old", type=Path, default=None, metavar="FILE",
                    help="take the old arm from this earlier result (an `--arms old` run)")
     p.add_argument("--old-commit", default=OLD_COMMIT)
-    p.add_argument("--eval-rows", default=None,
-                   help="--rows for benchmarks.eval_scale (default: its own)")
+    p.add_argument("--eval-rows", default=None, metavar="N,M,...",
+                   help="test rows for benchmarks.eval_scale (default: its own sizes)")
     p.add_argument("--no-eval", action="store_true", help="skip benchmarks.eval_scale")
     args = p.parse_args(argv)
     args.arm_list = [a.strip() for a in args.arms.split(",") if a.strip()]
@@ -692,7 +699,7 @@ def main(argv: list[str] | None = None) -> int:
                   "loadavg_start": [round(x, 2) for x in os.getloadavg()]}
     if args.resume:
         result = json.loads(args.out.read_text())
-        if result.get("setup", {}) | {"arms": args.arm_list} != setup | {"arms": args.arm_list}:
+        if result.get("setup") != setup:
             say(f"error: {args.out} was made with other settings: {result.get('setup')}")
             return 2
         root = Path(result["root"])

@@ -24,13 +24,13 @@ def test_domain_schedule_adds_one_domain_every_n_batches():
 def test_batches_have_their_size_and_domains_and_no_text_twice():
     from ratchet.data import text_key
 
-    frames = scale.make_batches(4, 60, every=2)
-    assert [len(f) for f in frames] == [60] * 4
+    frames = scale.make_batches(3, 30, every=2)
+    assert [len(f) for f in frames] == [30] * 3
     assert set(frames[0]["domain"]) == {"banking", "dining"}
     assert set(frames[2]["domain"]) == {"banking", "dining", "home"}
     keys = [k for f in frames for k in f["text"].map(text_key)]
     assert len(keys) == len(set(keys))
-    again = scale.make_batches(4, 60, every=2)
+    again = scale.make_batches(3, 30, every=2)
     assert all(a.equals(b) for a, b in zip(frames, again, strict=True))  # seeded
 
 
@@ -132,3 +132,20 @@ def test_the_old_commit_is_extracted_without_a_checkout(tmp_path):
     dest = scale.extract_commit(scale.HERE, sha, tmp_path / "old")
     assert (dest / "ratchet" / "__init__.py").is_file() and (dest / "dvc.yaml").is_file()
     assert not (dest / ".git").exists()
+
+
+def test_eval_scale_passes_each_size_and_reads_one_json_line_per_size(tmp_path):
+    assert "skipped" in scale.eval_scale(tmp_path, None, tmp_path / "e.log")
+    (tmp_path / "benchmarks").mkdir()
+    (tmp_path / "benchmarks" / "__init__.py").write_text("")
+    (tmp_path / "benchmarks" / "eval_scale.py").write_text(
+        "import argparse, json\n"
+        "p = argparse.ArgumentParser()\n"
+        "p.add_argument('--rows', type=int, action='append')\n"
+        "for n in p.parse_args().rows or [10_000, 1_000_000]:\n"
+        "    print('scoring', n)\n"
+        "    print(json.dumps({'rows': n, 'seconds': 0.1, 'peak_rss_mb': n / 1000}))\n")
+    ev = scale.eval_scale(tmp_path, "10,1000000", tmp_path / "e.log")
+    assert ev["exit"] == 0 and [r["rows"] for r in ev["results"]] == [10, 1_000_000]
+    assert scale.eval_1m(ev) == 1000.0
+    assert scale.eval_1m(scale.eval_scale(tmp_path, "10", tmp_path / "e.log")) is None
