@@ -283,6 +283,8 @@ def merge_old(previous: dict[str, Any], current: dict[str, Any]) -> dict[str, An
         if mine.get(key) != theirs.get(key):
             raise ValueError(f"the reused old arm ran with {key}={theirs.get(key)!r}, "
                              f"this run with {mine.get(key)!r}")
+    if previous.get("files_sha256") != current.get("files_sha256"):
+        raise ValueError("the reused old arm streamed other batch files (files_sha256 differs)")
     out = dict(current)
     out["old"] = previous["old"]
     out["arm_setup"] = {**current.get("arm_setup", {}),
@@ -298,6 +300,16 @@ def merge_old(previous: dict[str, Any], current: dict[str, Any]) -> dict[str, An
 
 
 # ---------------------------------------------------------------- measuring (real processes)
+
+
+def files_digest(paths: list[Path]) -> str:
+    """sha256 over the files' bytes, in order: the same batches, or not."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(p.read_bytes())
+    return h.hexdigest()
 
 
 def tree_bytes(path: Path) -> int:
@@ -723,16 +735,26 @@ def main(argv: list[str] | None = None) -> int:
         say(f"extracting {args.old_commit} ({old_sha[:12]}) into {root / 'old-code'}")
         codes["old"] = extract_commit(HERE, old_sha, root / "old-code")
     arms = [Arm(a, codes[a], root, tracer) for a in ARMS if a in args.arm_list]
-    frames = make_batches(args.batches, args.rows, seed=SEED, every=args.domain_every)
     schedule = domain_schedule(args.batches, args.domain_every)
     files = root / "files"
     files.mkdir(exist_ok=True)
-    paths = []
-    for i, frame in enumerate(frames, start=1):
-        path = files / f"{i:03d}.csv"
-        if not path.exists():
-            frame.to_csv(path, index=False)
-        paths.append(path)
+    paths = [files / f"{i:03d}.csv" for i in range(1, args.batches + 1)]
+    earlier = (Path(json.loads(args.reuse_old.read_text()).get("root", "/nonexistent")) / "files"
+               if args.reuse_old else None)
+    if earlier is not None and all((earlier / p.name).is_file() for p in paths):
+        for p in paths:  # the very files the old arm saw, whatever the generator does now
+            if not p.exists():
+                shutil.copyfile(earlier / p.name, p)
+    if not all(p.exists() for p in paths):
+        frames = make_batches(args.batches, args.rows, seed=SEED, every=args.domain_every)
+        for path, frame in zip(paths, frames, strict=True):
+            if not path.exists():
+                frame.to_csv(path, index=False)
+    result["files_sha256"] = files_digest(paths)
+    if result.setdefault("files_sha256_first", result["files_sha256"]) != result["files_sha256"]:
+        say(f"error: the batch files in {files} changed since the run began")
+        return 2
+    row_counts = [p.read_bytes().count(b"\n") - 1 for p in paths]  # no newline inside texts
     result.setdefault("arm_setup", {})
     for arm in arms:
         info = arm.init()
@@ -744,7 +766,7 @@ def main(argv: list[str] | None = None) -> int:
         for arm in arms:
             if (arm.name, i) in done:
                 continue
-            row = arm.play(i, path, schedule[i - 1], len(frames[i - 1]))
+            row = arm.play(i, path, schedule[i - 1], row_counts[i - 1])
             row["new_domain"] = i > 1 and schedule[i - 1] != schedule[i - 2]
             if args.resume and arm.name not in resumed:
                 row["resumed"] = True  # its workspace may hold a stopped run's leftovers

@@ -111,9 +111,11 @@ def test_reusing_an_old_arm_needs_the_same_setup_and_says_it_ran_apart():
     setup = {"batches": 2, "rows": 500, "seed": 0, "domain_every": 10, "model": "tiny",
              "params_edits": {}}
     old = {"setup": {**setup, "arms": ["old"]}, "old": {"late_over_early": 2.0},
+           "files_sha256": "f1",
            "commit_old": "abc", "invocations": [{"arms": ["old"]}],
            "batches": [{"arm": "old", "batch": b} for b in (1, 2)]}
     new = {"setup": {**setup, "arms": ["new"]}, "new": {"late_over_early": 1.0},
+           "files_sha256": "f1",
            "invocations": [{"arms": ["new"]}],
            "batches": [{"arm": "new", "batch": b} for b in (1, 2)]}
     merged = scale.merge_old(old, new)
@@ -123,6 +125,8 @@ def test_reusing_an_old_arm_needs_the_same_setup_and_says_it_ran_apart():
     assert merged["old"] == {"late_over_early": 2.0} and merged["commit_old"] == "abc"
     with pytest.raises(ValueError, match="rows"):
         scale.merge_old({**old, "setup": {**setup, "rows": 100}}, new)
+    with pytest.raises(ValueError, match="files"):
+        scale.merge_old({**old, "files_sha256": "f2"}, new)
 
 
 def test_the_old_commit_is_extracted_without_a_checkout(tmp_path):
