@@ -754,6 +754,13 @@ def main(argv: list[str] | None = None) -> int:
     if result.setdefault("files_sha256_first", result["files_sha256"]) != result["files_sha256"]:
         say(f"error: the batch files in {files} changed since the run began")
         return 2
+    if args.reuse_old is not None:  # refuse now, not after hours of the other arm
+        try:
+            merge_old(json.loads(args.reuse_old.read_text()),
+                      {"setup": setup, "files_sha256": result["files_sha256"], "batches": []})
+        except (ValueError, KeyError) as err:
+            say(f"error: --reuse-old {args.reuse_old}: {err}")
+            return 2
     row_counts = [p.read_bytes().count(b"\n") - 1 for p in paths]  # no newline inside texts
     result.setdefault("arm_setup", {})
     for arm in arms:
