@@ -537,6 +537,107 @@ def run(limit: int | None = None, epochs: float = EPOCHS, keep: Path | None = No
     return assemble(arms, matmul, extras(True))
 
 
+# ---------------------------------------------------------------- CPU cost of a step (1 thread)
+
+
+@contextmanager
+def step_clock():
+    """CPU seconds (this process, every thread) at each optimizer step: `torch.optim.AdamW.step`
+    is wrapped, which both Trainer arms (`adamw_torch_fused`) and ratchet (`make_optimizer`)
+    call once a step."""
+    import torch
+
+    stamps: list[float] = []
+    original = torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        stamps.append(usage.ru_utime + usage.ru_stime)
+        return out
+
+    torch.optim.AdamW.step = step
+    try:
+        yield stamps
+    finally:
+        torch.optim.AdamW.step = original
+
+
+def step_cost_arm(arm: str, work: Path, seed: int) -> dict[str, Any]:
+    """One arm's CPU milliseconds per training step on `work`'s train rows, one epoch, in this
+    process (started with OMP_NUM_THREADS=1: one torch thread in every arm). The first and
+    last two steps are left out (warm-up; a short last batch)."""
+    from ratchet.models import minilm_dir
+
+    labels = json.loads((work / "meta.json").read_text())["labels"]
+    out_dir = work / f"model-cost-{arm}-{seed}"
+    with step_clock() as stamps:
+        if arm in ("baseline", "expert"):
+            from benchmarks import hf_baseline
+
+            hf_baseline.train(pd.read_parquet(work / "train.parquet"), out_dir,
+                              model_dir=minilm_dir(), labels=labels, epochs=1.0,
+                              batch_size=BATCH_SIZE, max_length=MAX_LENGTH, seed=seed,
+                              expert=arm == "expert")
+        else:
+            from tasks import finetune
+
+            finetune.run(_finetune_params(labels, "full", 1.0, seed), train=work /
+                         "train.parquet", val=work / "val.parquet", pretrained=minilm_dir(),
+                         out=out_dir, metrics=work / "metrics-cost.json",
+                         curve=work / "curve-cost.csv")
+    shutil.rmtree(out_dir, ignore_errors=True)
+    import torch
+
+    if len(stamps) < 6:
+        return {"seed": seed, "error": f"only {len(stamps)} steps"}
+    timed = len(stamps) - 4
+    ms = 1000 * (stamps[-2] - stamps[2]) / timed
+    return {"seed": seed, "cpu_ms_per_step": ms, "samples_per_cpu_s": 1000 * BATCH_SIZE / ms,
+            "steps_timed": timed, "torch_threads": torch.get_num_threads()}
+
+
+def step_cost(rows: int, seeds: tuple[int, ...], keep: Path | None = None) -> dict[str, Any]:
+    """Every compared arm's CPU cost of a training step at one torch thread, on `rows` train
+    rows (seeded sample), seed rounds interleaved and rotated as in `run`. CPU time, unlike
+    wall time, hardly depends on what else the machine runs, so this compares the arms' work
+    per step on a shared machine; it says nothing about how well each uses 2 threads."""
+    from ratchet.runtime import setup
+
+    setup()
+    work = keep or Path(tempfile.mkdtemp(prefix="ratchet-bench-cost-"))
+    try:
+        splits = load_splits()
+        splits["train"] = splits["train"].sample(n=min(rows, len(splits["train"])),
+                                                 random_state=0).reset_index(drop=True)
+        splits["val"] = splits["val"].sample(n=256, random_state=0).reset_index(drop=True)
+        prepare_inputs(splits, work)
+        runs: dict[str, list[dict]] = {arm: [] for arm in COMPARED}
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        for arm, seed, _ in schedule(seeds, ()):
+            path = work / "arm.json"
+            path.unlink(missing_ok=True)
+            subprocess.run([sys.executable, "-m", "benchmarks.training", "--cost-arm", arm,
+                            "--work", str(work), "--seed", str(seed)], env=env, check=False,
+                           cwd=Path(__file__).resolve().parents[1])
+            runs[arm].append(json.loads(path.read_text()) if path.is_file()
+                             else {"seed": seed, "error": "no result"})
+            print(f"step cost: {arm} seed {seed}: {runs[arm][-1]}", flush=True)
+    finally:
+        if keep is None:
+            shutil.rmtree(work, ignore_errors=True)
+    out: dict[str, Any] = {"rows": rows, "threads": 1, "epochs": 1.0, "seeds": list(seeds)}
+    for arm, arm_runs in runs.items():
+        ms = [r["cpu_ms_per_step"] for r in arm_runs if "cpu_ms_per_step" in r]
+        out[arm] = {"cpu_ms_per_step": statistics.fmean(ms) if ms else None,
+                    "cpu_ms_per_step_sd": statistics.stdev(ms) if len(ms) > 1 else None,
+                    "runs": arm_runs}
+    for other in ("baseline", "expert"):
+        a, b = out["full"]["cpu_ms_per_step"], out[other]["cpu_ms_per_step"]
+        out[f"full_vs_{other}_speedup"] = b / a if a and b else None
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.training", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -553,7 +654,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=SEEDS[0], help=argparse.SUPPRESS)
     parser.add_argument("--lora-lr", type=float, help=argparse.SUPPRESS)
+    parser.add_argument("--step-cost", type=int, metavar="ROWS",
+                        help="instead: CPU ms per training step of each compared arm at one "
+                        "thread on ROWS train rows (`step_cost`)")
+    parser.add_argument("--cost-arm", choices=COMPARED, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.cost_arm:
+        from ratchet.runtime import setup
+
+        setup()
+        try:
+            result = step_cost_arm(args.cost_arm, args.work, args.seed)
+        except Exception as err:  # recorded; the other runs go on
+            traceback.print_exc()
+            result = {"seed": args.seed, "error": f"{type(err).__name__}: {err}"}
+        (args.work / "arm.json").write_text(json.dumps(result))
+        return 0
+    if args.step_cost:
+        result = step_cost(args.step_cost, SEEDS[: args.seeds], args.keep)
+        if args.out:
+            from ratchet.runtime import write_json
+
+            write_json(args.out, result)
+            print(f"wrote {args.out}")
+        else:
+            print(json.dumps(result, indent=2))
+        return 0
     if args.arm:
         from ratchet.runtime import setup
 

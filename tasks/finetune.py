@@ -46,7 +46,7 @@ def training_frame(train: pd.DataFrame, replay: pd.DataFrame | None, cfg: Finetu
     if not continual or BATCH not in train.columns:
         return train, {"train_rows": len(train)}
     if since is not None:
-        new = train[train[BATCH].astype(str) > since]
+        new = train[train[BATCH].notna() & (train[BATCH].astype(str) > since)]
         if new.empty:
             raise NothingNew(
                 f"finetune: no train row is newer than batch {since}, the champion's newest "
