@@ -51,7 +51,8 @@ the same medians for the remote and the whole workspace; median stage seconds ea
 tree after the stream when the module exists; `eval_1m_peak_rss_mb` is its 1M row (target
 <= 4096). Skipped (and said so) when the module is absent or the new arm is not run.
 
-Options: --batches, --rows, --arms old,new, --out (the JSON; the PNG beside it), --root (the
+Options: --batches, --rows, --arms old,new, --param SECTION.KEY=VALUE (one more edit for both
+arms, e.g. finetune.epochs=1), --out (the JSON; the PNG beside it), --root (the
 work folder; default a new one under /tmp), --resume (continue the run recorded in --out: its
 workspaces are in its root), --reuse-old FILE (take the old arm from an earlier `--arms old`
 result and run only what is missing: the result says the arms ran in separate invocations).
@@ -187,6 +188,21 @@ def make_batches(batches: int, rows: int, *, seed: int = SEED, every: int = DOMA
 
 
 # ---------------------------------------------------------------- summaries (pure)
+
+
+def with_params(edits: dict[str, dict[str, Any]], assignments: list[str]
+                ) -> dict[str, dict[str, Any]]:
+    """`edits` plus each `section.key=value` (the value read as YAML), as a new dict."""
+    import yaml
+
+    out = {section: dict(values) for section, values in edits.items()}
+    for item in assignments:
+        name, sep, value = item.partition("=")
+        section, dot, key = name.strip().partition(".")
+        if not sep or not dot or not section or not key:
+            raise ValueError(f"{item!r} is not SECTION.KEY=VALUE")
+        out.setdefault(section, {})[key] = yaml.safe_load(value)
+    return out
 
 
 def _median(values: list[float]) -> float | None:
@@ -456,8 +472,9 @@ def _tail(text: str, lines: int = 12) -> str:
 
 
 class Arm:
-    def __init__(self, name: str, code: Path, root: Path, tracer: Path):
-        self.name, self.code, self.dir = name, code.resolve(), root / name
+    def __init__(self, name: str, code: Path, root: Path, tracer: Path,
+                 edits: dict[str, dict[str, Any]]):
+        self.name, self.code, self.dir, self.edits = name, code.resolve(), root / name, edits
         self.ws = self.dir / "ws"
         env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
         self.env = {**env, **TELEMETRY_OFF, "PREFECT_HOME": str(self.dir / "prefect"),
@@ -483,7 +500,7 @@ class Arm:
         m = self.cli("init", "init", str(self.ws), "--model", MODEL)
         if m.exit != 0:
             raise RuntimeError(f"arm {self.name}: ratchet init failed:\n{_tail(m.output)}")
-        edit_params(self.ws, PARAMS_EDITS)  # as a person does in an editor (not committed)
+        edit_params(self.ws, self.edits)  # as a person does in an editor (not committed)
         code = [r["modules"] for r in m.trace if r.get("modules")]
         return {"init_s": round(m.seconds, 1), "modules": code[0] if code else {}}
 
@@ -679,6 +696,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="continue the run recorded in --out, in its root")
     p.add_argument("--reuse-old", type=Path, default=None, metavar="FILE",
                    help="take the old arm from this earlier result (an `--arms old` run)")
+    p.add_argument("--param", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="one more params.yaml edit for both arms (YAML value), e.g. "
+                        "finetune.epochs=1; repeatable")
     p.add_argument("--old-commit", default=OLD_COMMIT)
     p.add_argument("--eval-rows", default=None, metavar="N,M,...",
                    help="test rows for benchmarks.eval_scale (default: its own sizes)")
@@ -693,6 +713,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.arm_list = [a for a in args.arm_list if a != "old"]
         if not args.arm_list:
             p.error("--reuse-old leaves nothing to run: name another arm in --arms")
+    try:
+        with_params(PARAMS_EDITS, args.param)
+    except ValueError as err:
+        p.error(f"--param: {err}")
     if args.batches < 1 or args.rows < 10 or args.domain_every < 1:
         p.error("--batches >= 1, --rows >= 10, --domain-every >= 1")
     if args.resume and not args.out.is_file():
@@ -709,9 +733,10 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, terminated)
     for k, v in TELEMETRY_OFF.items():
         os.environ.setdefault(k, v)
+    edits = with_params(PARAMS_EDITS, args.param)
     setup = {"batches": args.batches, "rows": args.rows, "seed": SEED,
              "domain_every": args.domain_every, "domain_order": list(DOMAIN_ORDER),
-             "start_domains": START_DOMAINS, "model": MODEL, "params_edits": PARAMS_EDITS,
+             "start_domains": START_DOMAINS, "model": MODEL, "params_edits": edits,
              "arms": args.arm_list, "engine": "prefect (ratchet run default)",
              "cpu_count": os.cpu_count(), "python": sys.executable}
     invocation = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "arms": args.arm_list,
@@ -742,7 +767,7 @@ def main(argv: list[str] | None = None) -> int:
     if "old" in args.arm_list:
         say(f"extracting {args.old_commit} ({old_sha[:12]}) into {root / 'old-code'}")
         codes["old"] = extract_commit(HERE, old_sha, root / "old-code")
-    arms = [Arm(a, codes[a], root, tracer) for a in ARMS if a in args.arm_list]
+    arms = [Arm(a, codes[a], root, tracer, edits) for a in ARMS if a in args.arm_list]
     schedule = domain_schedule(args.batches, args.domain_every)
     files = root / "files"
     files.mkdir(exist_ok=True)

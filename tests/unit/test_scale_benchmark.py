@@ -153,3 +153,13 @@ def test_eval_scale_passes_each_size_and_reads_one_json_line_per_size(tmp_path):
     assert ev["exit"] == 0 and [r["rows"] for r in ev["results"]] == [10, 1_000_000]
     assert scale.eval_1m(ev) == 1000.0
     assert scale.eval_1m(scale.eval_scale(tmp_path, "10", tmp_path / "e.log")) is None
+
+
+def test_param_edits_add_to_the_defaults_without_changing_them():
+    edits = scale.with_params(scale.PARAMS_EDITS, ["finetune.epochs=1", "gate.alpha=0.1",
+                                                   "augment.ops=[swap]"])
+    assert edits["finetune"] == {**scale.PARAMS_EDITS["finetune"], "epochs": 1}
+    assert edits["gate"]["alpha"] == 0.1 and edits["augment"]["ops"] == ["swap"]
+    assert "epochs" not in scale.PARAMS_EDITS["finetune"]
+    with pytest.raises(ValueError):
+        scale.with_params({}, ["epochs=1"])
