@@ -218,7 +218,7 @@ class AugmentConfig(_Section):
 
 class PretrainConfig(_Section):
     enabled: bool | Literal["auto"] = Field(
-        True, description="Continue MLM pre-training on the domain's texts. auto: only when "
+        "auto", description="Continue MLM pre-training on the domain's texts. auto: only when "
         "the start model has a trained MLM head (skipped, the base encoder passed on, for a "
         "source without one such as the packaged MiniLM: benchmarks/pretrain.py measured no "
         "gain from training a random head)."

@@ -1,6 +1,8 @@
 """pretrain: continue masked-language-model training of the encoder on the domain's texts (every
 batch's train split plus an optional unlabeled corpus), within a step and time budget, stopping
-when held-out perplexity stops improving; runs unchanged under `torchrun`."""
+when held-out perplexity stops improving; runs unchanged under `torchrun`. With `enabled: auto`
+(the default) it trains only a start model whose MLM head is trained, and otherwise passes the
+base encoder on, saying why (benchmarks/pretrain.py: from a random head it did not help)."""
 
 from __future__ import annotations
 

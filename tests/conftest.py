@@ -25,7 +25,8 @@ setup()
 
 # Settings under which the tiny random-init BERT learns the synthetic intents in seconds.
 TINY = {
-    "pretrain": {"max_steps": 10},
+    # enabled: true keeps the stage in the story (`auto` would skip the tiny model's random head)
+    "pretrain": {"enabled": True, "max_steps": 10},
     # The tiny model's word-embedding table is random, so its "synonyms" are random words
     # (unit tests cover the lexical ops with the packaged MiniLM table and toy tables).
     "augment": {"ops": ["swap", "delete"]},

@@ -394,7 +394,8 @@ def _free_port() -> int:
 
 
 def pretrain_params(**overrides):
-    pt = {"max_steps": 12, "batch_size": 16, "learning_rate": 0.001, **overrides}
+    pt = {"enabled": True, "max_steps": 12, "batch_size": 16, "learning_rate": 0.001,
+          **overrides}  # enabled: true, as `auto` skips the tiny model's random MLM head
     return parse_params({"model": {"source": "tiny", "max_length": 32}, "pretrain": pt}, "test")
 
 
@@ -436,7 +437,8 @@ def test_pretrain_under_two_gloo_processes_matches_one(data, tmp_path):
 
     p = tmp_path / "params.yaml"
     p.write_text(yaml.safe_dump({"model": {"source": "tiny", "max_length": 32},
-                                 "pretrain": {"max_steps": 8, "batch_size": 16, "init": "previous",
+                                 "pretrain": {"enabled": True, "max_steps": 8, "batch_size": 16,
+                                              "init": "previous",
                                               "learning_rate": 0.003, "eval_every": 4},
                                  # the sharded math matches in fp32; bf16 rounds per shard shape
                                  "finetune": {"precision": "fp32"}}))
@@ -475,7 +477,7 @@ def test_a_killed_pretrain_resumes_from_its_checkpoint_to_the_same_weights(data,
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # this process threads like the stage process
     p = tmp_path / "params.yaml"
     p.write_text(yaml.safe_dump({"model": {"source": "tiny", "max_length": 32},
-                                 "pretrain": {"max_steps": 40, "batch_size": 16,
+                                 "pretrain": {"enabled": True, "max_steps": 40, "batch_size": 16,
                                               "learning_rate": 0.003, "eval_every": 10,
                                               "checkpoint_every": 5}}))
     whole, killed = tmp_path / "whole", tmp_path / "killed"
