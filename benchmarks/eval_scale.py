@@ -19,11 +19,11 @@ Weights (`--weights`): `sampled` (default) as the drift stage writes them, a wei
 `drift.weight_rows` test rows drawn at random and 0 elsewhere; `dense`, a weight on every row
 (what the drift stage wrote before it sampled; the bootstrap's worst case).
 
-`--old COMMIT` adds an arm running the same child on COMMIT's code (checked out with `git
-worktree add --detach` into a temporary folder and removed after), interleaved with the new
-arm at each N. `--limit-gb G` caps every child's address space (RLIMIT_AS, default 8): a child
-that needs more fails with MemoryError and its entry says `"failed": "above G GB"` instead of
-the machine swapping. `--arm old|new|both` picks arms (default new, or both with `--old`).
+`--old COMMIT` adds an arm running the same child on COMMIT's code (its tree from `git archive`
+in a temporary folder, removed after), interleaved with the new arm at each N. `--limit-gb G`
+caps every child's address space (RLIMIT_AS, default 8): a child that needs more fails with
+MemoryError and its entry says `"failed": "above G GB"` instead of the machine swapping.
+`--arm old|new|both` picks arms (default new, or both with `--old`).
 """
 
 from __future__ import annotations
@@ -95,8 +95,9 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def child(rows: int, weights: str) -> dict[str, Any]:
-    """One N in this process: build the frame, time `score`, report the peak RSS."""
+def child(rows: int, weights: str, dump: Path | None = None) -> dict[str, Any]:
+    """One N in this process: build the frame, time `score`, report the peak RSS (and write
+    every metric to `dump`, to compare arms)."""
     import ratchet
     from ratchet.config import parse_params
     from ratchet.evaluation import score
@@ -110,6 +111,8 @@ def child(rows: int, weights: str) -> dict[str, Any]:
     start = time.perf_counter()
     out = score(frame, params)
     seconds = time.perf_counter() - start
+    if dump is not None:
+        dump.write_text(json.dumps(out, sort_keys=True, default=float))
     keys = ("diff/weighted/macro_f1", "diff/weighted/macro_f1_low", "test/weighted/p_value",
             "diff/reference/macro_f1_low", "test/reference/p_value", "test/recent/p_value")
     return {"rows": rows, "seconds": round(seconds, 2), "peak_rss_mb": round(peak_rss_mb(), 1),
@@ -122,19 +125,21 @@ def child(rows: int, weights: str) -> dict[str, Any]:
 
 @contextmanager
 def checkout(commit: str):
-    """A detached worktree of `commit` in a temporary folder, removed afterwards."""
-    tmp = Path(tempfile.mkdtemp(prefix="eval-scale-old-")) / "tree"
-    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "--quiet", str(tmp),
-                    commit], check=True)
+    """`commit`'s tree (`git archive`) in a temporary folder, removed afterwards."""
+    import shutil
+
+    tmp = Path(tempfile.mkdtemp(prefix="eval-scale-old-"))
     try:
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", commit], check=True,
+                                 capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(tmp)], input=archive, check=True)
         yield tmp
     finally:
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tmp)],
-                       check=False)
-        tmp.parent.rmdir()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
-def run_child(code: Path, rows: int, weights: str, limit_gb: float) -> dict[str, Any]:
+def run_child(code: Path, rows: int, weights: str, limit_gb: float,
+              dump: Path | None = None) -> dict[str, Any]:
     """The child on `code`'s ratchet, in a fresh process under an address-space cap."""
     env = {**os.environ, "PYTHONPATH": str(code), "PYTHONDONTWRITEBYTECODE": "1"}
     limit = int(limit_gb * 2**30)
@@ -143,8 +148,9 @@ def run_child(code: Path, rows: int, weights: str, limit_gb: float) -> dict[str,
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
     start = time.perf_counter()
+    extra = ["--dump", str(dump)] if dump is not None else []
     proc = subprocess.run([sys.executable, str(HERE), "--child", "--rows", str(rows),
-                           "--weights", weights], env=env, cwd=code, preexec_fn=cap,
+                           "--weights", weights, *extra], env=env, cwd=code, preexec_fn=cap,
                           capture_output=True, text=True)
     wall = time.perf_counter() - start
     if proc.returncode == 0:
@@ -166,11 +172,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arm", choices=("new", "old", "both"))
     parser.add_argument("--limit-gb", type=float, default=8.0,
                         help="address-space cap of each child (GB)")
+    parser.add_argument("--dump", type=Path, metavar="DIR",
+                        help="write each child's metrics to DIR/<arm>-<rows>.json")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     rows = args.rows or list(DEFAULT_ROWS)
     if args.child:
-        print(json.dumps(child(rows[0], args.weights)), flush=True)
+        print(json.dumps(child(rows[0], args.weights, args.dump)), flush=True)
         return 0
     if any(n < 1 for n in rows):
         print("error: --rows must be positive", file=sys.stderr)
@@ -184,7 +192,11 @@ def main(argv: list[str] | None = None) -> int:
         for n in rows:
             arms = [("new", ROOT)] * (arm != "old") + [("old", old)] * (arm != "new")
             for name, code in arms:
-                entry = run_child(code, n, args.weights, args.limit_gb)
+                dump = None
+                if args.dump is not None:
+                    args.dump.mkdir(parents=True, exist_ok=True)
+                    dump = (args.dump / f"{name}-{n}.json").resolve()
+                entry = run_child(code, n, args.weights, args.limit_gb, dump)
                 entry["load_avg"] = round(os.getloadavg()[0], 2)
                 if arm != "new":
                     entry = {"arm": name, **entry, "commit": args.old if name == "old" else "HEAD"}

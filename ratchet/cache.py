@@ -171,7 +171,8 @@ class ShardStore:
 
 def _legacy(root: Path, model: str) -> Path:
     """Where the cache before shards kept a model's predictions: one file, rewritten per call."""
-    return root / f"{_safe(model)[:64]}.parquet"
+    name = "".join(ch for ch in model if ch.isalnum() or ch in "-_")[:64] or "model"
+    return root / f"{name}.parquet"
 
 
 class PredictionCache:

@@ -61,12 +61,6 @@ def macro_f1(references: list[str], predictions: list[str]) -> float:
     return float(macro_f1_rows(y[None, :], p[None, :], n_classes)[0])
 
 
-def _onehot(classes: np.ndarray, n_classes: int) -> np.ndarray:
-    out = np.zeros((len(classes), n_classes), dtype=np.float32)
-    out[np.arange(len(classes)), classes] = 1
-    return out
-
-
 BLOCK_BYTES = 8 * 2**20
 """Memory of one block of resamples: the bootstrap and the permutation test draw and score
 their resamples a block at a time, so their peak memory is this plus what grows with the rows
