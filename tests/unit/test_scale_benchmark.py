@@ -86,7 +86,10 @@ def test_measured_sees_the_largest_descendant_and_traces_each_python(tmp_path):
     assert m.exit == 0 and "done" in m.output
     assert m.maxrss_kb > 300 * 1024  # the grandchild's 300 MB, not the child's 150
     assert len(m.trace) == 2
-    assert sorted(r["maxrss_kb"] > 300 * 1024 for r in m.trace) == [False, True]
+    # each process's own peak: the grandchild's is seen; the child's own figure is not asserted,
+    # since on a loaded machine (make test's two lanes) Linux reported it above 300 MB once too
+    assert any(r["maxrss_kb"] > 300 * 1024 for r in m.trace)
+    assert {r["ppid"] for r in m.trace} & {r["pid"] for r in m.trace}  # child and grandchild
     json.dumps(m.trace)
 
 
