@@ -735,3 +735,122 @@ def load_champion(params, champion: dict, workspace: Path | None = None):
     # The champion was logged from this same environment: skip MLflow's requirement check (~2 s).
     return mlflow.pyfunc.load_model(f"models:/{champion['name']}/{champion['version']}",
                                     suppress_warnings=True)
+
+
+
+SHARED_MIN_BYTES = 4096  # smaller files are not worth a link (and a block holds them anyway)
+LAST_LOGGED = ".ratchet/last-logged.json"  # the artifact folders of the run logged last
+
+
+def _local_dir(uri: str | None) -> Path | None:
+    from urllib.parse import unquote, urlparse
+
+    if not uri:
+        return None
+    parsed = urlparse(uri)
+    if parsed.scheme not in ("", "file"):
+        return None  # a server's or a bucket's store: its files are not ours to link
+    path = Path(unquote(parsed.path))
+    return path if path.is_dir() else None
+
+
+def dvc_cache_dir(workspace: Path) -> Path:
+    """The workspace's DVC object folder (`cache.dir` where a config sets it)."""
+    import configparser
+
+    base = workspace / ".dvc" / "cache"
+    for name in ("config", "config.local"):
+        cfg = configparser.ConfigParser()
+        try:
+            cfg.read(workspace / ".dvc" / name)
+        except configparser.Error:
+            continue
+        if cfg.has_option("cache", "dir"):
+            base = (workspace / ".dvc" / cfg.get("cache", "dir").strip("'\"")).resolve()
+    return base / "files" / "md5"
+
+
+def _md5(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.md5(usedforsecurity=False)
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _shareable(kind: str, rel: Path) -> bool:
+    """Files nothing logs again: MLflow overwrites a re-logged artifact in place, so the model
+    card (which the record step stamps) keeps its own copy; of a run, the Data Docs pages."""
+    if kind == "model":
+        return rel.name != "model_card.md"
+    return rel.parts[:2] == ("reports", "docs")
+
+
+def share_stored_copies(client, name: str, version: str, run_id: str,
+                        workspace: Path) -> dict[str, int]:
+    """Store the candidate once: hard-link each file MLflow just copied into a local artifact
+    store to the identical file already stored, so that a batch adds one model, not two.
+
+    A logged model's files are the ones DVC cached when finetune ended (found by md5 in the
+    workspace's DVC cache); the run's Data Docs (a page per batch of history) are mostly the
+    pages the run logged before this one held under the same names. DVC never rewrites a
+    cache object and MLflow never rewrites these files (`_shareable`), and deleting either side
+    keeps the other's file. Stores that are not a local folder (a tracking server's, a
+    bucket) are left alone. Returns the files and bytes shared."""
+    shared = {"files": 0, "bytes": 0}
+    from ratchet.lineage import logged_model_id
+
+    mv = client.get_model_version(name, version)
+    model_id = getattr(mv, "model_id", None) or logged_model_id(mv.source)
+    roots = {"run": _local_dir(client.get_run(run_id).info.artifact_uri),
+             "model": _local_dir(client.get_logged_model(model_id).artifact_location)
+             if model_id else None}
+    record = workspace / LAST_LOGGED
+    try:
+        previous = {k: Path(v) for k, v in json.loads(record.read_text()).items() if v}
+    except (OSError, ValueError, AttributeError):
+        previous = {}
+    cache = dvc_cache_dir(workspace)
+    for kind, root in roots.items():
+        if root is None:
+            continue
+        for f in sorted(root.rglob("*")):
+            rel = f.relative_to(root)
+            if not f.is_file() or f.is_symlink() or not _shareable(kind, rel):
+                continue
+            st = f.stat()
+            if st.st_size < SHARED_MIN_BYTES or st.st_nlink > 1:
+                continue
+            digest = _md5(f)
+            if kind == "model":  # the object DVC stored for models/candidate
+                match = cache / digest[:2] / digest[2:]
+            elif kind in previous:  # the same page, logged by the run before
+                match = previous[kind] / rel
+            else:
+                continue
+            try:
+                same = (match.is_file() and match.stat().st_dev == st.st_dev
+                        and match.stat().st_size == st.st_size
+                        and (kind == "model" or _md5(match) == digest))
+            except OSError:
+                same = False
+            if not same:
+                continue
+            link = f.with_name(f".{f.name}.ratchet-link")
+            try:
+                link.unlink(missing_ok=True)
+                os.link(match, link)
+                os.replace(link, f)  # atomic: the artifact is never missing, only re-pointed
+            except OSError:
+                link.unlink(missing_ok=True)
+                continue
+            shared["files"] += 1
+            shared["bytes"] += st.st_size
+    if any(roots.values()):
+        record.parent.mkdir(parents=True, exist_ok=True)
+        tmp = record.with_name(record.name + ".tmp")
+        tmp.write_text(json.dumps({k: str(v) if v else None for k, v in roots.items()}))
+        os.replace(tmp, record)
+    return shared

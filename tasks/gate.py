@@ -438,6 +438,17 @@ def _log(params: Params, name: str, fp: str, label: str, m: dict[str, float], *,
     )
     log_training(run_id, curve=curve, pretrain_curve=pretrain_curve,
                  finetune_metrics=finetune_metrics, pretrain_metrics=pretrain_metrics)
+    try:  # one stored copy of the model and of the unchanged reports, not one per store and run
+        from mlflow import MlflowClient
+
+        from ratchet.registry import share_stored_copies
+
+        shared = share_stored_copies(MlflowClient(), name, version, run_id, Path.cwd())
+        if shared["files"]:
+            print(f"gate: {shared['files']} logged files ({shared['bytes'] / 2**20:.1f} MB) "
+                  "share the copy already stored")
+    except Exception as err:  # noqa: BLE001 - saving space must never fail a logged run
+        print(f"gate: logged files kept as separate copies ({err})")
     return run_id, version
 
 

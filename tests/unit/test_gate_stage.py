@@ -278,3 +278,98 @@ def test_gate_in_a_dvc_experiment_logs_a_run_and_registers_nothing(ws, monkeypat
     tags = client.get_model_version(name, registered["version"]).tags
     assert tags["dvc.experiment"] == "spiky-oboe" and tags["lineage"] == "experiment"
     assert tags["git_commit"] == baseline
+
+
+def _stored_bytes(*folders: Path) -> int:
+    """Bytes the folders hold on disk, a file hard-linked from several places once."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for folder in folders:
+        for f in folder.rglob("*"):
+            st = f.lstat()
+            if f.is_file() and (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                total += st.st_size
+    return total
+
+
+def test_a_logged_candidate_is_stored_once_beside_dvcs_copy(ws):
+    """The gate registers the candidate DVC has already cached: the DVC cache and the MLflow
+    artifact store together hold one copy of the model, not two, and the model MLflow serves
+    is the one trained. The stamped model card keeps its own file."""
+    import subprocess
+    import sys
+
+    import mlflow.artifacts
+
+    from tasks import evaluate, gate
+
+    for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"]):
+        subprocess.run(cmd, cwd=ws, check=True)
+    params = parse_params(json.loads((ws / "params.yaml").read_text()))
+    candidate = tiny_classifier(ws / "candidate", seed=3)
+    subprocess.run([sys.executable, "-m", "dvc", "add", "-q", "candidate"], cwd=ws, check=True)
+    model_bytes = sum(f.stat().st_size for f in candidate.rglob("*") if f.is_file())
+    cached = _stored_bytes(ws / ".dvc" / "cache")
+    assert cached >= model_bytes > 4 * 2**20  # DVC holds the model (a few MB, tiny as it is)
+    write_json(ws / "champion.json", {})
+    evaluate.run(params, candidate=candidate, test=ws / "test.parquet",
+                 champion=ws / "champion.json", metrics=ws / "eval.json",
+                 predictions=ws / "pred.parquet", report=ws / "eval" / "report.json")
+    record = gate.run(params, eval_metrics=ws / "eval.json", eval_report=ws / "eval" /
+                      "report.json", validation=ws / "validation.json", drift=ws / "drift.json",
+                      candidate=candidate, champion=ws / "champion.json", test=ws / "test.parquet",
+                      weights=ws / "absent.parquet", lock=ws / "dvc.lock",
+                      report=ws / "gate.json")
+    assert record["version"]
+    added = _stored_bytes(ws / ".dvc" / "cache", ws / "mlartifacts") - cached
+    assert added < model_bytes / 4, (added, model_bytes)  # reports and the card, not the model
+    served = Path(mlflow.artifacts.download_artifacts(
+        f"models:/{params.registry.model_name}/{record['version']}", dst_path=str(ws / "dl")))
+    [weights] = served.rglob("model.safetensors")
+    assert weights.read_bytes() == (candidate / "model.safetensors").read_bytes()
+    # The record step stamps the card in place: it is the run's own file, linked to nothing.
+    cards = [f for f in (ws / "mlartifacts").rglob("model_card.md")]
+    assert cards and all(f.stat().st_nlink == 1 for f in cards)
+
+
+def test_unchanged_data_docs_pages_are_stored_once_across_runs(ws):
+    """Each run logs the Data Docs of every batch; a page an earlier run logged unchanged is
+    the same file, a changed or new page its own, and the model card never a shared one."""
+    from ratchet.registry import share_stored_copies
+
+    params = parse_params(json.loads((ws / "params.yaml").read_text()))
+    name = params.registry.model_name
+    client = connect(params.registry, ws)
+    docs = ws / "docs"
+    (docs / "validations").mkdir(parents=True)
+    page = "<html>" + "batch one validated " * 800 + "</html>"
+    (docs / "validations" / "0001.html").write_text(page)
+    (docs / "index.html").write_text("<html>" + "index of one " * 800 + "</html>")
+    card = ws / "model_card.md"
+    card.write_text("# card\n" + "same words " * 800)
+    runs = []
+    for seed in (1, 2):
+        model = tiny_classifier(ws / f"m{seed}", seed=seed)
+        if seed == 2:  # a second batch arrives: its page is new, the index changes
+            (docs / "validations" / "0002.html").write_text(page.replace("one", "two"))
+            (docs / "index.html").write_text("<html>" + "index of two " * 800 + "</html>")
+        run_id, version = log_candidate(model, name=name, params={}, metrics={},
+                                        artifacts=[docs, card], run_tags={"fingerprint": "f"},
+                                        model_card=card)
+        runs.append((run_id, share_stored_copies(client, name, version, run_id, ws)))
+    roots = [Path(client.get_run(r).info.artifact_uri.removeprefix("file://")) / "reports"
+             for r, _ in runs]
+
+    def inode(path: Path) -> int:
+        return path.stat().st_ino
+
+    first, second = roots
+    assert inode(second / "docs/validations/0001.html") == inode(
+        first / "docs/validations/0001.html")
+    assert inode(second / "docs/index.html") != inode(first / "docs/index.html")
+    assert (second / "docs/index.html").read_text().count("two") == 800
+    assert (second / "docs/validations/0002.html").stat().st_nlink == 1
+    assert runs[1][1]["files"] == 1  # no DVC cache here: the model files are not linked
+    for root in roots:  # identical cards, yet each run's own file (the record step stamps it)
+        assert (root / "model_card.md").stat().st_nlink == 1
