@@ -39,12 +39,25 @@ class Engine(StrEnum):
     dvc = "dvc"
 
 
+def _print_version(on: bool) -> None:
+    if on:
+        from importlib.metadata import version
+
+        typer.echo(f"ratchet {version('ratchet')}")
+        raise typer.Exit()
+
+
 @app.callback()
 def main(
     debug: Annotated[
         bool,
         typer.Option("--debug", help="On a failure, print the full traceback (the pipeline "
                      "stages' too) instead of one line and a log."),
+    ] = False,
+    version: Annotated[
+        bool,
+        typer.Option("--version", is_eager=True, callback=lambda on: _print_version(on),
+                     help="Print ratchet's version and exit."),
     ] = False,
 ) -> None:
     """ratchet: continual fine-tuning of text classifiers that only ever moves forward."""
@@ -341,8 +354,9 @@ def run(
 
 def _print_gate(gate: dict[str, Any]) -> None:
     console.print(
-        f"decision: [bold]{gate['decision']}[/] (version {gate.get('version')}, "
-        f"champion {gate.get('champion_before')} -> {gate.get('champion_after')})"
+        f"decision: [bold]{gate['decision']}[/] (version {gate.get('version') or '(none)'}, "
+        f"champion {gate.get('champion_before') or '(none)'} -> "
+        f"{gate.get('champion_after') or '(none)'})"
     )
     for c in gate.get("checks", []):
         mark = ("[red]FAIL[/]" if not c["passed"] else
@@ -362,17 +376,24 @@ def _registry(workspace_dir: Path) -> tuple[Any, str]:
 
 
 def _wide() -> Console:
-    """The console for tables: a readable width when the output is not a terminal (a CI log)."""
-    return console if console.is_terminal else Console(width=max(console.width, 150))
+    """The console for tables: when the output is not a terminal (a pipe, a CI log), the width
+    `COLUMNS` asks for, else a readable 150 rather than the 80 of a pipe."""
+    if console.is_terminal:
+        return console
+    asked = os.environ.get("COLUMNS", "")
+    return Console(width=int(asked) if asked.isdigit() and int(asked) > 0 else
+                   max(console.width, 150))
 
 
 @app.command()
 def status(workspace_dir: WorkspaceOpt = Path(".")) -> None:
     """Show the champion and the gate decisions of every registered version."""
+    from ratchet.promotion import record_manual_moves
     from ratchet.registry import CHAMPION, alias_history, registered_model
 
     with user_errors():
         client, name = _registry(workspace_dir)
+        record_manual_moves(client, name, workspace_dir.resolve())  # a move made in the UI
         model = registered_model(client, name)
         versions = client.search_model_versions(f"name = '{name}'") if model else []
         aliases: dict[str, list[str]] = {}
@@ -932,8 +953,13 @@ def _noise_cell(noise: dict[str, Any]) -> str:
 
 
 def _short(text: str, limit: int = 70) -> str:
+    """At most `limit` characters, cut at a word (never inside a number) and marked `…`."""
     text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    if len(text) <= limit:
+        return text
+    cut = text[: limit - 1]
+    space = cut.rfind(" ")
+    return (cut[:space] if space > limit // 2 else cut).rstrip(" ,;:(") + "…"
 
 
 def print_story(rows: list[dict[str, Any]]) -> None:
@@ -942,7 +968,7 @@ def print_story(rows: list[dict[str, Any]]) -> None:
     Cells stay short (the full reasons and drift numbers are printed above each batch's run);
     when the output is not a terminal, e.g. a CI log, the tables get a readable width.
     """
-    out = console if console.is_terminal else Console(width=max(console.width, 150))
+    out = _wide()
     table = Table(title="ratchet demo: candidate vs champion (macro-F1)", show_lines=True)
     for col in ("batch", "rows", "drift", "label noise", "recent", "reference", "decision",
                 "reasons"):

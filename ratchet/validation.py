@@ -304,6 +304,31 @@ def build_suite(
     return suite
 
 
+# Names a source column commonly has for each role: a suggestion goes by role first, so that
+# `body,intent` suggests `--text-col body` (and `intent` for the label), not the name that
+# merely looks most like `text`.
+ROLE_NAMES = {
+    TEXT: ("text", "body", "utterance", "sentence", "message", "content", "query", "review",
+           "comment", "description", "question", "title", "subject", "input"),
+    LABEL: ("label", "intent", "category", "class", "target", "tag", "topic", "sentiment",
+            "y"),
+    DOMAIN: ("domain", "source", "channel", "market", "product", "queue"),
+}
+
+
+def _suggest_column(col: str, src: str, columns: Sequence[str]) -> str | None:
+    """The column of `columns` most likely meant for role `col`: one with a name of that role,
+    else the closest spelling among those that name no other role."""
+    lowered = {c.lower().strip(): c for c in columns}
+    for name in ROLE_NAMES.get(col, ()):
+        if name in lowered:
+            return lowered[name]
+    others = {n for role, names in ROLE_NAMES.items() if role != col for n in names}
+    free = [c for c in columns if c.lower().strip() not in others]
+    close = difflib.get_close_matches(src, free, n=1, cutoff=0.5)
+    return close[0] if close else None
+
+
 def _missing_column(col: str, columns: Sequence[str] | None,
                     mapping: Mapping[str, str] | None) -> str:
     src = (mapping or {}).get(col, col)
@@ -312,7 +337,9 @@ def _missing_column(col: str, columns: Sequence[str] | None,
     if columns is not None:
         have = ", ".join(f"`{c}`" for c in columns) or "none"
         msg += f"; the file has {have}"
-        close = difflib.get_close_matches(src, list(columns), n=1, cutoff=0.5)
+        taken = set((mapping or {}).values()) - {src}
+        guess = _suggest_column(col, src, [c for c in columns if c not in taken])
+        close = [guess] if guess else []
         if close:
             msg += f"; did you mean `{close[0]}`? (--{col}-col {close[0]})"
         elif col in (TEXT, LABEL, DOMAIN, ID, TIMESTAMP, GROUP):

@@ -177,8 +177,9 @@ def test_promote_rollback_and_history(ws, monkeypatch):
 def test_a_move_in_the_mlflow_ui_shows_as_manual(ws):
     assert cli(ws, "promote", "1", "-r", "first").exit_code == 0
     other_writer(ws).set_registered_model_alias(NAME, CHAMPION, "2")
-    status = cli(ws, "status")
-    assert "moved outside ratchet and not yet recorded" in status.output
+    status = cli(ws, "status")  # status notices and records the move, as history does
+    assert status.exit_code == 0 and "champion 2 since" in status.output
+    assert "(manual)" in status.output and "not yet recorded" not in status.output
     shown = cli(ws, "history", "--alias", "champion")
     assert shown.exit_code == 0 and "manual*" in shown.output
     assert "moved outside ratchet" in shown.output
@@ -235,3 +236,49 @@ def test_a_stage_runs_without_its_optional_paths_and_refuses_without_a_required_
         stage_main("demo", "doc", {"out": "the output", "curve": "a curve"}, fn,
                    optional=("curve",))
     assert stop.value.code == 2 and "--out" in capsys.readouterr().err
+
+
+def test_version_flag():
+    from importlib.metadata import version
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"ratchet {version('ratchet')}"
+
+
+def test_a_first_decision_prints_no_python_none(capsys):
+    from ratchet.cli import _print_gate
+
+    _print_gate({"decision": "promoted", "version": "1", "champion_before": None,
+                 "champion_after": "1", "checks": []})
+    out = capsys.readouterr().out
+    assert "None" not in out and "champion (none) -> 1" in out
+
+
+def test_short_cells_end_at_a_word_not_inside_a_number():
+    from ratchet.cli import _short
+
+    reason = ("recent: not significantly better than the champion, CI lower bound -0.0123456 "
+              "(p 0.31)")
+    cut = _short(reason, 70)
+    assert len(cut) <= 70 and cut.endswith("…")
+    kept = cut.removesuffix("…").rstrip()
+    assert reason.startswith(kept) and reason[len(kept)] == " "  # a whole word was dropped
+
+
+def test_piped_tables_follow_columns(ws, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "100")
+    status = runner.invoke(app, ["status", "-w", str(ws)])  # not a terminal: piped
+    assert status.exit_code == 0
+    assert max(len(line) for line in status.output.splitlines()) <= 100
+
+
+def test_ingest_suggests_the_text_column_by_its_role_not_its_spelling(tmp_path):
+    ws = tmp_path / "ws"
+    assert runner.invoke(app, ["init", str(ws), "--model", "tiny"]).exit_code == 0
+    src = tmp_path / "tickets.csv"
+    pd.DataFrame({"body": [f"my card number {i} was declined" for i in range(12)],
+                  "intent": ["card_declined"] * 12}).to_csv(src, index=False)
+    refused = runner.invoke(app, ["ingest", str(src), "-w", str(ws)], terminal_width=300)
+    assert refused.exit_code == 1
+    assert "--text-col body" in refused.output and "--text-col intent" not in refused.output
+    assert "--label-col intent" in refused.output
