@@ -276,11 +276,16 @@ def _retrain(ws: Path, logger, full: bool = False) -> dict:
         if drift.get("retrain", True) is False:
             skip = workspace.skipped_decision(drift, champion, stages[i + 1 :])
             skip["timings"] = timings
+            if not ran:
+                skip[workspace.UNCHANGED] = True
             logger.info("not retraining: %s", drift.get("retrain_reason"))
             record_skip(ws, skip, timings)
             return skip
     gate = workspace.read_gate(ws)
     gate["timings"] = timings
+    if not ran:  # every stage was up to date: this is the last run's decision, not a new one
+        gate[workspace.UNCHANGED] = True
+        logger.info("nothing to run: no stage's inputs changed since the last run")
     if sweep is not None:
         gate["sweep"] = {k: sweep[k] for k in ("best", "best_overrides", "metric", "trials",
                                                "mlflow_parent_run")}

@@ -353,6 +353,14 @@ def run(
 
 
 def _print_gate(gate: dict[str, Any]) -> None:
+    if gate.get("unchanged"):
+        console.print(
+            "nothing to run: no stage's inputs changed since the last run (no new batch, "
+            f"params or champion); that run's decision stands: {gate.get('decision', '?')} "
+            f"(version {gate.get('version') or '(none)'}, champion "
+            f"{gate.get('champion_after') or '(none)'}). `ratchet status` shows every version.",
+            highlight=False)
+        return
     console.print(
         f"decision: [bold]{gate['decision']}[/] (version {gate.get('version') or '(none)'}, "
         f"champion {gate.get('champion_before') or '(none)'} -> "
@@ -981,8 +989,8 @@ def print_story(rows: list[dict[str, Any]]) -> None:
             failed = [c["reason"] for c in gate.get("checks", []) if not c["passed"]]
             reasons = failed or [c["reason"] for c in gate.get("checks", [])
                                  if c["name"] in {"recent", "reference", "cold_start"}]
-        else:  # refused at ingest: the names of the failed expectations
-            reasons = [p.split(":")[0] for p in r.get("reasons", [])]
+        else:  # refused at ingest: what each failed expectation found (not its name)
+            reasons = [p.split(": ", 1)[-1].split("; e.g.")[0] for p in r.get("reasons", [])]
         table.add_row(
             r["batch"],
             str(r["rows"]),

@@ -1148,6 +1148,9 @@ def run_guard(ws: Path, *, log: Callable[[str], None] = print) -> Iterator[str]:
             os.environ[RUN_TOKEN_ENV] = previous
 
 
+UNCHANGED = "unchanged"  # a run's record key: no stage had anything to do, nothing was decided
+
+
 def run_pipeline(ws: Path, *, full: bool = False) -> dict[str, Any]:
     """The pipeline through DVC alone (no Prefect): refresh champion, `dvc repro`, record.
 
@@ -1160,6 +1163,10 @@ def run_pipeline(ws: Path, *, full: bool = False) -> dict[str, Any]:
     say = lambda msg: print(f"ratchet: {msg}", file=sys.stderr)  # noqa: E731
     with retrain_lock(ws, on_wait=say), run_guard(ws, log=say):
         champion = refresh_champion(ws, full=full)
+        if not changed_stages(ws) and (ws / "reports" / "gate.json").is_file():
+            record = read_gate(ws) | {UNCHANGED: True}  # the last run's, not a new decision
+            record.update(timings={}, wall_s=time.perf_counter() - start)
+            return record
         repro(ws, "drift", upstream=True)
         drift = read_drift(ws)
         if drift.get("retrain", True) is False:

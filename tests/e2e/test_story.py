@@ -135,6 +135,7 @@ def assert_story(ws: Path, rows: list[dict[str, Any]]) -> None:
     # Each version trained on different data: the batch hashes differ.
     assert len({versions[g["version"]].tags["data_hash.data/batches"] for g in (g1, g2, g3)}) == 3
 
+    commits_before = _git(ws, "log", "--format=%H")
     # Batch 4 left no trace: no batch file, no commit, no model version.
     assert len(list((ws / "data" / "batches").glob("*.parquet"))) == 3
     assert "04-malformed" not in _git(ws, "log", "--format=%s")
@@ -142,6 +143,16 @@ def assert_story(ws: Path, rows: list[dict[str, Any]]) -> None:
     status = subprocess.run([sys.executable, "-m", "dvc", "status"], cwd=ws, capture_output=True,
                             text=True, check=True, env=tool_env())
     assert "up to date" in status.stdout
+    # A run with nothing new says so; it does not reprint the last decision as a new one.
+    from typer.testing import CliRunner
+
+    from ratchet.cli import app
+
+    again = CliRunner().invoke(app, ["run", "-w", str(ws), "--engine", "dvc"])
+    assert again.exit_code == 0, again.output
+    assert again.output.startswith("nothing to run: no stage's inputs changed")
+    assert f"decision stands: {g3['decision']} (version {g3['version']}" in again.output
+    assert "decision:" not in again.output and _git(ws, "log", "--format=%H") == commits_before
 
     # The champion is a pyfunc that serves labels and probabilities.
     import mlflow.pyfunc

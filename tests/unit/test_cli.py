@@ -282,3 +282,16 @@ def test_ingest_suggests_the_text_column_by_its_role_not_its_spelling(tmp_path):
     assert refused.exit_code == 1
     assert "--text-col body" in refused.output and "--text-col intent" not in refused.output
     assert "--label-col intent" in refused.output
+
+
+def test_the_demo_table_gives_a_refused_batch_its_reasons(capsys, monkeypatch):
+    from ratchet.cli import print_story
+
+    monkeypatch.setenv("COLUMNS", "200")
+    print_story([{"batch": "04-malformed.csv", "story": "a broken export", "rows": 40,
+                  "decision": "refused at ingest",
+                  "reasons": ["text: required column is missing (looked for `text`)",
+                              "text not blank: 7 rows (17.5%) have an empty text; e.g. row 3"]}])
+    out = capsys.readouterr().out
+    assert "required column is missing" in out and "7 rows (17.5%) have an empty text" in out
+    assert "e.g. row 3" not in out  # the examples are in the quarantine report
