@@ -237,6 +237,12 @@ def init(
         ws = workspace.init(path, overrides or None, dvc_remote=dvc_remote,
                             dvc_endpoint=dvc_endpoint)
         console.print(f"workspace ready at [bold]{ws}[/]; next: `ratchet ingest FILE -w {path}`")
+        if model == "tiny":
+            console.print(
+                "[yellow]note:[/] `tiny` is a randomly initialised 2-layer BERT for tests and "
+                "benchmarks: it has learned no language, and with the default params it "
+                "predicts one class (the gate then rejects it as collapsed). For real data use "
+                "the default `minilm-l6` or a local model folder.", highlight=False)
 
 
 @app.command()

@@ -70,6 +70,11 @@ class Behaviour:
     champion_casing: float | None = None
     champion_typos: float | None = None
     """None: no champion (cold start), or its behaviour was not measured."""
+    predicted_classes: int | None = None
+    """How many classes the candidate predicts over the test split; with `test_classes` (the
+    classes in it), 1 of several is a collapsed model, which every perturbation leaves
+    unchanged: its invariance is trivially 100% and says nothing. None: not measured."""
+    test_classes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -216,6 +221,8 @@ def _latency_check(lat: Latency, cfg: GateConfig) -> Check:
 
 def _behaviour_checks(b: Behaviour, cfg: GateConfig, has_champion: bool) -> list[Check]:
     checks = []
+    collapsed = (b.predicted_classes is not None and b.test_classes is not None
+                 and b.predicted_classes <= 1 < b.test_classes)
     for name, what, rate, champ in (
         ("casing", "changing the casing", b.casing, b.champion_casing),
         ("typos", "a small typo", b.typos, b.champion_typos),
@@ -223,6 +230,13 @@ def _behaviour_checks(b: Behaviour, cfg: GateConfig, has_champion: bool) -> list
         key = f"invariance_{name}"
         if _bad(rate):
             checks.append(Check(key, False, f"invariance to {what} not measured"))
+            continue
+        if collapsed:
+            checks.append(Check(
+                key, False,
+                f"the candidate predicts one class for every test row ({b.test_classes} "
+                f"classes in the test split): a collapsed model, so its {rate:.0%} of "
+                f"predictions surviving {what} says nothing about robustness"))
             continue
         below_floor = rate < cfg.min_invariance
         shown = f"{rate:.1%} of predictions survive {what}"
@@ -470,6 +484,10 @@ def _measured(m: dict[str, float], key: str, required: bool) -> float | None:
     return math.nan if required else None
 
 
+def _count(value: float | None) -> int | None:
+    return None if value is None or _bad(value) else int(value)
+
+
 def gate_inputs(m: dict[str, float], champion: dict, *, noise: dict | None = None,
                 new_classes: list[str] | tuple[str, ...] = (),
                 require_measured: bool = True) -> GateInputs:
@@ -496,6 +514,8 @@ def gate_inputs(m: dict[str, float], champion: dict, *, noise: dict | None = Non
             if has_champion else None,
             champion_typos=_measured(m, "behaviour/champion/typos", True)
             if has_champion else None,
+            predicted_classes=_count(m.get("behaviour/candidate/predicted_classes")),
+            test_classes=_count(m.get("behaviour/test_classes")),
         )
     latency = None
     best = _measured(m, "candidate/latency/best_p95_ms_bs1", require_measured)

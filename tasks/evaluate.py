@@ -64,6 +64,10 @@ def details(df: pd.DataFrame, params: Params, clf, champ, candidate: Path,
     if probes["worst"] is not None:
         flat["behaviour/candidate/probes"] = float(probes["worst"])
 
+    # A model that predicts one class for every row is unchanged by any perturbation: the gate
+    # reads these two to tell a collapse from robustness.
+    flat["behaviour/candidate/predicted_classes"] = float(df["candidate"].astype(str).nunique())
+    flat["behaviour/test_classes"] = float(df[LABEL].astype(str).nunique())
     refs = df[LABEL].astype(str).tolist()
     plots.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {

@@ -75,7 +75,9 @@ def test_demo_refuses_to_overwrite_a_folder_it_did_not_make(tmp_path):
 
 def test_init_ingest_refusal_and_idempotence(tmp_path):
     ws = tmp_path / "ws"
-    assert runner.invoke(app, ["init", str(ws), "--model", "tiny"]).exit_code == 0
+    made = runner.invoke(app, ["init", str(ws), "--model", "tiny"], terminal_width=300)
+    assert made.exit_code == 0 and "`tiny` is a randomly initialised" in made.output
+    assert "for tests and benchmarks" in made.output
     assert runner.invoke(app, ["init", str(ws)]).exit_code == 1  # already a workspace
     good = tmp_path / "good.csv"
     pd.DataFrame({"text": [f"pay bill number {i}" for i in range(12)],

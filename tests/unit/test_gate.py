@@ -116,6 +116,16 @@ CASES = [
     ("champion behaviour not measured fails closed",
      case(behaviour=beh(champion_typos=NAN)), False, ["invariance_typos"]),
     ("no probes apply", case(behaviour=beh(probes=None)), True, []),
+    ("a collapsed model (one class for every row) is not robust, whatever its invariance",
+     case(behaviour=beh(predicted_classes=1, test_classes=7)), False,
+     ["invariance_casing", "invariance_typos"]),
+    ("a collapsed model fails at a cold start too",
+     cold(behaviour=replace(COLD_BEHAVIOUR, predicted_classes=1, test_classes=7)), False,
+     ["invariance_casing", "invariance_typos"]),
+    ("two predicted classes is not a collapse",
+     case(behaviour=beh(predicted_classes=2, test_classes=7)), True, []),
+    ("a one-class test split cannot show a collapse",
+     case(behaviour=beh(predicted_classes=1, test_classes=1)), True, []),
     ("behaviour NaN fails closed", case(behaviour=beh(typos=NAN)), False,
      ["invariance_typos"]),
     # Holm over recent/reference/weighted: p=0.03 passes alone, not as the largest of three
@@ -205,3 +215,16 @@ def test_description_fits_the_registry_column():
         checks.append(Check(f"domain:d{i}", True, f"domain d{i} is fine " * 8))
     big = description("promoted", Decision(True, checks), m)
     assert len(big) <= DESCRIPTION_LIMIT and "shortened" in big and "| all | 900 |" in big
+
+
+def test_a_collapsed_model_is_named_as_such():
+    from ratchet.gate import gate_inputs
+
+    m = {"behaviour/candidate/casing": 1.0, "behaviour/candidate/typos": 1.0,
+         "behaviour/candidate/predicted_classes": 1.0, "behaviour/test_classes": 7.0}
+    b = gate_inputs(m, {}, require_measured=False).behaviour
+    assert (b.predicted_classes, b.test_classes) == (1, 7)
+    d = decide(cold(behaviour=b), CFG)
+    [casing] = [c for c in d.checks if c.name == "invariance_casing"]
+    assert not casing.passed and "one class for every test row" in casing.reason
+    assert "collapsed" in casing.reason and "7 classes" in casing.reason
