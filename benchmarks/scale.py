@@ -31,9 +31,10 @@ Per batch and arm (`batches` rows):
   `tree_rss_peak_mb`: the largest sum of RSS over the run's live process tree, sampled every
   SAMPLE_S by psutil (shared pages count once per process).
 - storage added by the batch (apparent bytes, hard links once): `dvc_cache_bytes` (.dvc/cache),
-  `mlflow_artifact_bytes` (mlartifacts/), `stored_bytes` (the two together: the target's
-  "storage"), and beside them `dvc_remote_bytes` (the default local remote, a second copy of
-  what is pushed), `mlflow_db_bytes` and `workspace_bytes` (everything under the workspace);
+  `mlflow_artifact_bytes` (mlartifacts/), `stored_bytes` (the two together, a file both
+  hold as hard links once: the target's "storage"), and beside them `dvc_remote_bytes` (the
+  default local remote, a second copy of what is pushed), `mlflow_db_bytes` and
+  `workspace_bytes` (everything under the workspace);
 - `file_bytes` (the CSV handed to ingest), `batch_bytes` (the parquet ingest stored),
   `model_bytes` (models/candidate after the run), `budget_bytes` = 2 * file_bytes +
   model_bytes, `within_budget` = stored_bytes <= budget_bytes;
@@ -336,12 +337,11 @@ def files_digest(paths: list[Path]) -> str:
     return h.hexdigest()
 
 
-def tree_bytes(path: Path) -> int:
-    """Apparent bytes of every file under `path` (each inode once; 0 when it is absent)."""
+def tree_bytes(*paths: Path) -> int:
+    """Apparent bytes of every file under `paths` (each inode once, across the paths too: a
+    file two stores hold as hard links is stored once; 0 for an absent path)."""
     total, inodes = 0, set()
-    if not path.exists():
-        return 0
-    for dirpath, _dirs, files in os.walk(path):
+    for dirpath, _dirs, files in (w for path in paths if path.exists() for w in os.walk(path)):
         for name in files:
             try:
                 st = os.lstat(os.path.join(dirpath, name))
@@ -451,6 +451,7 @@ def extract_commit(repo: Path, commit: str, dest: Path) -> Path:
 # ---------------------------------------------------------------- one arm
 
 
+STORED = ("dvc_cache_bytes", "mlflow_artifact_bytes")  # `stored_bytes`: these two, a file once
 STORES = {  # result key -> path in the workspace
     "dvc_cache_bytes": ".dvc/cache",
     "dvc_remote_bytes": ".ratchet/dvc-remote",
@@ -505,7 +506,9 @@ class Arm:
         return {"init_s": round(m.seconds, 1), "modules": code[0] if code else {}}
 
     def sizes(self) -> dict[str, int]:
-        return {k: tree_bytes(self.ws / p) for k, p in STORES.items()}
+        sizes = {k: tree_bytes(self.ws / p) for k, p in STORES.items()}
+        sizes["stored_bytes"] = tree_bytes(*(self.ws / STORES[k] for k in STORED))
+        return sizes
 
     def play(self, number: int, file: Path, domains: tuple[str, ...], rows: int
              ) -> dict[str, Any]:
@@ -543,7 +546,7 @@ class Arm:
         after = self.sizes()
         added = {k: after[k] - before[k] for k in STORES}
         model = tree_bytes(self.ws / "models/candidate")
-        stored = added["dvc_cache_bytes"] + added["mlflow_artifact_bytes"]
+        stored = after["stored_bytes"] - before["stored_bytes"]  # the union of the two stores
         budget = 2 * row["file_bytes"] + model
         procs = [ing] + ([run] if run else [])
         row.update({

@@ -66,6 +66,17 @@ def test_tree_bytes_counts_a_hard_linked_file_once(tmp_path):
     os.link(tmp_path / "a", tmp_path / "d" / "a-link")
     assert scale.tree_bytes(tmp_path) == 1024
     assert scale.tree_bytes(tmp_path / "absent") == 0
+    # Across stores too: a model MLflow holds as a link to DVC's cached object is stored once.
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "artifacts").mkdir()
+    (tmp_path / "cache" / "obj").write_bytes(b"m" * 5000)
+    os.link(tmp_path / "cache" / "obj", tmp_path / "artifacts" / "model.safetensors")
+    (tmp_path / "artifacts" / "card.md").write_bytes(b"c" * 7)
+    assert scale.tree_bytes(tmp_path / "cache", tmp_path / "artifacts") == 5007
+    sizes = {"stored_bytes": scale.tree_bytes(tmp_path / "cache", tmp_path / "artifacts")}
+    assert scale.STORED == ("dvc_cache_bytes", "mlflow_artifact_bytes")
+    assert sizes["stored_bytes"] < sum(scale.tree_bytes(tmp_path / p) for p in
+                                       ("cache", "artifacts"))
 
 
 TOUCH = "x = bytearray({mb} * 1024 * 1024)\nfor i in range(0, len(x), 4096):\n    x[i] = 1\n"
