@@ -66,6 +66,8 @@ GITIGNORE = """\
 /.ratchet/
 /data/incoming/
 /data/quarantine/
+# what `dvc plots show` / `dvc plots diff` write
+/dvc_plots/
 # derived outputs rebuilt by their stage (dvc.lock has their hashes; see dvc.yaml)
 """ + "".join(f"/{path}\n" for path in REBUILT)
 
@@ -113,7 +115,8 @@ def dvc(ws: Path, *args: str, capture: bool = True) -> str:
 
 
 def commit(ws: Path, message: str, *, paths: list[Path] | None = None,
-           leave: list[str] | None = None, log: Callable[[str], None] | None = None) -> bool:
+           leave: list[str] | None = None, log: Callable[[str], None] | None = None,
+           untrack: bool | None = None) -> bool:
     """Commit what changed, or only under `paths`, but never `leave` (unstaged, as DVC's
     autostage may have staged it) and never a DVC-cached output; False if nothing changed.
 
@@ -122,13 +125,14 @@ def commit(ws: Path, message: str, *, paths: list[Path] | None = None,
     it for the first time, and does not write them again while the stage stays cached. So the
     entries are written back first (`guard_outputs`), and whatever of an output is still in
     git's index after the `git add` (staged anyway, or taken by an earlier commit) is untracked
-    in this commit; `log` (default: stderr) says so.
+    in this commit; `log` (default: stderr) says so. `untrack` (default: when `paths` is
+    None) does that for outputs an earlier commit took too.
     """
     outs = guard_outputs(ws, untrack=False, log=log)
     git(ws, "add", "-A", "--", *(str(p) for p in paths or ["."]))
     if leave:
         git(ws, "reset", "-q", "--", *leave)
-    if paths is None:
+    if paths is None if untrack is None else untrack:
         _untrack(ws, outs, log)  # also what an earlier commit took
     elif outs and (staged := _names(git(ws, "diff", "--cached", "--name-only", "-z", "--",
                                         *outs))):
@@ -894,6 +898,45 @@ def io_delays() -> list[float]:
     return [float(x) for x in raw.split(",") if x.strip()]
 
 
+# beside what dvc.yaml names: the store record (`registry.STORE_FILE`), a sweep's report
+RUN_FILES = ("dvc.yaml", "dvc.lock", "params.yaml", ".gitignore", "registry.json",
+             "reports/sweep.json")
+
+
+def pipeline_paths(ws: Path) -> list[Path]:
+    """What a run's commit may take: dvc.yaml, dvc.lock, params.yaml and every path a stage
+    names (deps, outs, metrics, plots; a `.dvc` file beside one, the `.gitignore` DVC keeps in
+    its folder), where it exists or git tracks it. Not `git add -A` of the whole workspace,
+    which took whatever else lay there (a `dvc plots show` page, a person's notes)."""
+    spec = yaml.safe_load((ws / "dvc.yaml").read_text()) or {}
+    named: set[str] = set(RUN_FILES)
+    for stage in (spec.get("stages") or {}).values():
+        for key in ("deps", "outs", "metrics", "plots"):
+            for entry in stage.get(key) or []:
+                for path in (entry if isinstance(entry, dict) else {entry: None}):
+                    if "${" not in str(path):
+                        named.update({str(path), f"{path}.dvc",
+                                      str(Path(path).parent / ".gitignore")})
+    params = _params_file(ws)  # the probes file dvc.yaml names through a parameter
+    if params.get("evaluate", {}).get("probes"):
+        named.add(str(params["evaluate"]["probes"]))
+    tracked = set(_names(git(ws, "ls-files", "-z")))
+    present = sorted(p for p in named if (ws / p).exists() or p in tracked
+                     or any(t.startswith(f"{p}/") for t in tracked))
+    # git refuses a named path its ignore rules cover (a DVC-cached output): leave those out
+    found = subprocess.run(["git", "check-ignore", "-z", "--stdin"], cwd=ws, text=True,
+                           input="\0".join(present), capture_output=True)
+    ignored = set(_names(found.stdout)) if found.returncode in (0, 1) else set()
+    return [ws / p for p in present if p not in ignored]
+
+
+def _params_file(ws: Path) -> dict[str, Any]:
+    try:
+        return yaml.safe_load((ws / "params.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return {}
+
+
 def _record(ws: Path, message: str) -> str:
     """Push the run's data, then commit it: the step after which the run counts as recorded.
 
@@ -908,7 +951,7 @@ def _record(ws: Path, message: str) -> str:
     if journal is not None:
         message = f"{message}\n\n{trailer(journal.token)}"
     dvc(ws, "push", "-q")  # before the commit: a commit never names data the remote lacks
-    commit(ws, message, leave=unused_inputs(ws))
+    commit(ws, message, paths=pipeline_paths(ws), leave=unused_inputs(ws), untrack=True)
     head = git(ws, "rev-parse", "HEAD").strip()
     if journal is not None:
         journal.recorded(head)

@@ -118,3 +118,21 @@ def test_finish_run_points_the_version_at_the_commit_that_records_the_run(tmp_pa
     workspace.finish_run(ws)  # a retried record step changes nothing
     assert workspace.git(ws, "rev-parse", "HEAD").strip() == head
     assert client.get_model_version(name, version).tags["git_commit"] == head
+
+
+def test_a_runs_commit_takes_the_pipelines_files_not_whatever_lies_in_the_workspace(tmp_path):
+    """The run's commit holds what the stages name (params, dvc.lock, metrics, reports, the
+    champion file); a person's notes stay untracked and `dvc plots show`'s page is ignored."""
+    ws = workspace.init(tmp_path / "ws", {"model": {"source": "tiny"}})
+    workspace.apply_overrides(ws, {"finetune": {"epochs": 2.0}})
+    (ws / "metrics").mkdir(exist_ok=True)
+    (ws / "metrics" / "validation.json").write_text('{"batches": 1}')
+    (ws / "notes.txt").write_text("try a lower learning rate next week\n")
+    (ws / "dvc_plots").mkdir()
+    (ws / "dvc_plots" / "index.html").write_text("<html>plots</html>")
+    workspace._record(ws, "retrain: test")
+    committed = set(workspace.git(ws, "show", "--name-only", "--format=", "HEAD").split())
+    assert {"params.yaml", "metrics/validation.json"} <= committed
+    assert not {"notes.txt", "dvc_plots/index.html"} & committed
+    status = workspace.git(ws, "status", "--porcelain", "--ignored")
+    assert "?? notes.txt" in status and "!! dvc_plots/" in status
