@@ -143,6 +143,7 @@ def stamp_commit(ws: Path, gate_report: Path, card: Path, commit: str | None = N
     run_id = record.get("run_id") or mv.run_id
     if run_id:
         client.set_tag(run_id, "git_commit", commit)
+        client.set_tag(run_id, "mlflow.source.git.commit", commit)  # the UI's source column
     if card.is_file():
         with tempfile.TemporaryDirectory(prefix="ratchet-card-") as tmp:
             stamped = Path(tmp) / card.name

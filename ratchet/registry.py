@@ -647,6 +647,26 @@ def fail_run(client, run_id: str, reason: str) -> None:
     client.set_terminated(run_id, "FAILED")
 
 
+def source_tags(workspace: Path) -> dict[str, str]:
+    """The run's source as the workspace's, not ratchet's: MLflow names the running script
+    (`tasks/gate.py`) and the commit of the repository it lives in, which is ratchet's own,
+    beside the workspace's `git_commit`. The workspace's HEAD here (the record step moves it
+    to the run's own commit), its dvc.yaml's gate stage, and ratchet's version apart."""
+    import subprocess
+    from importlib.metadata import PackageNotFoundError, version
+
+    head = subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], cwd=workspace,
+                          capture_output=True, text=True)
+    try:
+        ours = version("ratchet")
+    except PackageNotFoundError:
+        ours = "unknown"
+    return {"mlflow.source.name": f"{workspace / 'dvc.yaml'}:gate",
+            "mlflow.source.type": "PROJECT",
+            "mlflow.source.git.commit": head.stdout.strip() if head.returncode == 0 else "",
+            "ratchet.version": ours}
+
+
 def log_candidate(
     model_dir: Path,
     *,
@@ -674,10 +694,13 @@ def log_candidate(
     example = pd.DataFrame({"text": ["I lost my card", "book a table for two"]})
     labels = [v for _, v in sorted(json.loads((model_dir / "config.json").read_text())
                                    ["id2label"].items(), key=lambda kv: int(kv[0]))]
+    batch = run_tags.get("batch")
+    run_name = f"retrain {batch}" if batch else run_tags.get("fingerprint", "candidate")[:12]
     with (tempfile.TemporaryDirectory(prefix="ratchet-log-") as side_dir,
-          mlflow.start_run(run_name=run_tags.get("fingerprint", "candidate")[:12]) as run):
+          mlflow.start_run(run_name=run_name) as run):
         token = os.environ.get(RUN_TOKEN_ENV)
-        mlflow.set_tags({**run_tags, **({RUN_TOKEN_TAG: token} if token else {})})
+        mlflow.set_tags({**run_tags, **({RUN_TOKEN_TAG: token} if token else {}),
+                         **source_tags(Path.cwd())})
         mlflow.log_params(params)
         mlflow.log_metrics({k: v for k, v in metrics.items() if not math.isnan(v)})
         for path in artifacts:

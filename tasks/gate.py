@@ -433,7 +433,8 @@ def _log(params: Params, name: str, fp: str, label: str, m: dict[str, float], *,
         candidate, name=name, params=flat_params(params), metrics=m,
         artifacts=[drift, drift.with_suffix(".png"), validation, eval_metrics, eval_report,
                    card, *plots, *docs],
-        run_tags={"fingerprint": fp, "decision": label, **continual_tags(training or {})},
+        run_tags={"fingerprint": fp, "decision": label, "mode": params.finetune.mode,
+                  **continual_tags(training or {}), **filter_tags(training or {})},
         model_card=card,
     )
     log_training(run_id, curve=curve, pretrain_curve=pretrain_curve,
@@ -511,6 +512,28 @@ def _fmt(x: Any, spec: str = ".4f") -> str:
     return "-" if not isinstance(x, (int, float)) or math.isnan(x) else format(x, spec)
 
 
+COUNTS = ("parameters", "bytes", "classes", "rows")  # measurement names that count things
+
+
+def _measurement(key: str, value: Any) -> str:
+    """A measurement's cell: a count as an integer with separators, the rest to 4 places."""
+    if (key.endswith(COUNTS) and isinstance(value, (int, float)) and math.isfinite(value)
+            and float(value).is_integer()):
+        return f"{int(value):,}"
+    return _fmt(value)
+
+
+def filter_tags(training: dict) -> dict[str, str]:
+    """Short run tags a person filters the runs table by: the newest batch and how the
+    candidate started (`tags.batch = '0003-…'`, `tags.init = 'full'`)."""
+    out = {}
+    if training.get("batch"):
+        out["batch"] = str(training["batch"])
+    if training.get("init"):
+        out["init"] = str(training["init"])
+    return out
+
+
 def metric_table(m: dict[str, float], *, domains: bool = True) -> str:
     """One row per slice: rows, both models' macro-F1 and accuracy, the gain and its bounds.
 
@@ -551,8 +574,8 @@ def description(label: str, decision: Decision, m: dict[str, float]) -> str:
     head = [f"**Gate decision: {label}**", "", "| check | passed | reason |", "|---|---|---|"]
     extra = [(k, v) for k, v in sorted(m.items())
              if k.startswith(("candidate/latency", "candidate/size", "behaviour/"))]
-    measurements = ["", "| measurement | value |", "|---|---|", *(f"| {k} | {_fmt(v)} |"
-                                                                   for k, v in extra)]
+    measurements = ["", "| measurement | value |", "|---|---|",
+                    *(f"| {k} | {_measurement(k, v)} |" for k, v in extra)]
     note = ["", "(shortened to fit the registry: see reports/gate.json in the run)"]
     for reason_len, domains, show_extra in ((None, True, True), (None, True, False),
                                             (None, False, False), (120, False, False),

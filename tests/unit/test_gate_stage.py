@@ -158,6 +158,25 @@ def test_gate_reevaluates_when_champion_moves_during_the_run(ws):
     assert mv.tags["finetune.batch"] == "0002-bbbbbbbbbbbb"
     assert mv.tags["finetune.init_reason"].startswith("a routine batch")
     assert client.get_run(record["run_id"]).data.tags["finetune.init"] == "continual"
+    # The runs table: named after the batch, filterable by batch, decision, mode and init, and
+    # no source commit of ratchet's own beside the workspace's (MLflow guesses it from the
+    # stage's script, which lives in ratchet's repository).
+    import subprocess
+
+    run = client.get_run(record["run_id"])
+    assert run.info.run_name == "retrain 0002-bbbbbbbbbbbb"
+    assert {k: run.data.tags.get(k) for k in ("batch", "decision", "mode", "init")} == {
+        "batch": "0002-bbbbbbbbbbbb", "decision": "rejected", "mode": "full",
+        "init": "continual"}
+    ours = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(gate.__file__).parent,
+                          capture_output=True, text=True).stdout.strip()
+    assert ours and run.data.tags.get("mlflow.source.git.commit") != ours
+    assert "tasks/gate.py" not in run.data.tags.get("mlflow.source.name", "")
+    # Integers read as integers in the version's description (a count, not 2033285.0000).
+    import re
+
+    [count] = re.findall(r"\| candidate/size/parameters \| ([^|]+) \|", mv.description)
+    assert re.fullmatch(r"\d{1,3}(,\d{3})+", count.strip()), count
     assert (f"- Start: continual from champion v{v1} (a routine batch: 1 batch(es) since the "
             "last full retrain); newest batch `0002-bbbbbbbbbbbb`, 40 new rows + 80 replayed."
             ) in (ws / "eval" / "model_card.md").read_text()
