@@ -16,7 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import (
+    create_link_artifact,
+    create_markdown_artifact,
+    create_table_artifact,
+)
 from prefect.exceptions import MissingContextError
 
 from ratchet import workspace
@@ -54,8 +58,9 @@ def refresh_champion(ws: Path, full: bool = False) -> dict:
 
 @task(name="stage")
 def run_stage(ws: Path, stage: str) -> float:
-    """`dvc repro --single-item <stage>`: DVC skips it when its inputs did not change."""
-    return workspace.repro(ws, stage)
+    """`dvc repro --single-item <stage>`: DVC skips it when its inputs did not change. What
+    the stage prints goes to the terminal and, line by line, to this task run's log."""
+    return workspace.repro(ws, stage, on_line=get_run_logger().info)
 
 
 def _log() -> Callable[[str], None]:
@@ -66,13 +71,16 @@ def _log() -> Callable[[str], None]:
         return workspace._warn
 
 
-def publish(markdown: str, description: str, log: Callable[[str], None]) -> bool:
+def publish(markdown: str, description: str, log: Callable[[str], None],
+            extras: tuple[Callable[[], Any], ...] = ()) -> bool:
     """The gate-decision artifact, best effort: its failure (the Prefect API gone: Prefect's
     client retries a lost connection PREFECT_CLIENT_MAX_RETRIES times, with growing pauses)
     is a warning, never a failed run: reports/gate.json holds the same decision."""
     try:
         create_markdown_artifact(key="gate-decision", markdown=markdown,
                                  description=description)
+        for make in extras:
+            make()
         return True
     except Exception as err:  # noqa: BLE001 - best effort, see above
         log(f"the gate-decision artifact was not published ({type(err).__name__}: "
@@ -87,9 +95,49 @@ def finish(ws: Path, gate: dict, timings: dict[str, float],
     else a warning that the next run acts on)."""
     log = log or _log()
     markdown = decision_markdown(gate, timings, workspace.read_noise(ws))
+    extras = (lambda: create_table_artifact(key="gate-metrics", table=metrics_rows(gate),
+                                            description="the gate's metrics by slice"),
+              lambda: create_link_artifact(key="model-version", **version_link(gate),
+                                           description="the candidate in the MLflow registry"))
     workspace.finish_run(
         ws, log=log,
-        publish=lambda: publish(markdown, f"gate decision: {gate.get('decision')}", log))
+        publish=lambda: publish(markdown, f"gate decision: {gate.get('decision')}", log,
+                                extras if gate.get("version") else extras[:1]))
+
+
+SLICE_COLUMNS = (("n", "n/{s}"), ("candidate_macro_f1", "candidate/{s}/macro_f1"),
+                 ("champion_macro_f1", "champion/{s}/macro_f1"), ("diff", "diff/{s}/macro_f1"),
+                 ("diff_low", "diff/{s}/macro_f1_low"), ("diff_high", "diff/{s}/macro_f1_high"),
+                 ("p_rule", "test/{s}/p_value"))
+
+
+def metrics_rows(gate: dict) -> list[dict[str, Any]]:
+    """The gate's metrics as a table artifact: a row per slice, numbers rounded, none NaN."""
+    import math
+
+    from tasks.gate import _slice_rows
+
+    m = gate.get("metrics") or {}
+    rows = []
+    for s in _slice_rows(m):
+        row: dict[str, Any] = {"slice": s}
+        for column, key in SLICE_COLUMNS:
+            v = m.get(key.format(s=s))
+            row[column] = (None if not isinstance(v, (int, float)) or math.isnan(v) else
+                           int(v) if column == "n" else round(float(v), 4))
+        rows.append(row)
+    return rows
+
+
+def version_link(gate: dict) -> dict[str, str]:
+    """The registered version's page: on the tracking server, else where `mlflow ui` (run in
+    the workspace, on its default port) shows it."""
+    uri = str(gate.get("tracking_uri", ""))
+    name, version = gate.get("model_name"), gate.get("version")
+    base = uri.rstrip("/") if uri.startswith("http") else "http://127.0.0.1:5000"
+    text = f"{name} v{version}" + ("" if uri.startswith("http") else
+                                   f" (start `mlflow ui --backend-store-uri {uri}` first)")
+    return {"link": f"{base}/#/models/{name}/versions/{version}", "link_text": text}
 
 
 @task(name="record", **IO_RETRIES)

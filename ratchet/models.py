@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -50,6 +51,9 @@ def set_threads() -> None:
     cores = len(os.sched_getaffinity(0))
     wanted = os.environ.get("OMP_NUM_THREADS", "")
     torch.set_num_threads(max(1, min(cores, int(wanted)) if wanted.isdigit() else cores))
+
+
+PROGRESS_BATCHES = 40  # a prediction of this many batches or more in a stage shows a bar
 
 
 def load_tokenizer(source: str) -> PreTrainedTokenizerBase:
@@ -130,8 +134,15 @@ class Classifier:
         out = np.zeros((len(texts), len(self.labels)), dtype=np.float32)
         # Sorting by length keeps padding small; results go back to the original order.
         order = np.argsort([len(t) for t in texts], kind="stable")
+        starts = range(0, len(texts), self.batch_size)
+        stage = os.environ.get("RATCHET_STAGE")  # set in a pipeline stage (ratchet.stage)
+        if stage and len(starts) >= PROGRESS_BATCHES:  # long enough to show how far it is
+            from tqdm.auto import tqdm
+
+            starts = tqdm(starts, desc=f"{stage}: predicting {len(texts):,} rows", unit="batch",
+                          mininterval=1.0, file=sys.stderr)
         with torch.inference_mode(), self._autocast():
-            for start in range(0, len(texts), self.batch_size):
+            for start in starts:
                 idx = order[start : start + self.batch_size]
                 enc = self.tokenizer(
                     [texts[i] for i in idx],

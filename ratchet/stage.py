@@ -45,14 +45,58 @@ def stage_main(name: str, doc: str, paths: dict[str, str], fn: Callable[..., obj
                         help="params file (default: params.yaml)")
     ns = {k: v for k, v in vars(parser.parse_args()).items() if v is not None}
     setup()
+    os.environ[STAGE_ENV] = name  # Classifier.predict_proba shows a bar on long work
+    start = time.perf_counter()
+    beat = _heartbeat(name, start)
     try:
         params: Params = load_params(ns.pop("params"))
-        fn(params, **ns)
+        result = fn(params, **ns)
+        beat.set()
+        print(f"{name}: {outcome(result)} in {time.perf_counter() - start:.1f}s", flush=True)
     except KeyboardInterrupt:
+        beat.set()
         fail(name, "interrupted")
         sys.exit(130)
     except Exception as err:  # noqa: BLE001 - every failure becomes one line (and a log)
+        beat.set()
         sys.exit(report(name, err))
+
+
+STAGE_ENV = "RATCHET_STAGE"  # set in a stage's process: its name
+HEARTBEAT_S = 15.0
+
+
+def _heartbeat(name: str, start: float):
+    """A line every HEARTBEAT_S while the stage works without a progress bar on screen, so a
+    long quiet step (a permutation test, a registry upload) does not look like a hang."""
+    import threading
+
+    done = threading.Event()
+
+    def beat() -> None:
+        while not done.wait(HEARTBEAT_S):
+            try:
+                from tqdm import tqdm
+
+                if getattr(tqdm, "_instances", None):
+                    continue  # a bar is showing progress already
+            except ImportError:
+                pass
+            print(f"{name}: working ({time.perf_counter() - start:.0f}s)", flush=True)
+
+    threading.Thread(target=beat, daemon=True).start()
+    return done
+
+
+def outcome(result: object) -> str:
+    """The stage's one closing line: its decision or summary where its result has one."""
+    if isinstance(result, dict):
+        for key in ("decision", "summary"):
+            if isinstance(result.get(key), str) and result[key]:
+                return f"{result[key][:160]}; done"
+        if "passed" in result:
+            return "passed; done" if result["passed"] else "failed checks; done"
+    return "done"
 
 
 def report(name: str, err: Exception, ws: Path | None = None) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -746,20 +747,76 @@ def fingerprint(model_dir: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def repro(ws: Path, stage: str | None = None, *, upstream: bool = False) -> float:
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def _pump(fd: int, on_line: Callable[[str], None]) -> None:
+    """Copy a stage's output from `fd` to this process's stdout as it comes (progress bars
+    included) and hand each finished line to `on_line`: a bar's last state, no escapes."""
+    out = getattr(sys.stdout, "buffer", None)
+    rest = b""
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:  # EIO: the pseudo-terminal's other side closed
+            chunk = b""
+        if not chunk:
+            break
+        if out is not None:
+            with suppress(OSError, ValueError):
+                out.write(chunk)
+                out.flush()
+        *lines, rest = (rest + chunk).split(b"\n")
+        for line in lines:
+            text = ANSI.sub("", line.decode(errors="replace").rstrip("\r")).split("\r")[-1]
+            if text.strip():
+                with suppress(Exception):  # a log sink must not stop the stage
+                    on_line(text.rstrip())
+    text = ANSI.sub("", rest.decode(errors="replace")).split("\r")[-1].strip()
+    if text:
+        with suppress(Exception):
+            on_line(text)
+    os.close(fd)
+
+
+def repro(ws: Path, stage: str | None = None, *, upstream: bool = False,
+          on_line: Callable[[str], None] | None = None) -> float:
     """`dvc repro`: everything, one stage (`--single-item`), or a stage and what it needs
-    (`upstream`); returns the wall time in seconds."""
+    (`upstream`); returns the wall time in seconds. `on_line`: also given each line the stage
+    prints (the flow's task-run log), while the output still reaches this process's stdout."""
     start, started = time.perf_counter(), time.time()
     args = ["repro"] + ([stage] if upstream else ["--single-item", stage]) if stage else ["repro"]
     # Streamed, not captured: the stages' progress bars and errors reach the person watching.
     # In this process's group, so that a terminal's Ctrl-C and a kill of the group reach the
-    # stage as they reach the run.
-    proc = subprocess.Popen([sys.executable, "-m", "dvc", *args], cwd=ws, env=tool_env())
+    # stage as they reach the run. With `on_line`, through a pseudo-terminal where this
+    # process has one (so the stage still draws its bars), else a pipe.
+    cmd = [sys.executable, "-m", "dvc", *args]
+    pump = None
+    if on_line is None:
+        proc = subprocess.Popen(cmd, cwd=ws, env=tool_env())
+    else:
+        import pty
+
+        tty = sys.stdout.isatty() if hasattr(sys.stdout, "isatty") else False
+        reader, writer = pty.openpty() if tty else os.pipe()
+        try:
+            proc = subprocess.Popen(cmd, cwd=ws, env=tool_env(), stdout=writer,
+                                    stderr=writer, stdin=subprocess.DEVNULL)
+        except BaseException:
+            os.close(reader)
+            raise
+        finally:
+            os.close(writer)
+        pump = threading.Thread(target=_pump, args=(reader, on_line), daemon=True)
+        pump.start()
     try:
         code = proc.wait()
     except BaseException:  # Ctrl-C, SIGTERM (see cli `run`), a flow cancelled: stop the stage
         stop_tree(proc)
         raise
+    finally:
+        if pump is not None:
+            pump.join(timeout=10)
     if code != 0:
         from ratchet.stage import last_failure
 

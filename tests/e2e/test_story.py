@@ -64,17 +64,44 @@ def assert_prefect_runs(ws: Path, rows: list[dict[str, Any]]) -> None:
     from prefect.client.schemas.filters import (
         ArtifactFilter,
         ArtifactFilterFlowRunId,
-        ArtifactFilterKey,
+        FlowRunFilter,
+        FlowRunFilterId,
+        LogFilter,
+        LogFilterFlowRunId,
     )
 
     with get_client(sync_client=True) as client:
         runs = [r for r in client.read_flow_runs()
                 if r.name and r.parameters.get("workspace_dir") == str(ws.resolve())]
         assert len(runs) == len(rows) and all(r.state.is_completed() for r in runs)
-        arts = client.read_artifacts(artifact_filter=ArtifactFilter(
-            key=ArtifactFilterKey(any_=["gate-decision"]),
+        every = client.read_artifacts(artifact_filter=ArtifactFilter(
             flow_run_id=ArtifactFilterFlowRunId(any_=[r.id for r in runs]),
         )) if runs else []
+        arts = [a for a in every if a.key == "gate-decision"]
+        # Each stage's own lines are in its task run's log, not only "Finished in state".
+        for run in runs:
+            tasks = {t.name: t.id for t in client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))}
+            logs = client.read_logs(log_filter=LogFilter(
+                flow_run_id=LogFilterFlowRunId(any_=[run.id])))
+            by_task: dict[Any, list[str]] = {}
+            for entry in logs:
+                by_task.setdefault(entry.task_run_id, []).append(entry.message)
+            assert {"validate", "drift"} <= set(tasks), tasks
+            for stage in {"validate", "drift", "evaluate", "gate"} & set(tasks):
+                lines = by_task.get(tasks[stage], [])
+                assert f"Running stage '{stage}':" in lines, (stage, lines)
+                assert any(line.startswith(f"{stage}: ") and "done in" in line
+                           for line in lines), (stage, lines)
+    # Beside the markdown: the metrics as a table and a link to the MLflow version.
+    for run in runs:
+        kinds = {(a.key, a.type) for a in every if a.flow_run_id == run.id}
+        assert {("gate-metrics", "table"), ("model-version", "link")} <= kinds, kinds
+    links = [a for a in every if a.key == "model-version"]
+    for row in rows:
+        name = row["gate"]["model_name"]
+        assert any(f"/#/models/{name}/versions/{row['version']}" in str(a.data)
+                   for a in links), [a.data for a in links]
     texts = sorted(a.data for a in arts)
     assert len(texts) == len(rows)
     for row in rows:
