@@ -60,7 +60,21 @@ def refresh_champion(ws: Path, full: bool = False) -> dict:
 def run_stage(ws: Path, stage: str) -> float:
     """`dvc repro --single-item <stage>`: DVC skips it when its inputs did not change. What
     the stage prints goes to the terminal and, line by line, to this task run's log."""
-    return workspace.repro(ws, stage, on_line=get_run_logger().info)
+    return workspace.repro(ws, stage, on_line=stage_log())
+
+
+def stage_log() -> Callable[[str], None]:
+    """This task run's log for a stage's own lines, sent to the Prefect API only: the lines
+    reach the terminal as the stage printed them (bars included), so Prefect's console
+    handler would print each twice. From any thread: the run's ids travel with the record."""
+    from prefect.logging.handlers import APILogHandler
+
+    logger = logging.getLogger("prefect.task_runs.stage-output")
+    if not any(isinstance(h, APILogHandler) for h in logger.handlers):
+        logger.addHandler(APILogHandler())
+        logger.propagate = False
+        logger.setLevel(logging.INFO)
+    return logging.LoggerAdapter(logger, dict(get_run_logger().extra)).info
 
 
 def _log() -> Callable[[str], None]:
