@@ -189,7 +189,7 @@ def skipped_markdown(record: dict, timings: dict[str, float], noise: dict | None
         "",
         f"Not retrained: {record['checks'][0]['reason']}.",
         f"Champion stays: {record.get('champion_before')} (no model version was registered).",
-        f"Drift: {record.get('drift_summary')}",
+        f"Drift: {record.get('drift_summary') or 'n/a'}",
         noise_line(noise),
         f"Skipped stages: {', '.join(record['skipped_stages'])}",
     ]
@@ -216,8 +216,9 @@ def decision_markdown(gate: dict, timings: dict[str, float], noise: dict | None 
         f"# Gate decision: **{gate.get('decision')}**",
         "",
         f"Model version: {link}",
-        f"Champion before: {gate.get('champion_before')}; after: {gate.get('champion_after')}",
-        f"Drift: {gate.get('drift_summary')}",
+        f"Champion before: {gate.get('champion_before') or '(none)'}; "
+        f"after: {gate.get('champion_after') or '(none)'}",
+        f"Drift: {gate.get('drift_summary') or 'n/a'}",
         noise_line(gate.get("label_noise") or noise),
         f"Training: {training_line(gate.get('training'))}",
         f"Data Docs: {docs_link(gate)}",

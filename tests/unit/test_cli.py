@@ -297,3 +297,11 @@ def test_the_demo_table_gives_a_refused_batch_its_reasons(capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "required column is missing" in out and "7 rows (17.5%) have an empty text" in out
     assert "e.g. row 3" not in out  # the examples are in the quarantine report
+
+
+def test_the_flow_artifact_of_a_first_decision_prints_no_python_none():
+    from flows.retrain import decision_markdown
+
+    text = decision_markdown({"decision": "promoted", "version": "1", "model_name": "m",
+                              "champion_before": None, "champion_after": "1", "checks": []}, {})
+    assert "None" not in text and "Champion before: (none); after: 1" in text
