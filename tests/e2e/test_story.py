@@ -82,8 +82,12 @@ def assert_prefect_runs(ws: Path, rows: list[dict[str, Any]]) -> None:
         for run in runs:
             tasks = {t.name: t.id for t in client.read_task_runs(
                 flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))}
-            logs = client.read_logs(log_filter=LogFilter(
-                flow_run_id=LogFilterFlowRunId(any_=[run.id])))
+            logs, page = [], None
+            while page is None or len(page) == 200:  # the API serves 200 at a time
+                page = client.read_logs(log_filter=LogFilter(
+                    flow_run_id=LogFilterFlowRunId(any_=[run.id])), limit=200,
+                    offset=len(logs))
+                logs += page
             by_task: dict[Any, list[str]] = {}
             for entry in logs:
                 by_task.setdefault(entry.task_run_id, []).append(entry.message)
