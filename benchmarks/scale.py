@@ -241,6 +241,12 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "batches": len(rows),
         "failed_runs": sum(r.get("run_exit") != 0 for r in rows),
         "late_over_early": late_over_early(walls),
+        # the same ratio of the stage processes' CPU seconds: what machine load moves less
+        "cpu_late_over_early": late_over_early(
+            [sum(p.get("cpu_s", 0.0) for p in r["stage_process"].values())
+             if r.get("run_exit") == 0 and r.get("stage_process") else None for r in rows]),
+        "loadavg_early_median": med("loadavg", early_rows),
+        "loadavg_late_median": med("loadavg", late_rows),
         "early_median_wall_s": med("wall_s", early_rows),
         "late_median_wall_s": med("wall_s", late_rows),
         "overlap": len(rows) < EARLY[1] + LATE_N,  # the two windows share batches

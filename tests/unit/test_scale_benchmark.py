@@ -57,6 +57,11 @@ def test_summary_takes_medians_over_runs_that_finished():
     assert s["bytes_per_batch"] == 900  # 11 odd batches of 900, 10 even of 1500
     assert s["within_budget"] is True and s["batches_over_budget"] == 10
     assert s["late_over_early"] == pytest.approx(27.0 / 16.5, abs=1e-3)
+    assert s["cpu_late_over_early"] is None  # no traced stage processes: no CPU ratio
+    for r in rows:  # traced: the stages' CPU seconds, 2 s early and 5 s late per stage
+        r["stage_process"] = {st: {"cpu_s": 2.0 if r["batch"] <= 11 else 5.0}
+                              for st in ("drift", "gate")}
+    assert scale.summarize(rows)["cpu_late_over_early"] == pytest.approx(2.5)
 
 
 def test_tree_bytes_counts_a_hard_linked_file_once(tmp_path):
