@@ -50,8 +50,8 @@ Per batch, recorded:
   stage ran in this run (`gate_ran`; else the record is the previous run's: [] here).
 - `noise_rate` / `noise_flagged`: reports/validation/noise.json -> batches[<batch id>] "rate" and
   "flagged" (the noise stage's record; None when the file, the batch or the key is absent).
-- `macro_f1`: candidate and champion, recent and reference, from metrics/eval.json (None where
-  absent, e.g. the champion at cold start).
+- `macro_f1`: candidate and champion, recent and reference, from reports/eval/metrics.json
+  (None where absent, e.g. the champion at cold start).
 - `stage_seconds`: each stage's own wall time as the flow logs it ("stage X: 12.3s"; 0.0 for a
   stage DVC found up to date), `ingest_s`, `run_s` (the whole `ratchet run` process: the
   Prefect server start, the champion refresh, every stage, the commit and the DVC push) and
@@ -391,7 +391,9 @@ def play(batch: Batch, file: Path, ws: Path, sh: Shell, gate_params,
             row["error"] = _tail(run_out)
         else:
             gate = _json(ws / "reports/gate.json") or {}
-            metrics = _json(ws / "metrics/eval.json") or {}
+            # the full record (a workspace made before the headline files kept it here)
+            metrics = (_json(ws / "reports/eval/metrics.json")
+                       or _json(ws / "metrics/eval.json") or {})
             decision = decision_of(gate, versions_before, versions_after)
     stages = stage_timings(run_out)
     ran = gate_ran(stages, run_rc)

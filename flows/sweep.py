@@ -11,6 +11,7 @@ volume). The winner's params are written into params.yaml and its outputs record
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import os
 import shlex
@@ -26,6 +27,7 @@ from prefect import flow, get_run_logger, task
 
 from ratchet import workspace
 from ratchet.errors import WorkspaceError
+from ratchet.headline import write_metrics
 from ratchet.runtime import write_json
 
 SWEEP_DIR = Path(".ratchet/sweep")
@@ -203,7 +205,10 @@ def adopt(ws: Path, best: dict) -> None:
     if out.exists():
         shutil.rmtree(out)
     shutil.copytree(src / "model", out)
-    for name, dest in (("metrics.json", paths["metrics"]), ("curve.csv", paths["curve"]),
+    full = ws / paths["all_metrics"] if "all_metrics" in paths else None  # else an old dvc.yaml
+    write_metrics("finetune", json.loads((src / "metrics.json").read_text()),
+                  ws / paths["metrics"], full)
+    for name, dest in (("curve.csv", paths["curve"]),
                        ("curve.png", str(Path(paths["curve"]).with_suffix(".png")))):
         (ws / dest).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src / name, ws / dest)

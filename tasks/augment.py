@@ -23,7 +23,7 @@ import pandas as pd
 
 from ratchet.config import AugmentConfig, Params
 from ratchet.data import LABEL, TEXT, text_key, write_parquet_atomic
-from ratchet.runtime import write_json
+from ratchet.headline import FULL_HELP, write_metrics
 from ratchet.stage import stage_main
 
 WORD = re.compile(r"[a-z]{3,}")
@@ -261,7 +261,8 @@ def contextual_ready(pretrain_metrics: Path, cfg: AugmentConfig) -> tuple[bool, 
 
 
 def run(params: Params, *, train: Path, pretrained: Path, pretrain_metrics: Path, out: Path,
-        metrics: Path, val: Path | None = None, test: Path | None = None) -> dict:
+        metrics: Path, val: Path | None = None, test: Path | None = None,
+        all_metrics: Path | None = None) -> dict:
     cfg = params.augment
     base = pd.read_parquet(train)
     lexicon = mlm = None
@@ -287,7 +288,7 @@ def run(params: Params, *, train: Path, pretrained: Path, pretrain_metrics: Path
                    "leak/dropped": leaked}
     for label, n in copies_per_label(base[LABEL], cfg).items():
         stats[f"copies/{label}"] = n
-    write_json(metrics, stats)
+    write_metrics("augment", stats, metrics, all_metrics)
     return stats
 
 
@@ -300,7 +301,8 @@ def main() -> None:
         "pretrain_metrics": "pretrain metrics JSON (is the MLM good enough?)",
         "out": "augmented train parquet to write",
         "metrics": "augment metrics JSON to write",
-    }, run, optional=("val", "test"))
+        "all_metrics": FULL_HELP,
+    }, run, optional=("val", "test", "all_metrics"))
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ from ratchet.drift import (
     should_retrain,
     summary,
 )
+from ratchet.headline import headline
 from ratchet.runtime import read_json, write_json
 from ratchet.stage import stage_main
 
@@ -117,7 +118,8 @@ def embed_rows(params: Params, champion: dict, texts: list[str], cache: Path | N
 
 
 def run(params: Params, *, data: Path, champion: Path, report: Path, plot_path: Path,
-        weights: Path, cache: Path | None = None) -> dict[str, Any]:
+        weights: Path, cache: Path | None = None, metrics: Path | None = None
+        ) -> dict[str, Any]:
     cfg = params.drift
     frames = {s: pd.read_parquet(data / f"{s}.parquet").assign(split=s) for s in SPLITS}
     rows = pd.concat(frames.values(), ignore_index=True)
@@ -184,6 +186,8 @@ def run(params: Params, *, data: Path, champion: Path, report: Path, plot_path: 
         table.insert(1, ID, test[ID].to_numpy())
     write_parquet_atomic(table, weights)
     write_json(report, stats)
+    if metrics is not None:  # the headline numbers for `dvc metrics show`
+        write_json(metrics, headline("drift", stats))
     plot(reference, recent, arrays, stats, plot_path)
     return stats
 
@@ -255,11 +259,12 @@ def main() -> None:
         "data": "folder with train/val/test parquet files",
         "champion": "champion.json (resolved `champion` alias): its encoder embeds the texts",
         "report": "drift report JSON to write",
+        "metrics": "drift's headline numbers JSON to write (DVC metrics; `ratchet.headline`)",
         "plot_path": "PNG summary plot to write",
         "weights": "importance weights of the test rows (parquet) to write",
         "cache": "folder of the embedding cache (by encoder and text): each encoder embeds a "
                  "text once across runs",
-    }, run, optional=("cache",))
+    }, run, optional=("cache", "metrics"))
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import pandas as pd
 from ratchet.config import Params
 from ratchet.data import LABEL, TEXT, write_parquet_atomic
 from ratchet.evaluation import champion_labels, predict_frame, score, serving
+from ratchet.headline import FULL_HELP, write_metrics
 from ratchet.runtime import read_json, write_json
 from ratchet.stage import stage_main
 
@@ -92,7 +93,8 @@ def details(df: pd.DataFrame, params: Params, clf, champ, candidate: Path,
 
 def run(params: Params, *, candidate: Path, test: Path, champion: Path, metrics: Path,
         predictions: Path, report: Path, weights: Path | None = None,
-        floor: Path | None = None, cache: Path | None = None) -> dict:
+        floor: Path | None = None, cache: Path | None = None,
+        all_metrics: Path | None = None) -> dict:
     judged = read_json(champion)
     if floor is not None and floor.is_file():
         judged["floor"] = read_json(floor).get("floor") or []
@@ -105,7 +107,7 @@ def run(params: Params, *, candidate: Path, test: Path, champion: Path, metrics:
     sections["predicted"] = df.attrs.get("predicted", {})
     sections["floor"] = judged.get("floor") or []  # the served models the candidate faced
     write_json(report, sections)
-    write_json(metrics, out)
+    write_metrics("evaluate", out, metrics, all_metrics)
     write_parquet_atomic(df, predictions)
     return out
 
@@ -117,13 +119,14 @@ def main() -> None:
         "champion": "champion.json (resolved `champion` alias)",
         "weights": "importance weights of the test rows from the drift stage (parquet)",
         "metrics": "flat evaluation metrics JSON to write",
+        "all_metrics": FULL_HELP,
         "predictions": "per-example predictions parquet to write",
         "report": "evaluation details JSON to write (behaviour, per class, label sets); the "
                   "confusion matrix PNG goes beside it",
         "floor": "floor.json: the served models kept as the floor (`ratchet.floor`)",
         "cache": "folder of the prediction cache (by model fingerprint and text): each model "
                  "predicts a text once across runs",
-    }, run, optional=("floor", "cache"))
+    }, run, optional=("floor", "cache", "all_metrics"))
 
 
 if __name__ == "__main__":

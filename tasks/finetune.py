@@ -19,7 +19,7 @@ from ratchet.config import FinetuneConfig, Params
 from ratchet.continual import newest_batch
 from ratchet.data import BATCH, LABEL, RECENT, TEXT
 from ratchet.errors import ConfigError, RatchetError
-from ratchet.runtime import write_json
+from ratchet.headline import FULL_HELP, write_metrics
 from ratchet.stage import stage_main
 
 CURVE_FIELDS = ["step", "epoch", "loss", "lr", "val_macro_f1", "val_accuracy"]
@@ -239,7 +239,8 @@ def run(params: Params, **paths: Path | None) -> dict:
 
 def train_classifier(params: Params, *, train: Path, val: Path, pretrained: Path, out: Path,
                      metrics: Path, curve: Path, init: Path | None = None,
-                     replay: Path | None = None, checkpoints: Path | None = None) -> dict:
+                     replay: Path | None = None, checkpoints: Path | None = None,
+                     all_metrics: Path | None = None) -> dict:
     import copy
 
     import torch
@@ -462,7 +463,7 @@ def train_classifier(params: Params, *, train: Path, val: Path, pretrained: Path
         tok.save_pretrained(out)
         write_curve(curve, state.rows, CURVE_FIELDS, evaluated="val_macro_f1",
                     evaluated_label="val macro-F1", unit_range=True)
-        write_json(metrics, stats)
+        write_metrics("finetune", stats, metrics, all_metrics)
         if folder is not None:
             shutil.rmtree(folder, ignore_errors=True)
     if dist.world > 1:
@@ -483,8 +484,9 @@ def main() -> None:
         "checkpoints": "folder for per-epoch checkpoints (a killed run resumes from them)",
         "out": "folder for the candidate model",
         "metrics": "finetune metrics JSON to write",
+        "all_metrics": FULL_HELP,
         "curve": "training curve CSV to write (DVC plot; a PNG is written beside it)",
-    }, run, optional=("init", "replay", "checkpoints"))
+    }, run, optional=("init", "replay", "checkpoints", "all_metrics"))
 
 
 if __name__ == "__main__":

@@ -28,8 +28,9 @@ from ratchet.data import (
     write_parquet_atomic,
 )
 from ratchet.errors import BatchRefused, ConfigError
+from ratchet.headline import FULL_HELP, write_metrics
 from ratchet.noise import exclusion_mask
-from ratchet.runtime import atomic_path, read_json, write_json
+from ratchet.runtime import atomic_path, read_json
 from ratchet.stage import stage_main
 from ratchet.stagecache import StageCache, code_digest, digest, file_digest
 from ratchet.workspace import CHAMPION_FILE
@@ -264,6 +265,7 @@ def batch_parts(files: list[Path], cfg: PrepareConfig, cache: Path | None
 
 
 def run(params: Params, *, batches: Path, out: Path, replay: Path, metrics: Path,
+        all_metrics: Path | None = None,
         noise: Path | None = None, suspects: Path | None = None,
         champion: Path | None = None, cache: Path | None = None) -> dict:
     """Prepare the splits and the replay buffer from every batch.
@@ -307,7 +309,7 @@ def run(params: Params, *, batches: Path, out: Path, replay: Path, metrics: Path
     if DOMAIN in rows.columns:
         for domain, n in rows[DOMAIN].fillna("(none)").value_counts().sort_index().items():
             stats[f"domain/{domain}"] = int(n)
-    write_json(metrics, stats)
+    write_metrics("prepare", stats, metrics, all_metrics)
     return stats
 
 
@@ -317,11 +319,12 @@ def main() -> None:
         "out": "folder for train/val/test parquet files",
         "replay": "replay buffer parquet to write (for continual training)",
         "metrics": "prepare metrics JSON to write",
+        "all_metrics": FULL_HELP,
         "noise": "the noise stage's report (which batches are flagged or reviewed)",
         "suspects": "the noise stage's suspect rows (parquet)",
         "champion": "champion.json: the split scheme the champion was trained under",
         "cache": "folder of per-batch parts kept between runs (.ratchet/cache/prepare)",
-    }, run, optional=("noise", "suspects", "champion", "cache"))
+    }, run, optional=("noise", "suspects", "champion", "cache", "all_metrics"))
 
 
 if __name__ == "__main__":

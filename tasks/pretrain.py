@@ -17,7 +17,7 @@ import pandas as pd
 from ratchet.config import Params
 from ratchet.data import TEXT
 from ratchet.errors import RatchetError
-from ratchet.runtime import write_json
+from ratchet.headline import FULL_HELP, write_metrics
 from ratchet.stage import stage_main
 
 CORPUS_SUFFIXES = (".txt", ".csv", ".jsonl", ".parquet")
@@ -282,7 +282,8 @@ CURVE_FIELDS = ["step", "loss", "lr", "perplexity"]
 
 
 def run(params: Params, *, train: Path, val: Path, corpus: Path, out: Path,
-        metrics: Path, curve: Path | None = None, checkpoints: Path | None = None) -> dict:
+        metrics: Path, curve: Path | None = None, checkpoints: Path | None = None,
+        all_metrics: Path | None = None) -> dict:
     import torch
 
     from ratchet.training import (
@@ -433,7 +434,7 @@ def run(params: Params, *, train: Path, val: Path, corpus: Path, out: Path,
         tok.save_pretrained(tmp)
         shutil.rmtree(out, ignore_errors=True)
         tmp.rename(out)
-        write_json(metrics, stats)
+        write_metrics("pretrain", stats, metrics, all_metrics)
         if folder is not None:  # the result is written: its checkpoint is no longer needed
             shutil.rmtree(folder, ignore_errors=True)
     if dist.world > 1:
@@ -451,9 +452,10 @@ def main() -> None:
         "corpus": "optional unlabeled texts: a .txt/.csv/.jsonl/.parquet file or a folder",
         "out": "folder for the pretrained model (also the start with pretrain.init: previous)",
         "metrics": "pretrain metrics JSON to write",
+        "all_metrics": FULL_HELP,
         "curve": "training curve CSV to write (DVC plot; a PNG is written beside it)",
         "checkpoints": "folder for resumable checkpoints (pretrain.checkpoint_every)",
-    }, run, optional=("curve", "checkpoints"))
+    }, run, optional=("curve", "checkpoints", "all_metrics"))
 
 
 if __name__ == "__main__":

@@ -76,7 +76,7 @@ def test_auto_chooses_per_batch_and_says_why(tmp_path):
             gate = json.loads((ws / "reports/gate.json").read_text())
         else:
             gate = workspace.run_pipeline(ws)
-        ft = json.loads((ws / "metrics/finetune.json").read_text())
+        ft = json.loads((ws / "reports/finetune/metrics.json").read_text())
         assert (ft["init"], gate["training"]["init"]) == (how, how), (i + 1, ft)
         assert why in ft["init_reason"] and gate["training"]["init_reason"] == ft["init_reason"]
         assert why in json.loads((ws / "reports/gate.json").read_text())["training"][

@@ -65,9 +65,11 @@ def test_the_best_trial_becomes_the_stage_output_and_its_params_the_lock(swept):
     lock = yaml.safe_load((ws / "dvc.lock").read_text())["stages"]["finetune"]
     assert lock["params"]["params.yaml"]["finetune"]["learning_rate"] == best
     assert (ws / "models/candidate/model.safetensors").is_file()
-    metrics = json.loads((ws / "metrics/finetune.json").read_text())
+    metrics = json.loads((ws / "reports/finetune/metrics.json").read_text())
     chosen = next(t for t in swept["report"]["trials"] if t["index"] == swept["report"]["best"])
     assert metrics["best_val_macro_f1"] == chosen["stats"]["best_val_macro_f1"]
+    headline = json.loads((ws / "metrics/finetune.json").read_text())  # what DVC shows
+    assert headline["val_f1"] == chosen["stats"]["best_val_macro_f1"]
     assert len(pd.read_csv(ws / "reports/finetune/curve.csv")) == chosen["stats"]["steps"]
     assert (ws / "reports/finetune/curve.png").is_file()
     assert "finetune" not in workspace.changed_stages(ws)  # DVC sees the output as its own
