@@ -641,10 +641,61 @@ def delete_version(client, name: str, version: str) -> None:
 
 
 def fail_run(client, run_id: str, reason: str) -> None:
-    """Mark an MLflow run as a failed retrain's, kept for the post-mortem."""
+    """Mark an MLflow run as a failed retrain's, kept for the post-mortem; its retrain's parent
+    run too (`open_retrain_run`), which would otherwise show as running for ever."""
     client.set_tag(run_id, "decision", "failed")
     client.set_tag(run_id, "ratchet.failure", reason[:4900])
     client.set_terminated(run_id, "FAILED")
+    parent = client.get_run(run_id).data.tags.get(PARENT_TAG)
+    if parent:
+        client.set_tag(parent, "decision", "failed")
+        client.set_tag(parent, "ratchet.failure", reason[:4900])
+        client.set_terminated(parent, "FAILED")
+
+
+PARENT_TAG = "mlflow.parentRunId"
+RETRAIN_KIND = "retrain"  # tag `ratchet.kind` of a retrain's parent run
+
+
+def open_retrain_run(experiment: str, *, batch: str | None, start: float,
+                     tags: dict[str, str]) -> str:
+    """The MLflow run of one whole retrain, begun at `start` (time.time(), its first stage's
+    start): named `retrain <batch>`, left running; the candidate's run is logged as its child
+    and `close_retrain_run` ends it. Returns its id."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    exp = client.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp is not None else client.create_experiment(experiment)
+    token = os.environ.get(RUN_TOKEN_ENV)
+    run = client.create_run(
+        exp_id, start_time=int(start * 1000), run_name=f"retrain {batch}" if batch else "retrain",
+        tags={**tags, "ratchet.kind": RETRAIN_KIND, **({RUN_TOKEN_TAG: token} if token else {}),
+              **source_tags(Path.cwd())})
+    return run.info.run_id
+
+
+def close_retrain_run(client, child_run_id: str, *, decision: str, version: str | None,
+                      metrics: dict[str, float], note: str) -> str | None:
+    """End the retrain's parent run of `child_run_id` now, with the decision, the version and
+    the stages' measurements; returns its id (None when the child has no parent)."""
+    import math
+
+    from mlflow.entities import Metric
+
+    parent = client.get_run(child_run_id).data.tags.get(PARENT_TAG)
+    if not parent:
+        return None
+    now = int(time.time() * 1000)
+    client.log_batch(parent, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()
+                                      if isinstance(v, (int, float)) and math.isfinite(v)],
+                     tags=[])
+    client.set_tag(parent, "decision", decision)
+    if version is not None:
+        client.set_tag(parent, "version", str(version))
+    client.set_tag(parent, "mlflow.note.content", note[:MAX_TAG_VALUE])
+    client.set_terminated(parent, "FINISHED", end_time=now)
+    return parent
 
 
 def source_tags(workspace: Path) -> dict[str, str]:
@@ -676,8 +727,12 @@ def log_candidate(
     artifacts: list[Path],
     run_tags: dict[str, str],
     model_card: Path | None = None,
+    parent_run_id: str | None = None,
 ) -> tuple[str, str]:
     """Log a run with the pyfunc model and register it; returns (run_id, version).
+
+    With `parent_run_id` (the retrain's run, `open_retrain_run`) the run is its child, named
+    `candidate <batch>`; alone it is named `retrain <batch>`.
 
     The logged model holds the Hugging Face directory (safetensors, tokenizer), the label map
     and, when given, the model card (markdown), so the registered version carries all three.
@@ -695,9 +750,10 @@ def log_candidate(
     labels = [v for _, v in sorted(json.loads((model_dir / "config.json").read_text())
                                    ["id2label"].items(), key=lambda kv: int(kv[0]))]
     batch = run_tags.get("batch")
-    run_name = f"retrain {batch}" if batch else run_tags.get("fingerprint", "candidate")[:12]
+    kind = "candidate" if parent_run_id else "retrain"
+    run_name = f"{kind} {batch}" if batch else run_tags.get("fingerprint", "candidate")[:12]
     with (tempfile.TemporaryDirectory(prefix="ratchet-log-") as side_dir,
-          mlflow.start_run(run_name=run_name) as run):
+          mlflow.start_run(run_name=run_name, parent_run_id=parent_run_id) as run):
         token = os.environ.get(RUN_TOKEN_ENV)
         mlflow.set_tags({**run_tags, **({RUN_TOKEN_TAG: token} if token else {}),
                          **source_tags(Path.cwd())})

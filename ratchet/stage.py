@@ -24,6 +24,10 @@ from ratchet.errors import RatchetError
 from ratchet.runtime import LOGS, debug, disk_full, log_file, one_line, read_json, setup, write_json
 
 FAILED = LOGS / "stage-failed.json"
+# Each stage's last successful run: when it started and ended, its wall and CPU seconds. The
+# gate reads them to give the retrain's MLflow run its span and the stages' costs.
+TIMINGS = LOGS / "stages"
+started_at: float | None = None  # time.time() when this process's stage began
 
 
 def stage_main(name: str, doc: str, paths: dict[str, str], fn: Callable[..., object],
@@ -46,6 +50,8 @@ def stage_main(name: str, doc: str, paths: dict[str, str], fn: Callable[..., obj
     ns = {k: v for k, v in vars(parser.parse_args()).items() if v is not None}
     setup()
     os.environ[STAGE_ENV] = name  # Classifier.predict_proba shows a bar on long work
+    global started_at
+    started_at = time.time()
     start = time.perf_counter()
     beat = _heartbeat(name, start)
     try:
@@ -53,6 +59,7 @@ def stage_main(name: str, doc: str, paths: dict[str, str], fn: Callable[..., obj
         result = fn(params, **ns)
         beat.set()
         print(f"{name}: {outcome(result)} in {time.perf_counter() - start:.1f}s", flush=True)
+        record_timing(name, started_at, time.perf_counter() - start)
     except KeyboardInterrupt:
         beat.set()
         fail(name, "interrupted")
@@ -86,6 +93,35 @@ def _heartbeat(name: str, start: float):
 
     threading.Thread(target=beat, daemon=True).start()
     return done
+
+
+def record_timing(name: str, started: float, seconds: float, ws: Path | None = None) -> None:
+    """Leave this stage's span and cost for the gate (`stage_timings`); best effort."""
+    import resource
+
+    ws = Path.cwd() if ws is None else ws
+    if not (ws / "params.yaml").is_file():
+        return
+    cpu = sum(getattr(resource.getrusage(who), f) for who in
+              (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN) for f in ("ru_utime", "ru_stime"))
+    with contextlib.suppress(OSError):
+        write_json(ws / TIMINGS / f"{name}.json", {
+            "stage": name, "start": started, "end": started + seconds, "seconds": seconds,
+            "cpu_seconds": cpu})
+
+
+def stage_timings(ws: Path, since: float | None) -> dict[str, dict[str, float]]:
+    """The recorded runs of the stages that ran after `since` (time.time()); every recorded
+    one when None. Unreadable records are left out."""
+    out = {}
+    for path in sorted((ws / TIMINGS).glob("*.json")):
+        try:
+            rec = read_json(path)
+        except (OSError, ValueError):
+            continue
+        if since is None or rec.get("start", 0) > since:
+            out[str(rec.get("stage", path.stem))] = rec
+    return out
 
 
 def outcome(result: object) -> str:

@@ -286,8 +286,68 @@ def run(params: Params, *, eval_metrics: Path, eval_report: Path, validation: Pa
                   evaluated_against=evaluated.get("version"), metrics=m, new_classes=new_classes,
                   checks=decision.to_dict()["checks"],
                   champion_after=after.version if after else None)
+    if run_id is not None:
+        record["retrain_run_id"] = close_retrain(client, run_id, record, m,
+                                                 drift_report=drift_report,
+                                                 finetune_metrics=finetune_metrics,
+                                                 pretrain_metrics=pretrain_metrics)
     write_json(report, record)
     return record
+
+
+def retrain_start(ws: Path) -> float:
+    """When this retrain began: the first start among the stages that ran since the previous
+    gate ended (those DVC skipped ran for an earlier retrain), this gate's own at the latest."""
+    import time
+
+    from ratchet import stage
+
+    now = stage.started_at or time.time()
+    previous = stage.stage_timings(ws, None).get("gate")
+    ran = stage.stage_timings(ws, previous["end"] if previous else None)
+    return min([now, *(r["start"] for name, r in ran.items() if name != "gate")])
+
+
+def close_retrain(client, run_id: str, record: dict[str, Any], m: dict[str, float], *,
+                  drift_report: dict, finetune_metrics: Path | None,
+                  pretrain_metrics: Path | None) -> str | None:
+    """End the retrain's run with its decision and the stages' measurements: each stage that
+    ran for it, its seconds and CPU seconds (`stage/<name>/...`), and the headline numbers of
+    drift, pretrain, finetune and evaluate (`<stage>/<name>`, as `dvc metrics show` names
+    them). Best effort: the candidate's run and the decision are what count."""
+    import time
+
+    from ratchet import stage
+    from ratchet.headline import headline
+    from ratchet.registry import close_retrain_run
+
+    ws = Path.cwd()
+    try:
+        previous = stage.stage_timings(ws, None).get("gate")
+        ran = stage.stage_timings(ws, previous["end"] if previous else None)
+        numbers: dict[str, float] = {}
+        for name, rec in ran.items():
+            if name != "gate":
+                numbers[f"stage/{name}/seconds"] = rec["seconds"]
+                numbers[f"stage/{name}/cpu_seconds"] = rec["cpu_seconds"]
+        if stage.started_at:
+            numbers["stage/gate/seconds"] = time.time() - stage.started_at
+        records = {"drift": drift_report, "evaluate": m}
+        for name, path in (("finetune", finetune_metrics), ("pretrain", pretrain_metrics)):
+            if path is not None and path.is_file():
+                records[name] = read_json(path)
+        for name, full in records.items():
+            numbers.update({f"{name}/{k}": v for k, v in headline(name, full).items()})
+        version = record.get("version")
+        note = (f"**{record['decision']}**: version {version} "
+                f"(champion {record.get('champion_before') or 'none'} -> "
+                f"{record.get('champion_after') or 'none'}). The candidate's run, with its "
+                "model, metrics and reports, is this run's child.")
+        return close_retrain_run(client, run_id, decision=record["decision"], version=version,
+                                 metrics=numbers, note=note)
+    except Exception as err:  # noqa: BLE001 - the decision stands whatever the bookkeeping does
+        print(f"gate: the retrain's run was not closed ({err})")
+        return None
 
 
 def floor_record(client, params: Params, m: dict[str, float], evaluated: dict) -> dict:
@@ -422,20 +482,24 @@ def _tag(client, params: Params, name: str, version: str, label: str, decision: 
 def _log(params: Params, name: str, fp: str, label: str, m: dict[str, float], *, val: dict,
          drift: Path, card: Path, paths: tuple[Path, ...], training: dict | None = None
          ) -> tuple[str, str]:
-    """Log the candidate's run (params, metrics, reports, model card) and register it."""
-    from ratchet.registry import log_candidate
+    """Log the candidate's run (params, metrics, reports, model card) and register it, as the
+    child of the retrain's run (`retrain <batch>`, which `close_retrain` ends)."""
+    from ratchet.registry import log_candidate, open_retrain_run
 
     (validation, eval_metrics, eval_report, candidate, curve, pretrain_curve, finetune_metrics,
      pretrain_metrics) = paths
     plots = sorted(eval_report.parent.glob("*.png"))
     docs = [Path(val["data_docs"]).parent] if val.get("data_docs") else []
+    run_tags = {"fingerprint": fp, "decision": label, "mode": params.finetune.mode,
+                **continual_tags(training or {}), **filter_tags(training or {})}
+    parent = open_retrain_run(params.registry.experiment, batch=run_tags.get("batch"),
+                              start=retrain_start(Path.cwd()),
+                              tags={k: v for k, v in run_tags.items() if k != "fingerprint"})
     run_id, version = log_candidate(
         candidate, name=name, params=flat_params(params), metrics=m,
         artifacts=[drift, drift.with_suffix(".png"), validation, eval_metrics, eval_report,
                    card, *plots, *docs],
-        run_tags={"fingerprint": fp, "decision": label, "mode": params.finetune.mode,
-                  **continual_tags(training or {}), **filter_tags(training or {})},
-        model_card=card,
+        run_tags=run_tags, model_card=card, parent_run_id=parent,
     )
     log_training(run_id, curve=curve, pretrain_curve=pretrain_curve,
                  finetune_metrics=finetune_metrics, pretrain_metrics=pretrain_metrics)

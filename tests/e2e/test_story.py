@@ -51,6 +51,7 @@ def test_story(tmp_path, prefect_server, engines):
     rows = run_demo(ws, model="tiny", scale=0.5, engine=engines, seed=0, overrides=TINY)
     assert [r.get("engine") for r in rows] == [str(e) for e in engines] + [None]
     assert_story(ws, rows)
+    assert_dvc_views(ws)
     assert_no_leakage(ws, rows)
     assert_prefect_runs(ws, [r for r, e in zip(rows, engines, strict=False)
                              if e is Engine.prefect])
@@ -163,6 +164,19 @@ def assert_story(ws: Path, rows: list[dict[str, Any]]) -> None:
         assert tags["data_docs"] == "reports/validation/docs/index.html"
         docs = client.list_artifacts(gate["run_id"], "reports/docs")
         assert any(a.path.endswith("index.html") for a in docs)
+        # One run per retrain, named after its batch, spanning every stage that ran for it,
+        # with the candidate's run as its child.
+        run = client.get_run(gate["run_id"])
+        parent = client.get_run(gate["retrain_run_id"])
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert parent.info.run_name == f"retrain {tags['finetune.batch']}"
+        assert parent.data.tags["decision"] == gate["decision"]
+        assert parent.info.start_time < run.info.start_time
+        assert parent.info.end_time >= run.info.end_time and parent.info.status == "FINISHED"
+        assert {"stage/finetune/seconds", "stage/evaluate/cpu_seconds", "stage/gate/seconds",
+                "evaluate/f1"} <= set(parent.data.metrics), parent.data.metrics
+        assert parent.data.metrics["stage/finetune/seconds"] < (
+            parent.info.end_time - parent.info.start_time) / 1000
     # Each version trained on different data: the batch hashes differ.
     assert len({versions[g["version"]].tags["data_hash.data/batches"] for g in (g1, g2, g3)}) == 3
 
@@ -193,6 +207,40 @@ def assert_story(ws: Path, rows: list[dict[str, Any]]) -> None:
     out = served.predict(pd.DataFrame({"text": ["file a claim for my car", "wake me up at 6 am"]}))
     assert list(out.columns) == ["label", "score", "probabilities"]
     assert all(abs(sum(p) - 1) < 1e-4 for p in out["probabilities"])
+
+
+def _dvc(ws: Path, *args: str) -> str:
+    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=ws, capture_output=True,
+                          text=True, check=True, env=tool_env()).stdout
+
+
+def assert_dvc_views(ws: Path) -> None:
+    """What a DVC user sees: every stage's metrics file holds numbers only and
+    `dvc metrics show` of it fits a 100-column terminal; so does `dvc metrics diff` against the
+    previous run's commit."""
+    import json
+
+    import yaml
+
+    stages = yaml.safe_load((ws / "dvc.yaml").read_text())["stages"]
+    files = [next(iter(m)) if isinstance(m, dict) else m
+             for stage in stages.values() for m in stage.get("metrics", [])]
+    assert len(files) == 7, files
+
+    def numbers(data) -> bool:
+        if isinstance(data, dict):
+            return all(numbers(v) for v in data.values())
+        return isinstance(data, (int, float)) and not isinstance(data, bool)
+
+    for path in files:
+        data = json.loads((ws / path).read_text())
+        assert data and numbers(data), (path, data)
+        shown = _dvc(ws, "metrics", "show", path)
+        assert path in shown and max(map(len, shown.splitlines())) <= 100, shown
+    runs = _git(ws, "log", "--format=%H", "--", "metrics/eval.json").split()
+    assert len(runs) >= 2
+    diff = _dvc(ws, "metrics", "diff", runs[1], "--all")
+    assert "metrics/eval.json" in diff and max(map(len, diff.splitlines())) <= 100, diff
 
 
 def assert_no_leakage(ws: Path, rows: list[dict[str, Any]]) -> None:

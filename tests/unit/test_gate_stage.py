@@ -114,6 +114,14 @@ def test_gate_reevaluates_when_champion_moves_during_the_run(ws):
         "stopped_early": False}))
     (ws / "pretrain.json").write_text('{"perplexity_before": NaN, "perplexity_after": 40.0, '
                                       '"enabled": "auto", "trained": 1, "steps": 2}')
+    # This retrain's finetune began 5 minutes ago; an earlier retrain's gate ended before it.
+    import time
+
+    from ratchet.stage import record_timing
+
+    began = time.time() - 300
+    record_timing("gate", began - 600, 20.0, ws)
+    record_timing("finetune", began, 240.0, ws)
     record = gate.run(params, eval_metrics=ws / "eval.json", eval_report=ws / "eval" /
                       "report.json", validation=ws / "validation.json", drift=ws / "drift.json",
                       candidate=candidate, champion=ws / "champion.json", test=ws / "test.parquet",
@@ -164,10 +172,26 @@ def test_gate_reevaluates_when_champion_moves_during_the_run(ws):
     import subprocess
 
     run = client.get_run(record["run_id"])
-    assert run.info.run_name == "retrain 0002-bbbbbbbbbbbb"
+    assert run.info.run_name == "candidate 0002-bbbbbbbbbbbb"
     assert {k: run.data.tags.get(k) for k in ("batch", "decision", "mode", "init")} == {
         "batch": "0002-bbbbbbbbbbbb", "decision": "rejected", "mode": "full",
         "init": "continual"}
+    # ... as the child of the retrain's own run, which spans the whole retrain (from the first
+    # stage that ran for it to the gate's end) and holds the stages' measurements.
+    parent = client.get_run(run.data.tags["mlflow.parentRunId"])
+    assert record["retrain_run_id"] == parent.info.run_id
+    assert parent.info.run_name == "retrain 0002-bbbbbbbbbbbb"
+    assert parent.info.status == "FINISHED"
+    assert parent.info.start_time == int(began * 1000) < run.info.start_time
+    assert parent.info.end_time >= run.info.end_time
+    assert {k: parent.data.tags.get(k) for k in ("batch", "decision", "mode", "init")} == {
+        "batch": "0002-bbbbbbbbbbbb", "decision": "rejected", "mode": "full",
+        "init": "continual"}
+    assert parent.data.metrics["stage/finetune/seconds"] == 240.0
+    assert "stage/gate/seconds" not in parent.data.metrics  # gate.run outside a stage here
+    assert parent.data.metrics["finetune/samples_s"] == 120.5
+    assert parent.data.metrics["evaluate/f1"] == record["metrics"]["candidate/all/macro_f1"]
+    assert "rejected" in parent.data.tags["mlflow.note.content"]
     ours = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(gate.__file__).parent,
                           capture_output=True, text=True).stdout.strip()
     assert ours and run.data.tags.get("mlflow.source.git.commit") != ours
