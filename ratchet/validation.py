@@ -477,6 +477,9 @@ class Validator:
         ids = self._pending or [ExpectationSuiteIdentifier(name="\x00none")]
         self.ctx.build_data_docs(site_names=["ratchet"], resource_identifiers=ids)
         self._pending = []
+        from ratchet.offline import localize_site
+
+        localize_site(self.docs)  # no CDN: the pages read offline
 
     def export(self, name: str) -> dict[str, Any]:
         """What `restore` needs to list the batch validated under suite `name` in a later site:

@@ -1211,6 +1211,12 @@ def run_guard(ws: Path, *, log: Callable[[str], None] = print) -> Iterator[str]:
     if (ws / ".dvc").is_dir():
         repair_lockfile(ws, log=log)
         guard_outputs(ws, log=log)
+        from ratchet.offline import install_plots_template
+
+        try:  # `dvc plots show` reads offline; a page that needs a CDN is no reason to stop
+            install_plots_template(ws)
+        except Exception as err:  # noqa: BLE001
+            log(f"`dvc plots show` keeps DVC's own page (it loads vega from a CDN): {err}")
     leftover = recover(ws, reason="an earlier retrain stopped before it was recorded")
     if leftover is not None:
         log(f"an earlier retrain was killed mid-run; undone in the registry: {leftover}")

@@ -164,3 +164,36 @@ def test_validate_stage_writes_data_docs_and_history_warnings(tmp_path):
         "0002-bbbbbbbbbbbb.parquet: duplicates of earlier batches: 10 of 10 rows repeat a text "
         "of an earlier batch"
     ]
+
+
+def test_data_docs_read_offline_their_index_lists_every_validation_without_a_script(tmp_path):
+    """No page loads anything from a CDN: the libraries sit in the site, and the index's tables
+    (which bootstrap-table, absent offline, would draw from JSON) are plain rows, one per batch,
+    each linking to its page. The rendered pages: tests/e2e/test_browser.py."""
+    import re
+
+    from ratchet.config import parse_params
+    from ratchet.offline import VENDOR
+    from tasks.validate import run
+
+    batches = tmp_path / "batches"
+    batches.mkdir()
+    for i, batch in enumerate(("0001-aaaaaaaaaaaa", "0002-bbbbbbbbbbbb")):
+        pd.DataFrame({"text": [f"pay bill {batch} {j}" for j in range(12)],
+                      "label": ["pay_bill", "check_balance"] * 6}).to_parquet(
+            batches / f"{batch}.parquet")
+        docs = tmp_path / "docs"
+        run(parse_params({}), batches=batches, report=tmp_path / "summary.json",
+            metrics=tmp_path / "metrics.json", docs=docs, cache=tmp_path / "cache")
+        pages = sorted(docs.rglob("*.html"))
+        assert len(pages) == 1 + 2 * (i + 1)  # the index, a validation and a suite per batch
+        for page in pages:
+            text = page.read_text()
+            loaded = re.findall(r'<(?:script|link)[^>]+(?:src|href)="(https?:[^"]+)"', text)
+            assert not loaded, (page, loaded)
+            for ref in re.findall(r'(?:src|href)="([^"#]*static/vendor/[^"]+)"', text):
+                assert (page.parent / ref).resolve().is_file(), (page, ref)
+        index = (docs / "index.html").read_text()
+        rows = re.findall(r'<tr class="clickable-row"[^>]*data-href="(validations/[^"]+)"', index)
+        assert len(rows) == i + 1 and all((docs / r).is_file() for r in rows)
+    assert (docs / VENDOR / "jquery" / "jquery.min.js").is_file()

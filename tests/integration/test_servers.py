@@ -435,8 +435,14 @@ def test_the_failed_runs_mlflow_run_stays_marked_failed(stack, pipeline):
     client = MlflowClient(stack.mlflow.url, stack.mlflow.url)
     exp = client.get_experiment_by_name("ratchet").experiment_id
     runs = client.search_runs([exp], filter_string="tags.decision = 'failed'")
-    assert len(runs) == 1 and runs[0].info.status == "FAILED"
-    assert "no commits during the freeze" in runs[0].data.tags["ratchet.failure"]
+    # The candidate's run and its retrain's parent run: neither left running or finished.
+    assert len(runs) == 2 and {r.info.status for r in runs} == {"FAILED"}
+    [child] = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    [parent] = [r for r in runs if r is not child]
+    assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert parent.info.run_name.startswith("retrain ")
+    for run in runs:
+        assert "no commits during the freeze" in run.data.tags["ratchet.failure"]
 
 
 def test_after_the_second_run_the_workspace_is_clean(stack, pipeline):
