@@ -626,13 +626,30 @@ def _verdict(c: Check) -> str:
 
 
 DESCRIPTION_LIMIT = 4900
+CELL_GAP = "&emsp;"
+
+
+def padded(markdown: str) -> str:
+    """Markdown tables as the MLflow UI can show them apart: it draws a description's tables
+    with no cell padding and strips every style attribute (`1.0000+0.2810` runs together), so
+    each cell but a row's last ends in an em space, as an entity (the literal character is
+    trimmed)."""
+    out = []
+    for line in markdown.splitlines():
+        if line.startswith("|") and line.endswith("|") and set(line) - set("|-: "):
+            cells = [c.strip() for c in line[1:-1].split(" | ")]
+            line = "| " + " | ".join([*(f"{c}{CELL_GAP}" if c else c for c in cells[:-1]),
+                                      cells[-1]]) + " |"
+        out.append(line)
+    return "\n".join(out)
 """MLflow stores a version description in a 5000-character column (Postgres/MySQL enforce it)."""
 
 
 def description(label: str, decision: Decision, m: dict[str, float]) -> str:
     """The version description in the MLflow UI: the decision, every check, the metric table.
 
-    Kept under the registry's column size: past it, the measurements go first, then the domain
+    Kept under the registry's column size: past it, the passing domain checks go first (their
+    numbers stay in the slice table), then the measurements, then the slice table's domain
     rows, then the check reasons are shortened; reports/gate.json always has everything.
     """
     head = [f"**Gate decision: {label}**", "", "| check | passed | reason |", "|---|---|---|"]
@@ -641,16 +658,16 @@ def description(label: str, decision: Decision, m: dict[str, float]) -> str:
     measurements = ["", "| measurement | value |", "|---|---|",
                     *(f"| {k} | {_measurement(k, v)} |" for k, v in extra)]
     note = ["", "(shortened to fit the registry: see reports/gate.json in the run)"]
-    for reason_len, domains, show_extra in ((None, True, True), (None, True, False),
-                                            (None, False, False), (120, False, False),
-                                            (60, False, False)):
+    for reason_len, domain_checks, domains, show_extra in (
+            (None, True, True, True), (None, False, True, True), (None, False, True, False),
+            (None, False, False, False), (120, False, False, False), (60, False, False, False)):
         rows = [f"| {c.name} | {_verdict(c)} | "
                 f"{c.reason if reason_len is None else c.reason[:reason_len]} |"
                 for c in decision.checks
-                if domains or not c.name.startswith("domain:") or not c.passed]
-        text = "\n".join([*head, *rows, "", metric_table(m, domains=domains),
-                          *(measurements if show_extra and extra else [])])
-        if (reason_len, domains, show_extra) != (None, True, True):
+                if domain_checks or not c.name.startswith("domain:") or not c.passed]
+        text = padded("\n".join([*head, *rows, "", metric_table(m, domains=domains),
+                                 *(measurements if show_extra and extra else [])]))
+        if not (domain_checks and show_extra):
             text += "\n".join(note)
         if len(text) <= DESCRIPTION_LIMIT:
             return text

@@ -199,12 +199,23 @@ def test_gate_reevaluates_when_champion_moves_during_the_run(ws):
     # Integers read as integers in the version's description (a count, not 2033285.0000).
     import re
 
-    [count] = re.findall(r"\| candidate/size/parameters \| ([^|]+) \|", mv.description)
+    [count] = re.findall(r"\| candidate/size/parameters&emsp; \| ([^|]+) \|", mv.description)
     assert re.fullmatch(r"\d{1,3}(,\d{3})+", count.strip()), count
+    # The UI draws table cells with no padding and strips styles: every cell but a row's last
+    # ends in an em space, so that `1.0000+0.2810` does not run together (rendered: the story's
+    # browser check).
+    rows = [line for line in mv.description.splitlines()
+            if line.startswith("| ") and not line.startswith("|---")]
+    assert len(rows) > 10
+    for row in rows:
+        cells = row[2:-2].split(" | ")
+        assert all(c.endswith("&emsp;") for c in cells[:-1] if c), row
+        assert not cells[-1].endswith("&emsp;"), row
     assert (f"- Start: continual from champion v{v1} (a routine batch: 1 batch(es) since the "
             "last full retrain); newest batch `0002-bbbbbbbbbbbb`, 40 new rows + 80 replayed."
             ) in (ws / "eval" / "model_card.md").read_text()
-    assert "| slice | n |" in mv.description and "Gate decision: rejected" in mv.description
+    assert "| slice&emsp; | n&emsp; |" in mv.description
+    assert "Gate decision: rejected" in mv.description
     assert str(client.get_registered_model(name).aliases[CHALLENGER]) == record["version"]
     card = client.download_artifacts(record["run_id"], "reports/model_card.md", str(ws / "dl"))
     assert "## Gate decision: rejected" in Path(card).read_text()
