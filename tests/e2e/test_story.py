@@ -25,6 +25,7 @@ from ratchet.workspace import tool_env
 from tests.conftest import TINY
 
 MIXED = [Engine.prefect, Engine.dvc, Engine.prefect]
+STORY: dict[str, Any] = {}  # the mixed story's workspace and rows, for the browser check
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +58,97 @@ def test_story(tmp_path, prefect_server, engines):
                              if e is Engine.prefect])
     if engines == MIXED:
         assert_trigger_skips(ws, rows)
+        STORY.update(ws=ws, rows=rows)
+
+
+@pytest.mark.e2e
+def test_the_storys_pages_read_in_a_browser_with_no_network(tmp_path):
+    """After the story, as its user would look, in headless Chromium that resolves no host name:
+    the Data Docs list every validation, styled; `dvc plots show` draws every curve and shows
+    every PNG; the champion's page in a local MLflow UI shows the gate's tables, their cells
+    apart. Screenshots are left in this test's tmp_path."""
+    from tests.browser import INSTALL_HINT, Browser, chromium
+    from tests.integration import servers
+
+    if "ws" not in STORY:
+        pytest.skip("the story did not run to its end here: no workspace to look at")
+    executable = chromium()
+    if executable is None:
+        pytest.skip(INSTALL_HINT)
+    ws, rows = STORY["ws"], STORY["rows"]
+    landed = len(list((ws / "data" / "batches").glob("*.parquet")))
+
+    def remote(urls: list[str]) -> list[str]:
+        return [u for u in urls if not u.startswith(("file:", "data:", "blob:", "about:",
+                                                     "http://127.0.0.1:"))]
+
+    with Browser(executable) as page:
+        # Data Docs: every landed batch's validation listed, Bootstrap's styles and jQuery on.
+        page.open((ws / "reports/validation/docs/index.html").as_uri(),
+                  until="document.readyState === 'complete'")
+        links = page.eval("[...document.querySelectorAll('tr.clickable-row')]"
+                          ".map(r => r.dataset.href)")
+        validations = [x for x in links if x.startswith("validations/")]
+        assert len(validations) == landed == 3, links
+        assert "Segoe UI" in page.eval("getComputedStyle(document.body).fontFamily")
+        assert page.eval("typeof jQuery === 'function' && !!jQuery.fn.tab")
+        assert "Font Awesome 6 Free" in page.eval(  # the status icons' font, loaded
+            "(async () => { await document.fonts.ready; return [...document.fonts]"
+            ".filter(f => f.status === 'loaded').map(f => f.family) })()")
+        assert not remote(page.requests), page.requests
+        page.screenshot(tmp_path / "data-docs.png")
+        page.open((ws / "reports/validation/docs" / validations[0]).as_uri(),
+                  until="document.readyState === 'complete'")
+        assert page.eval("document.querySelectorAll('table tr').length") > 5
+        assert not remote(page.requests), page.requests
+
+        # dvc plots show: a drawn vega view per CSV plot, every PNG loaded.
+        subprocess.run([sys.executable, "-m", "dvc", "plots", "show"], cwd=ws, check=True,
+                       capture_output=True, env=tool_env())
+        import yaml
+
+        plots = [p for stage in yaml.safe_load((ws / "dvc.yaml").read_text())["stages"].values()
+                 for p in stage.get("plots", [])]
+        curves = sum(1 for p in plots if next(iter(p)).endswith(".csv"))
+        images = sum(1 for p in plots if next(iter(p)).endswith(".png"))
+        assert curves >= 2 and images >= 2
+        page.open((ws / "dvc_plots" / "index.html").as_uri(), until=(
+            f"document.querySelectorAll('.vega-embed').length >= {curves} && "
+            "[...document.images].every(i => i.complete)"), timeout=60)
+        drawn = page.eval("[...document.querySelectorAll('.vega-embed')]"
+                          ".map(v => v.querySelectorAll('canvas, svg.marks').length)")
+        assert len(drawn) == curves and all(drawn), drawn  # a vega view drawn per CSV plot
+        assert page.eval("[...document.images].filter(i => i.naturalWidth > 0).length") == images
+        assert not remote(page.requests), page.requests
+        page.screenshot(tmp_path / "dvc-plots.png")
+
+        # The champion's version page in `mlflow server` on the workspace's own store.
+        port = servers.free_port()
+        params = load_params(ws / "params.yaml")
+        ui = servers.start("mlflow ui", [
+            sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
+            f"sqlite:///{ws / 'mlflow.db'}", "--host", "127.0.0.1", "--port", str(port),
+            "--workers", "1"], url=f"http://127.0.0.1:{port}", env=tool_env(),
+            log=tmp_path / "mlflow.log", cwd=ws)
+        try:
+            servers.wait_ready(ui, "/health", 120)
+            champion = rows[1]["gate"]["version"]
+            page.open(f"{ui.url}/#/models/{params.registry.model_name}/versions/{champion}",
+                      until="document.querySelectorAll("
+                            "'[data-testid=note-editor-preview-content] table').length >= 2",
+                      timeout=90)
+            tables = page.eval(
+                "[...document.querySelectorAll('[data-testid=note-editor-preview-content] table')]"
+                ".map(t => [...t.rows].map(r => [...r.cells].map(c => c.textContent)))")
+            page.screenshot(tmp_path / "mlflow-version.png")
+        finally:
+            servers.stop(ui)
+    checks, slices = tables[0], tables[1]
+    assert [c.strip() for c in checks[0]] == ["check", "passed", "reason"]
+    assert {"recent", "reference", "weighted", "min_score"} <= {r[0].strip() for r in checks}
+    assert [r[0].strip() for r in slices[1:5]] == ["all", "recent", "reference", "weighted"]
+    for row in checks + slices:  # cells apart: an em space ends each but the last
+        assert all(cell.endswith("\u2003") for cell in row[:-1] if cell.strip()), row
 
 
 def assert_prefect_runs(ws: Path, rows: list[dict[str, Any]]) -> None:
