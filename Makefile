@@ -44,11 +44,13 @@ browser:
 # the real-server tests, the input corpus and the other unit tests in the other; the fault
 # suite's quick subset split between them. The first lane's output is printed when both end.
 LANE_A := tests/e2e tests/unit/test_training.py tests/faults/test_faults.py \
-	tests/faults/test_outputs.py tests/faults/test_interrupt.py
+	tests/faults/test_outputs.py tests/faults/test_interrupt.py tests/integration/test_serving.py
 test: lint browser
 	@rm -f .lane.log .lane.rc; \
-	( $(BIN)/python -m pytest -m "not slow" $(LANE_A) > .lane.log 2>&1; echo $$? > .lane.rc ) & \
-	$(BIN)/python -m pytest -m "not slow" tests/integration tests/data tests/unit tests/faults \
+	( $(BIN)/python -m pytest -m "not slow" --durations=12 $(LANE_A) > .lane.log 2>&1; \
+	  echo $$? > .lane.rc ) & \
+	$(BIN)/python -m pytest -m "not slow" --durations=12 tests/integration tests/data tests/unit \
+		tests/faults \
 		$(foreach t,$(LANE_A),--ignore=$(t)); rest=$$?; \
 	wait; echo "--- $(LANE_A) ---"; cat .lane.log; lane=$$(cat .lane.rc); \
 	rm -f .lane.log .lane.rc; test $$rest -eq 0 && test $$lane -eq 0

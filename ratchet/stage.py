@@ -27,7 +27,7 @@ FAILED = LOGS / "stage-failed.json"
 # Each stage's last successful run: when it started and ended, its wall and CPU seconds. The
 # gate reads them to give the retrain's MLflow run its span and the stages' costs.
 TIMINGS = LOGS / "stages"
-started_at: float | None = None  # time.time() when this process's stage began
+started_at: float | None = None  # time.time() when the stage running in this process began
 
 
 def stage_main(name: str, doc: str, paths: dict[str, str], fn: Callable[..., object],
@@ -60,12 +60,15 @@ def stage_main(name: str, doc: str, paths: dict[str, str], fn: Callable[..., obj
         beat.set()
         print(f"{name}: {outcome(result)} in {time.perf_counter() - start:.1f}s", flush=True)
         record_timing(name, started_at, time.perf_counter() - start)
+        started_at = None  # only while the stage runs (a process may run more than one)
     except KeyboardInterrupt:
         beat.set()
+        started_at = None
         fail(name, "interrupted")
         sys.exit(130)
     except Exception as err:  # noqa: BLE001 - every failure becomes one line (and a log)
         beat.set()
+        started_at = None
         sys.exit(report(name, err))
 
 

@@ -329,7 +329,7 @@ def assert_dvc_views(ws: Path) -> None:
         assert data and numbers(data), (path, data)
         shown = _dvc(ws, "metrics", "show", path)
         assert path in shown and max(map(len, shown.splitlines())) <= 100, shown
-    runs = _git(ws, "log", "--format=%H", "--", "metrics/eval.json").split()
+    runs = _git(ws, "log", "--format=%h", "--", "metrics/eval.json").split()
     assert len(runs) >= 2
     diff = _dvc(ws, "metrics", "diff", runs[1], "--all")
     assert "metrics/eval.json" in diff and max(map(len, diff.splitlines())) <= 100, diff

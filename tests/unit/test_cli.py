@@ -223,6 +223,7 @@ def test_a_stage_runs_without_its_optional_paths_and_refuses_without_a_required_
     from ratchet.stage import stage_main
 
     (tmp_path / "params.yaml").write_text("model: {source: tiny}\n")
+    monkeypatch.chdir(tmp_path)  # a stage leaves its timing in the workspace it runs in
     calls = []
 
     def fn(params, **paths):
