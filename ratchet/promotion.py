@@ -506,16 +506,18 @@ def undo(client, journal: Journal, *, ws: Path, reason: str, timeout: float | No
     """
     name = journal.model_name
     done: dict[str, Any] = {"reverted_moves": [], "deleted_versions": [], "kept": []}
+    why = reason.strip()[:2000] or "the run failed"
     if not name or registry.registered_model(client, name) is None:
+        registry.fail_open_runs(client, journal.token, why)
         journal.close()
         return done
-    why = reason.strip()[:2000] or "the run failed"
     with registry_lock(client, name, ws, timeout=timeout) as lock:
         moves = journal.moves()
         _log_unconfirmed(client, name, moves)
         for move in reversed(moves):
             _revert(client, name, move, lock, why, done)
         _delete_versions(client, name, journal, why, done)
+    registry.fail_open_runs(client, journal.token, why)  # e.g. the retrain's own run
     journal.close()
     return done
 

@@ -653,6 +653,23 @@ def fail_run(client, run_id: str, reason: str) -> None:
         client.set_terminated(parent, "FAILED")
 
 
+def fail_open_runs(client, token: str, reason: str) -> list[str]:
+    """Mark FAILED the runs of the retrain `token` that are still running: a retrain's parent
+    run (`open_retrain_run`) whose gate was killed before its candidate's run existed, or
+    before it ended. Returns their ids."""
+    failed = []
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    if not experiments:
+        return failed
+    for run in client.search_runs(experiments, filter_string=(
+            f"tags.`{RUN_TOKEN_TAG}` = '{token}' and attributes.status = 'RUNNING'")):
+        client.set_tag(run.info.run_id, "decision", "failed")
+        client.set_tag(run.info.run_id, "ratchet.failure", reason[:4900])
+        client.set_terminated(run.info.run_id, "FAILED")
+        failed.append(run.info.run_id)
+    return failed
+
+
 PARENT_TAG = "mlflow.parentRunId"
 RETRAIN_KIND = "retrain"  # tag `ratchet.kind` of a retrain's parent run
 

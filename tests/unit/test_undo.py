@@ -113,6 +113,30 @@ def test_a_killed_run_is_undone_when_the_next_run_starts(ws, monkeypatch):
     del killed
 
 
+def test_a_retrains_own_run_left_open_by_a_killed_gate_is_marked_failed(ws, monkeypatch):
+    """The gate opens the retrain's run, then logs the candidate's under it: killed between
+    the two, the retrain's run has no child for the undo to find it by, and would show as
+    running for ever."""
+    import time
+
+    from ratchet.registry import open_retrain_run
+
+    path, client = ws
+    monkeypatch.chdir(path)
+    killed = run_guard(path, log=lambda m: None)
+    killed.__enter__()  # the process died in the gate (kept referenced until the end)
+    Journal.of_run(path).about_to("register")  # as the gate does before it logs
+    opened = open_retrain_run(RegistryConfig().experiment, batch="0003-cccccccccccc",
+                              start=time.time() - 60, tags={"batch": "0003-cccccccccccc"})
+    assert client.get_run(opened).info.status == "RUNNING"
+    monkeypatch.delenv(RUN_TOKEN_ENV)
+    with run_guard(path, log=lambda m: None):
+        run = client.get_run(opened)
+        assert run.info.status == "FAILED" and run.data.tags["decision"] == "failed"
+        assert "stopped before it was recorded" in run.data.tags["ratchet.failure"]
+    del killed
+
+
 def test_a_failure_before_the_gate_keeps_the_previous_gate_report(ws):
     path, client = ws
     (path / GATE_REPORT).write_text('{"decision": "promoted"}')
