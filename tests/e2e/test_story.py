@@ -302,11 +302,6 @@ def assert_story(ws: Path, rows: list[dict[str, Any]]) -> None:
     assert all(abs(sum(p) - 1) < 1e-4 for p in out["probabilities"])
 
 
-def _dvc(ws: Path, *args: str) -> str:
-    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=ws, capture_output=True,
-                          text=True, check=True, env=tool_env()).stdout
-
-
 def assert_dvc_views(ws: Path) -> None:
     """What a DVC user sees: every stage's metrics file holds numbers only and
     `dvc metrics show` of it fits a 100-column terminal; so does `dvc metrics diff` against the
@@ -328,12 +323,20 @@ def assert_dvc_views(ws: Path) -> None:
     for path in files:
         data = json.loads((ws / path).read_text())
         assert data and numbers(data), (path, data)
-        shown = _dvc(ws, "metrics", "show", path)
-        assert path in shown and max(map(len, shown.splitlines())) <= 100, shown
     runs = _git(ws, "log", "--format=%h", "--", "metrics/eval.json").split()
     assert len(runs) >= 2
-    diff = _dvc(ws, "metrics", "diff", runs[1], "--all")
-    assert "metrics/eval.json" in diff and max(map(len, diff.splitlines())) <= 100, diff
+    # DVC's own commands, side by side (each start costs a second or two)
+    commands = [["metrics", "show", path] for path in files] + [
+        ["metrics", "diff", runs[1], "--all"]]
+    procs = [subprocess.Popen([sys.executable, "-m", "dvc", *c], cwd=ws, env=tool_env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for c in commands]
+    for command, proc in zip(commands, procs, strict=True):
+        out, err = proc.communicate()
+        assert proc.returncode == 0, (command, err)
+        assert command[2] in out or command[1] == "diff", (command, out)
+        assert "metrics/eval.json" in out or command[1] == "show", (command, out)
+        assert max(map(len, out.splitlines())) <= 100, (command, out)
 
 
 def assert_no_leakage(ws: Path, rows: list[dict[str, Any]]) -> None:
