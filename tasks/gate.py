@@ -295,17 +295,24 @@ def run(params: Params, *, eval_metrics: Path, eval_report: Path, validation: Pa
     return record
 
 
+def stages_of_this_retrain(ws: Path) -> dict[str, dict[str, float]]:
+    """The recorded runs of the stages that ran since the previous gate ended (those DVC
+    skipped ran for an earlier retrain); this gate's own is not recorded yet."""
+    from ratchet import stage
+
+    previous = stage.stage_timings(ws, None).get("gate")
+    ran = stage.stage_timings(ws, previous["end"] if previous else None)
+    return {name: rec for name, rec in ran.items() if name != "gate"}
+
+
 def retrain_start(ws: Path) -> float:
-    """When this retrain began: the first start among the stages that ran since the previous
-    gate ended (those DVC skipped ran for an earlier retrain), this gate's own at the latest."""
+    """When this retrain began: its first stage's start, this gate's own at the latest."""
     import time
 
     from ratchet import stage
 
     now = stage.started_at or time.time()
-    previous = stage.stage_timings(ws, None).get("gate")
-    ran = stage.stage_timings(ws, previous["end"] if previous else None)
-    return min([now, *(r["start"] for name, r in ran.items() if name != "gate")])
+    return min([now, *(r["start"] for r in stages_of_this_retrain(ws).values())])
 
 
 def close_retrain(client, run_id: str, record: dict[str, Any], m: dict[str, float], *,
@@ -323,13 +330,10 @@ def close_retrain(client, run_id: str, record: dict[str, Any], m: dict[str, floa
 
     ws = Path.cwd()
     try:
-        previous = stage.stage_timings(ws, None).get("gate")
-        ran = stage.stage_timings(ws, previous["end"] if previous else None)
         numbers: dict[str, float] = {}
-        for name, rec in ran.items():
-            if name != "gate":
-                numbers[f"stage/{name}/seconds"] = rec["seconds"]
-                numbers[f"stage/{name}/cpu_seconds"] = rec["cpu_seconds"]
+        for name, rec in stages_of_this_retrain(ws).items():
+            numbers[f"stage/{name}/seconds"] = rec["seconds"]
+            numbers[f"stage/{name}/cpu_seconds"] = rec["cpu_seconds"]
         if stage.started_at:
             numbers["stage/gate/seconds"] = time.time() - stage.started_at
         records = {"drift": drift_report, "evaluate": m}
@@ -626,6 +630,7 @@ def _verdict(c: Check) -> str:
 
 
 DESCRIPTION_LIMIT = 4900
+"""MLflow stores a version description in a 5000-character column (Postgres/MySQL enforce it)."""
 CELL_GAP = "&emsp;"
 
 
@@ -642,7 +647,6 @@ def padded(markdown: str) -> str:
                                       cells[-1]]) + " |"
         out.append(line)
     return "\n".join(out)
-"""MLflow stores a version description in a 5000-character column (Postgres/MySQL enforce it)."""
 
 
 def description(label: str, decision: Decision, m: dict[str, float]) -> str:
