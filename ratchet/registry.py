@@ -643,14 +643,16 @@ def delete_version(client, name: str, version: str) -> None:
 def fail_run(client, run_id: str, reason: str) -> None:
     """Mark an MLflow run as a failed retrain's, kept for the post-mortem; its retrain's parent
     run too (`open_retrain_run`), which would otherwise show as running for ever."""
+    _mark_failed(client, run_id, reason)
+    parent = client.get_run(run_id).data.tags.get(PARENT_TAG)
+    if parent:
+        _mark_failed(client, parent, reason)
+
+
+def _mark_failed(client, run_id: str, reason: str) -> None:
     client.set_tag(run_id, "decision", "failed")
     client.set_tag(run_id, "ratchet.failure", reason[:4900])
     client.set_terminated(run_id, "FAILED")
-    parent = client.get_run(run_id).data.tags.get(PARENT_TAG)
-    if parent:
-        client.set_tag(parent, "decision", "failed")
-        client.set_tag(parent, "ratchet.failure", reason[:4900])
-        client.set_terminated(parent, "FAILED")
 
 
 def fail_open_runs(client, token: str, reason: str) -> list[str]:
@@ -663,11 +665,15 @@ def fail_open_runs(client, token: str, reason: str) -> list[str]:
         return failed
     for run in client.search_runs(experiments, filter_string=(
             f"tags.`{RUN_TOKEN_TAG}` = '{token}' and attributes.status = 'RUNNING'")):
-        client.set_tag(run.info.run_id, "decision", "failed")
-        client.set_tag(run.info.run_id, "ratchet.failure", reason[:4900])
-        client.set_terminated(run.info.run_id, "FAILED")
+        _mark_failed(client, run.info.run_id, reason)
         failed.append(run.info.run_id)
     return failed
+
+
+def token_tag() -> dict[str, str]:
+    """The tag that ties an MLflow run to the guarded retrain running it (none outside one)."""
+    token = os.environ.get(RUN_TOKEN_ENV)
+    return {RUN_TOKEN_TAG: token} if token else {}
 
 
 PARENT_TAG = "mlflow.parentRunId"
@@ -684,11 +690,9 @@ def open_retrain_run(experiment: str, *, batch: str | None, start: float,
     client = mlflow.MlflowClient()
     exp = client.get_experiment_by_name(experiment)
     exp_id = exp.experiment_id if exp is not None else client.create_experiment(experiment)
-    token = os.environ.get(RUN_TOKEN_ENV)
     run = client.create_run(
         exp_id, start_time=int(start * 1000), run_name=f"retrain {batch}" if batch else "retrain",
-        tags={**tags, "ratchet.kind": RETRAIN_KIND, **({RUN_TOKEN_TAG: token} if token else {}),
-              **source_tags(Path.cwd())})
+        tags={**tags, "ratchet.kind": RETRAIN_KIND, **token_tag(), **source_tags(Path.cwd())})
     return run.info.run_id
 
 
@@ -771,9 +775,7 @@ def log_candidate(
     run_name = f"{kind} {batch}" if batch else run_tags.get("fingerprint", "candidate")[:12]
     with (tempfile.TemporaryDirectory(prefix="ratchet-log-") as side_dir,
           mlflow.start_run(run_name=run_name, parent_run_id=parent_run_id) as run):
-        token = os.environ.get(RUN_TOKEN_ENV)
-        mlflow.set_tags({**run_tags, **({RUN_TOKEN_TAG: token} if token else {}),
-                         **source_tags(Path.cwd())})
+        mlflow.set_tags({**run_tags, **token_tag(), **source_tags(Path.cwd())})
         mlflow.log_params(params)
         mlflow.log_metrics({k: v for k, v in metrics.items() if not math.isnan(v)})
         for path in artifacts:

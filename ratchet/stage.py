@@ -60,16 +60,15 @@ def stage_main(name: str, doc: str, paths: dict[str, str], fn: Callable[..., obj
         beat.set()
         print(f"{name}: {outcome(result)} in {time.perf_counter() - start:.1f}s", flush=True)
         record_timing(name, started_at, time.perf_counter() - start)
-        started_at = None  # only while the stage runs (a process may run more than one)
     except KeyboardInterrupt:
         beat.set()
-        started_at = None
         fail(name, "interrupted")
         sys.exit(130)
     except Exception as err:  # noqa: BLE001 - every failure becomes one line (and a log)
         beat.set()
-        started_at = None
         sys.exit(report(name, err))
+    finally:
+        started_at = None  # only while the stage runs (a process may run more than one)
 
 
 STAGE_ENV = "RATCHET_STAGE"  # set in a stage's process: its name
@@ -113,17 +112,15 @@ def record_timing(name: str, started: float, seconds: float, ws: Path | None = N
             "cpu_seconds": cpu})
 
 
-def stage_timings(ws: Path, since: float | None) -> dict[str, dict[str, float]]:
-    """The recorded runs of the stages that ran after `since` (time.time()); every recorded
-    one when None. Unreadable records are left out."""
+def stage_timings(ws: Path) -> dict[str, dict[str, float]]:
+    """Each stage's last recorded run, by stage; unreadable records are left out."""
     out = {}
     for path in sorted((ws / TIMINGS).glob("*.json")):
         try:
             rec = read_json(path)
         except (OSError, ValueError):
             continue
-        if since is None or rec.get("start", 0) > since:
-            out[str(rec.get("stage", path.stem))] = rec
+        out[str(rec.get("stage", path.stem))] = rec
     return out
 
 

@@ -7,7 +7,6 @@ import contextlib
 import hashlib
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -300,9 +299,10 @@ def stages_of_this_retrain(ws: Path) -> dict[str, dict[str, float]]:
     skipped ran for an earlier retrain); this gate's own is not recorded yet."""
     from ratchet import stage
 
-    previous = stage.stage_timings(ws, None).get("gate")
-    ran = stage.stage_timings(ws, previous["end"] if previous else None)
-    return {name: rec for name, rec in ran.items() if name != "gate"}
+    recorded = stage.stage_timings(ws)
+    since = recorded["gate"]["end"] if "gate" in recorded else None
+    return {name: rec for name, rec in recorded.items()
+            if name != "gate" and (since is None or rec.get("start", 0) > since)}
 
 
 def retrain_start(ws: Path) -> float:
@@ -399,7 +399,7 @@ def log_experiment(params: Params, experiment: Experiment, m: dict[str, float], 
     """
     import mlflow
 
-    from ratchet.registry import RUN_TOKEN_ENV, RUN_TOKEN_TAG
+    from ratchet.registry import token_tag
 
     decision = decide(gate_inputs(m, evaluated, noise=noise, new_classes=new_classes),
                       params.gate)
@@ -421,9 +421,8 @@ def log_experiment(params: Params, experiment: Experiment, m: dict[str, float], 
             "fingerprint": fp, "params_hash": params_hash(params),
             **continual_tags(training or {}),
             **{f"data_hash.{p}": h for p, h in data_hashes(lock).items()}}
-    token = os.environ.get(RUN_TOKEN_ENV)
     with mlflow.start_run(run_name=experiment.name) as run:
-        mlflow.set_tags({**tags, **({RUN_TOKEN_TAG: token} if token else {})})
+        mlflow.set_tags({**tags, **token_tag()})
         mlflow.log_params(flat_params(params))
         mlflow.log_metrics({k: v for k, v in m.items()
                             if isinstance(v, float) and not math.isnan(v)})

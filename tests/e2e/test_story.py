@@ -315,14 +315,11 @@ def assert_dvc_views(ws: Path) -> None:
              for stage in stages.values() for m in stage.get("metrics", [])]
     assert len(files) == 7, files
 
-    def numbers(data) -> bool:
-        if isinstance(data, dict):
-            return all(numbers(v) for v in data.values())
-        return isinstance(data, (int, float)) and not isinstance(data, bool)
+    from tests.unit.test_headline import numbers_only
 
     for path in files:
         data = json.loads((ws / path).read_text())
-        assert data and numbers(data), (path, data)
+        assert data and numbers_only(data), (path, data)
     runs = _git(ws, "log", "--format=%h", "--", "metrics/eval.json").split()
     assert len(runs) >= 2
     # DVC's own commands, side by side (each start costs a second or two)
